@@ -1,0 +1,25 @@
+// common.h: the error type for bad user input, and small helpers every file uses.
+#pragma once
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+// Bad input (a file, a flag, a tensor) throws Error; main() prints "error: <what>" and exits 1.
+// Broken internal invariants use assert; library failures use the CHECK macros of their backend.
+struct Error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// printf-style message builder, so errors can name the file, tensor and value in one line.
+template <typename... Args>
+std::string fmt(const char* format, Args... args) {
+    int n = std::snprintf(nullptr, 0, format, args...);
+    std::string s(size_t(n) + 1, '\0');
+    std::snprintf(s.data(), s.size(), format, args...);
+    s.resize(size_t(n));
+    return s;
+}
+inline std::string fmt(const char* s) { return s; }
+
+// Seconds since an arbitrary start, monotonic; for the stats lines.
+double now_seconds();

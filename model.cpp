@@ -1,0 +1,274 @@
+// model.cpp: Config (JSON), loading model.bin into weight views, the paged KV cache, and the
+// forward pass, written once over the op table (ops.h).
+#include "model.h"
+
+#include <cassert>
+#include <cmath>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "common.h"
+
+using json = nlohmann::json;
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+std::string Config::to_json() const {
+    json j = {{"dim", dim}, {"hidden_dim", hidden_dim}, {"n_layers", n_layers}, {"n_heads", n_heads},
+              {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim}, {"vocab_size", vocab_size},
+              {"max_seq_len", max_seq_len}, {"norm_eps", norm_eps}, {"rope_theta", rope_theta},
+              {"tie_embeddings", tie_embeddings}, {"bos_id", bos_id}, {"eos_id", eos_id}};
+    return j.dump();
+}
+
+Config Config::from_json(const std::string& text, const std::string& where) {
+    json j;
+    try {
+        j = json::parse(text);
+    } catch (const json::exception& e) {
+        throw Error(fmt("%s: config is not valid JSON: %s", where.c_str(), e.what()));
+    }
+    if (!j.is_object()) throw Error(fmt("%s: config is not a JSON object", where.c_str()));
+    Config c;
+    auto get_int = [&](const char* key, int* out, bool required) {
+        if (!j.contains(key)) {
+            if (required) throw Error(fmt("%s: config is missing '%s'", where.c_str(), key));
+            return;
+        }
+        if (!j[key].is_number_integer()) throw Error(fmt("%s: config '%s' must be an integer", where.c_str(), key));
+        *out = j[key].get<int>();
+    };
+    get_int("dim", &c.dim, true);
+    get_int("hidden_dim", &c.hidden_dim, true);
+    get_int("n_layers", &c.n_layers, true);
+    get_int("n_heads", &c.n_heads, true);
+    c.n_kv_heads = c.n_heads;
+    get_int("n_kv_heads", &c.n_kv_heads, false);
+    c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;
+    get_int("head_dim", &c.head_dim, false);
+    get_int("vocab_size", &c.vocab_size, true);
+    get_int("max_seq_len", &c.max_seq_len, true);
+    get_int("bos_id", &c.bos_id, false);
+    get_int("eos_id", &c.eos_id, false);
+    if (j.contains("norm_eps")) c.norm_eps = j["norm_eps"].get<float>();
+    if (j.contains("rope_theta")) c.rope_theta = j["rope_theta"].get<float>();
+    if (j.contains("tie_embeddings")) c.tie_embeddings = j["tie_embeddings"].get<bool>();
+    c.validate(where);
+    return c;
+}
+
+void Config::validate(const std::string& where) const {
+    const char* w = where.c_str();
+    struct { const char* name; int value; } sizes[] = {
+        {"dim", dim}, {"hidden_dim", hidden_dim}, {"n_layers", n_layers}, {"n_heads", n_heads},
+        {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim}, {"vocab_size", vocab_size},
+        {"max_seq_len", max_seq_len}};
+    for (auto& s : sizes)
+        if (s.value <= 0) throw Error(fmt("%s: config %s = %d must be positive", w, s.name, s.value));
+    if (n_heads % n_kv_heads != 0)
+        throw Error(fmt("%s: config n_heads = %d is not a multiple of n_kv_heads = %d", w, n_heads, n_kv_heads));
+    if (head_dim % 2 != 0) throw Error(fmt("%s: config head_dim = %d must be even for RoPE", w, head_dim));
+    if (!(norm_eps > 0) || !(rope_theta > 0))
+        throw Error(fmt("%s: config norm_eps and rope_theta must be positive", w));
+}
+
+std::string layer_tensor(int layer, const char* what) { return "layers." + std::to_string(layer) + "." + what; }
+
+// ---------------------------------------------------------------------------------------------
+// KV cache
+
+KVCache::KVCache(const Config& c, int capacity_tokens, int bs)
+    : block_size(bs), num_blocks((capacity_tokens + bs - 1) / bs), n_layers(c.n_layers),
+      kv_dim(c.n_kv_heads * c.head_dim) {
+    size_t n = size_t(n_layers) * num_blocks * block_size * kv_dim;
+    k.assign(n, 0.0f);
+    v.assign(n, 0.0f);
+    for (int b = num_blocks - 1; b >= 0; b--) free_blocks.push_back(b);  // pop gives block 0 first
+}
+
+bool KVCache::reserve(int seq, int n_tokens) {
+    std::vector<int>& t = tables[seq];
+    size_t need = size_t((n_tokens + block_size - 1) / block_size);
+    if (need <= t.size()) return true;
+    if (need - t.size() > free_blocks.size()) return false;
+    while (t.size() < need) {
+        t.push_back(free_blocks.back());
+        free_blocks.pop_back();
+    }
+    return true;
+}
+
+void KVCache::truncate(int seq, int n_tokens) {
+    auto it = tables.find(seq);
+    if (it == tables.end()) return;
+    size_t keep = size_t((n_tokens + block_size - 1) / block_size);
+    while (it->second.size() > keep) {
+        free_blocks.push_back(it->second.back());
+        it->second.pop_back();
+    }
+}
+
+void KVCache::release(int seq) {
+    truncate(seq, 0);
+    tables.erase(seq);
+}
+
+// ---------------------------------------------------------------------------------------------
+// loading
+
+namespace {
+
+// Matrices may be stored in any float format; the matmul kernels read them in place.
+Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols) {
+    const TensorView& t = f.get(name, {rows, cols});
+    if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
+        throw Error(fmt("%s: tensor '%s': dtype %s is not a float format (F32, BF16, F16)", f.path.c_str(),
+                        name.c_str(), dtype_name(t.dtype)));
+    return Weight{t.dtype, t.data, rows, cols};
+}
+
+// Norm weights are tiny; keep them as f32 copies so the kernels see one format.
+std::vector<float> vector_f32(const SafetensorsFile& f, const std::string& name, int n) {
+    const TensorView& t = f.get(name, {n});
+    if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
+        throw Error(fmt("%s: tensor '%s': dtype %s is not a float format", f.path.c_str(), name.c_str(),
+                        dtype_name(t.dtype)));
+    std::vector<float> v(static_cast<size_t>(n));
+    convert_floats(t.data, t.dtype, v.data(), DType::F32, size_t(n));
+    return v;
+}
+
+}  // namespace
+
+Model::Model(const std::string& p, Ops* ops) : path(p), file_(std::make_unique<SafetensorsFile>(p)), ops_(ops) {
+    const SafetensorsFile& f = *file_;
+    const char* fp = path.c_str();
+    auto meta = [&](const char* key) -> const std::string& {
+        auto it = f.metadata.find(key);
+        if (it == f.metadata.end())
+            throw Error(fmt("%s: metadata has no '%s': not a fastgen model.bin (convert it with quantize)", fp, key));
+        return it->second;
+    };
+    if (meta("format") != kFormatName)
+        throw Error(fmt("%s: metadata format is '%s', expected '%s'", fp, meta("format").c_str(), kFormatName));
+    if (meta("version") != kFormatVersion)
+        throw Error(fmt("%s: format version %s, this build reads version %s", fp, meta("version").c_str(), kFormatVersion));
+    if (meta("quantization") != "none")
+        throw Error(fmt("%s: quantization '%s' is not supported by this build", fp, meta("quantization").c_str()));
+    cfg = Config::from_json(meta("config"), path + ": metadata config");
+
+    const Config& c = cfg;
+    const int q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    w.tok_embeddings = matrix(f, "tok_embeddings.weight", c.vocab_size, c.dim);
+    for (int l = 0; l < c.n_layers; l++) {
+        auto name = [&](const char* s) { return layer_tensor(l, s); };
+        LayerWeights L;
+        L.attn_norm = vector_f32(f, name("attention_norm.weight"), c.dim);
+        L.wq = matrix(f, name("attention.wq.weight"), q_dim, c.dim);
+        L.wk = matrix(f, name("attention.wk.weight"), kv_dim, c.dim);
+        L.wv = matrix(f, name("attention.wv.weight"), kv_dim, c.dim);
+        L.wo = matrix(f, name("attention.wo.weight"), c.dim, q_dim);
+        L.ffn_norm = vector_f32(f, name("ffn_norm.weight"), c.dim);
+        L.w1 = matrix(f, name("feed_forward.w1.weight"), c.hidden_dim, c.dim);
+        L.w2 = matrix(f, name("feed_forward.w2.weight"), c.dim, c.hidden_dim);
+        L.w3 = matrix(f, name("feed_forward.w3.weight"), c.hidden_dim, c.dim);
+        w.layers.push_back(std::move(L));
+    }
+    w.norm = vector_f32(f, "norm.weight", c.dim);
+    if (c.tie_embeddings) {
+        if (f.find("output.weight"))
+            throw Error(fmt("%s: config says tie_embeddings but the file has 'output.weight'", fp));
+        w.output = w.tok_embeddings;
+    } else {
+        w.output = matrix(f, "output.weight", c.vocab_size, c.dim);
+    }
+    const TensorView& tok = f.get("tokenizer.model");
+    if (tok.dtype != DType::U8 || tok.shape.size() != 1)
+        throw Error(fmt("%s: tensor 'tokenizer.model' must be U8 [nbytes], found %s %s", fp, dtype_name(tok.dtype),
+                        tok.shape_str().c_str()));
+    tokenizer_model.assign(reinterpret_cast<const char*>(tok.data), tok.nbytes);
+
+    // Every tensor in the file must be one we understood: a stray one means a mismatched file.
+    size_t expected = 1 + 9 * size_t(c.n_layers) + 1 + (c.tie_embeddings ? 0 : 1) + 1;  // + tokenizer
+    if (f.tensors.size() != expected)
+        throw Error(fmt("%s: has %zu tensors, a model with this config has %zu", fp, f.tensors.size(), expected));
+}
+
+size_t Model::weight_bytes_per_token() const {
+    size_t n = w.output.bytes() + size_t(cfg.dim) * dtype_size(w.tok_embeddings.dtype);  // one embedding row
+    for (const LayerWeights& L : w.layers)
+        n += L.wq.bytes() + L.wk.bytes() + L.wv.bytes() + L.wo.bytes() + L.w1.bytes() + L.w2.bytes() + L.w3.bytes();
+    return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+
+void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
+                    float* logits) {
+    const Config& c = cfg;
+    const int n = int(batch.size());
+    const int q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    assert(kv.kv_dim == kv_dim && kv.n_layers == c.n_layers);
+    auto grow = [](std::vector<float>& v, size_t size) { if (v.size() < size) v.resize(size); };
+    grow(x_, size_t(n) * c.dim);       // residual stream      [n][dim]
+    grow(xb_, size_t(n) * c.dim);      // normed / projected   [n][dim]
+    grow(q_, size_t(n) * q_dim);       // queries              [n][q_dim]
+    grow(k_, size_t(n) * kv_dim);      // new keys             [n][kv_dim]
+    grow(v_, size_t(n) * kv_dim);      // new values           [n][kv_dim]
+    grow(att_, size_t(n) * q_dim);     // attention output     [n][q_dim]
+    grow(hb_, size_t(n) * c.hidden_dim);   // FFN gate         [n][hidden]
+    grow(hb2_, size_t(n) * c.hidden_dim);  // FFN up           [n][hidden]
+    grow(xlast_, logit_rows.size() * c.dim);
+
+    // Where each token's K/V go and which block table its attention reads.
+    std::vector<int> tokens(n), positions(n), slots(n);
+    std::vector<const int*> tables(n);
+    for (int i = 0; i < n; i++) {
+        const BatchToken& t = batch[i];
+        auto it = kv.tables.find(t.seq);
+        assert(it != kv.tables.end() && size_t(t.pos / kv.block_size) < it->second.size() &&
+               "forward: positions must be reserved in the KV cache first");
+        assert(t.token >= 0 && t.token < c.vocab_size && t.pos >= 0);
+        tokens[i] = t.token;
+        positions[i] = t.pos;
+        slots[i] = it->second[t.pos / kv.block_size] * kv.block_size + t.pos % kv.block_size;
+        tables[i] = it->second.data();
+    }
+    AttentionBatch ab{positions.data(), tables.data(), kv.block_size, c.n_heads, c.n_kv_heads, c.head_dim};
+
+    ops_->embed(x_.data(), w.tok_embeddings, tokens.data(), n);
+    for (int l = 0; l < c.n_layers; l++) {
+        const LayerWeights& L = w.layers[l];
+        // attention block
+        ops_->rmsnorm(xb_.data(), x_.data(), L.attn_norm.data(), n, c.dim, c.norm_eps);
+        ops_->matmul(q_.data(), xb_.data(), L.wq, n);
+        ops_->matmul(k_.data(), xb_.data(), L.wk, n);
+        ops_->matmul(v_.data(), xb_.data(), L.wv, n);
+        ops_->rope(q_.data(), positions.data(), n, c.n_heads, c.head_dim, c.rope_theta);
+        ops_->rope(k_.data(), positions.data(), n, c.n_kv_heads, c.head_dim, c.rope_theta);
+        ops_->kv_write(kv.k_layer(l), kv.v_layer(l), k_.data(), v_.data(), slots.data(), n, kv_dim);
+        ops_->attention(att_.data(), q_.data(), kv.k_layer(l), kv.v_layer(l), ab, n);
+        ops_->matmul(xb_.data(), att_.data(), L.wo, n);
+        ops_->add(x_.data(), xb_.data(), size_t(n) * c.dim);
+        // SwiGLU feed-forward block
+        ops_->rmsnorm(xb_.data(), x_.data(), L.ffn_norm.data(), n, c.dim, c.norm_eps);
+        ops_->matmul(hb_.data(), xb_.data(), L.w1, n);
+        ops_->matmul(hb2_.data(), xb_.data(), L.w3, n);
+        ops_->silu_mul(hb_.data(), hb2_.data(), size_t(n) * c.hidden_dim);
+        ops_->matmul(xb_.data(), hb_.data(), L.w2, n);
+        ops_->add(x_.data(), xb_.data(), size_t(n) * c.dim);
+    }
+    // Only the rows the caller asked for pay for the final norm and the classifier.
+    const int m = int(logit_rows.size());
+    if (m == 0) return;
+    for (int r = 0; r < m; r++) {
+        assert(logit_rows[r] >= 0 && logit_rows[r] < n);
+        std::memcpy(xlast_.data() + size_t(r) * c.dim, x_.data() + size_t(logit_rows[r]) * c.dim,
+                    sizeof(float) * c.dim);
+    }
+    ops_->rmsnorm(xlast_.data(), xlast_.data(), w.norm.data(), m, c.dim, c.norm_eps);
+    ops_->matmul(logits, xlast_.data(), w.output, m);
+}

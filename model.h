@@ -1,0 +1,112 @@
+// model.h: Config, weights as views into the mapped model.bin, the paged KV cache, and forward().
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "safetensors.h"
+
+// The model's blueprint; stored as JSON in model.bin's metadata under "config".
+struct Config {
+    int dim = 0;          // residual stream width
+    int hidden_dim = 0;   // FFN inner width
+    int n_layers = 0;
+    int n_heads = 0;      // query heads
+    int n_kv_heads = 0;   // key/value heads (GQA when < n_heads)
+    int head_dim = 0;     // usually dim / n_heads
+    int vocab_size = 0;
+    int max_seq_len = 0;  // context length the model was trained for
+    float norm_eps = 1e-5f;
+    float rope_theta = 10000.0f;
+    bool tie_embeddings = false;  // classifier shares tok_embeddings.weight
+    int bos_id = 1;
+    int eos_id = 2;
+
+    std::string to_json() const;
+    // Parses and validates (positive sizes, divisibility); `where` names the source in errors.
+    static Config from_json(const std::string& json, const std::string& where);
+    void validate(const std::string& where) const;
+};
+
+// model.bin metadata keys and the format version this build reads and writes.
+constexpr const char* kFormatName = "fastgen";
+constexpr const char* kFormatVersion = "1";
+
+// Canonical tensor names in model.bin (Meta layout: RoPE rotates adjacent pairs).
+std::string layer_tensor(int layer, const char* what);  // "layers.3.attention.wq.weight"
+
+struct LayerWeights {
+    std::vector<float> attn_norm;  // [dim]
+    Weight wq;                     // [n_heads*head_dim, dim]
+    Weight wk;                     // [n_kv_heads*head_dim, dim]
+    Weight wv;                     // [n_kv_heads*head_dim, dim]
+    Weight wo;                     // [dim, n_heads*head_dim]
+    std::vector<float> ffn_norm;   // [dim]
+    Weight w1;                     // gate [hidden_dim, dim]
+    Weight w2;                     // down [dim, hidden_dim]
+    Weight w3;                     // up   [hidden_dim, dim]
+};
+
+struct Weights {
+    Weight tok_embeddings;         // [vocab, dim]
+    std::vector<LayerWeights> layers;
+    std::vector<float> norm;       // [dim]
+    Weight output;                 // [vocab, dim]; the embedding when tied
+};
+
+// Paged KV cache: fixed-size blocks of positions, a block table per sequence, a free list.
+// Storage per layer: [num_blocks][block_size][n_kv_heads * head_dim] for K and for V (f32 on CPU).
+struct KVCache {
+    int block_size = 16;
+    int num_blocks = 0;
+    int n_layers = 0;
+    int kv_dim = 0;  // n_kv_heads * head_dim
+    std::vector<float> k, v;                   // [n_layers][num_blocks][block_size][kv_dim]
+    std::vector<int> free_blocks;              // stack of unused block ids
+    std::map<int, std::vector<int>> tables;    // sequence id -> its blocks, in position order
+
+    KVCache(const Config& c, int capacity_tokens, int block_size = 16);
+    // Make room for positions [0, n_tokens) of seq; false (and no change) when blocks run out.
+    bool reserve(int seq, int n_tokens);
+    // Keep positions [0, n_tokens) of seq, returning blocks past them to the free list.
+    void truncate(int seq, int n_tokens);
+    void release(int seq);
+    int capacity_tokens() const { return num_blocks * block_size; }
+    int free_tokens() const { return int(free_blocks.size()) * block_size; }
+    float* k_layer(int l) { return k.data() + size_t(l) * num_blocks * block_size * kv_dim; }
+    float* v_layer(int l) { return v.data() + size_t(l) * num_blocks * block_size * kv_dim; }
+};
+
+// One entry of a forward batch: the Orca/vLLM shape (prefill, decode, verify all use it).
+struct BatchToken {
+    int seq;    // sequence id in the KV cache (must have positions reserved up to pos)
+    int pos;    // position in that sequence
+    int token;  // token id
+};
+
+class Model {
+  public:
+    Config cfg;
+    Weights w;
+    std::string tokenizer_model;  // sentencepiece model bytes embedded in model.bin
+    std::string path;
+
+    // Maps model.bin, checks format/version/config and every tensor's name, dtype and shape.
+    explicit Model(const std::string& path, Ops* ops);
+
+    // Runs the batch through the model, writing K/V for every token into `kv`, then logits for the
+    // batch entries listed in `logit_rows` to logits[logit_rows.size()][vocab_size].
+    void forward(KVCache& kv, const std::vector<BatchToken>& batch,
+                 const std::vector<int>& logit_rows, float* logits);
+
+    // Bytes of weights read by one decode step (for the GB/s figure).
+    size_t weight_bytes_per_token() const;
+
+  private:
+    std::unique_ptr<SafetensorsFile> file_;
+    Ops* ops_;
+    // Scratch activations, grown to the largest batch seen: [n_tokens][width] each.
+    std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_;
+};

@@ -1,0 +1,108 @@
+// tests/test_util.cpp: shared test helpers (paths, temp dirs, tiny random models).
+#include "test_util.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+
+std::string models_dir() {
+    const char* env = std::getenv("FASTGEN_MODELS");
+    return env ? env : "../shared/models";
+}
+
+std::string temp_dir() {
+    static std::string dir = [] {
+        char tmpl[] = "/tmp/fastgen-test-XXXXXX";
+        if (!mkdtemp(tmpl)) throw std::runtime_error("mkdtemp failed");
+        return std::string(tmpl);
+    }();
+    return dir;
+}
+
+std::string read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw std::runtime_error("cannot read " + path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+Config tiny_config(int dim, int hidden, int layers, int heads, int kv_heads, bool tied) {
+    Config c;
+    c.dim = dim;
+    c.hidden_dim = hidden;
+    c.n_layers = layers;
+    c.n_heads = heads;
+    c.n_kv_heads = kv_heads;
+    c.head_dim = dim / heads;
+    c.vocab_size = 512;
+    c.max_seq_len = 64;
+    c.norm_eps = 1e-5f;
+    c.rope_theta = 10000.0f;
+    c.tie_embeddings = tied;
+    return c;
+}
+
+std::vector<int64_t> TinyWeights::shape_of(const std::string& name) const {
+    const Config& c = cfg;
+    int64_t q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim;
+    auto ends = [&](const char* s) { return name.size() >= std::strlen(s) && name.compare(name.size() - std::strlen(s), std::string::npos, s) == 0; };
+    if (name == "tok_embeddings.weight" || name == "output.weight") return {c.vocab_size, c.dim};
+    if (ends("norm.weight")) return {c.dim};
+    if (ends("wq.weight")) return {q, c.dim};
+    if (ends("wk.weight") || ends("wv.weight")) return {kv, c.dim};
+    if (ends("wo.weight")) return {c.dim, q};
+    if (ends("w1.weight") || ends("w3.weight")) return {c.hidden_dim, c.dim};
+    if (ends("w2.weight")) return {c.dim, c.hidden_dim};
+    throw std::runtime_error("shape_of: unknown tensor " + name);
+}
+
+const std::vector<float>& TinyWeights::get(const std::string& name) const {
+    for (auto& [n, v] : tensors)
+        if (n == name) return v;
+    throw std::runtime_error("TinyWeights: no tensor " + name);
+}
+
+TinyWeights random_weights(const Config& c, unsigned seed) {
+    TinyWeights tw;
+    tw.cfg = c;
+    std::vector<std::string> names = {"tok_embeddings.weight"};
+    for (int l = 0; l < c.n_layers; l++)
+        for (const char* w : {"attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
+                              "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
+                              "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"})
+            names.push_back(layer_tensor(l, w));
+    names.push_back("norm.weight");
+    if (!c.tie_embeddings) names.push_back("output.weight");
+    std::mt19937 rng(seed);
+    for (const std::string& n : names) {
+        int64_t numel = 1;
+        for (int64_t d : tw.shape_of(n)) numel *= d;
+        std::vector<float> v(static_cast<size_t>(numel));
+        bool is_norm = n.find("norm") != std::string::npos;
+        // Scale like a trained model so activations neither vanish nor saturate softmax.
+        std::normal_distribution<float> dist(is_norm ? 1.0f : 0.0f, is_norm ? 0.1f : (n == "tok_embeddings.weight" ? 1.0f : 0.5f / std::sqrt(float(c.dim))));
+        for (float& x : v) x = dist(rng);
+        tw.tensors.push_back({n, std::move(v)});
+    }
+    return tw;
+}
+
+void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype) {
+    static std::string tok = read_file(models_dir() + "/tok512.model");
+    SafetensorsWriter w;
+    w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", tw.cfg.to_json()},
+                  {"quantization", "none"}};
+    for (auto& [name, v] : tw.tensors) {
+        bool is_norm = name.find("norm") != std::string::npos;
+        DType t = is_norm ? DType::F32 : dtype;
+        const std::vector<float>* src = &v;
+        w.add(name, t, tw.shape_of(name), [src, t](uint8_t* dst) { convert_floats(src->data(), DType::F32, dst, t, src->size()); });
+    }
+    w.add_bytes("tokenizer.model", DType::U8, {int64_t(tok.size())}, tok.data());
+    w.write(path);
+}

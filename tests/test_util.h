@@ -1,0 +1,23 @@
+// tests/test_util.h: helpers shared by the test files: paths, temp dirs, tiny random models.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "model.h"
+
+std::string models_dir();                 // ../shared/models, or $FASTGEN_MODELS
+std::string temp_dir();                   // a fresh directory under /tmp for this test run
+std::string read_file(const std::string& path);
+
+// Random weights for `c`, deterministic in `seed`, keyed by canonical tensor name, f32 row-major.
+struct TinyWeights {
+    Config cfg;
+    std::vector<std::pair<std::string, std::vector<float>>> tensors;  // canonical names, in order
+    std::vector<int64_t> shape_of(const std::string& name) const;
+    const std::vector<float>& get(const std::string& name) const;
+};
+TinyWeights random_weights(const Config& c, unsigned seed);
+// Writes them as model.bin (tokenizer: ../shared/models/tok512.model) stored in `dtype`.
+void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype);
+// A small config; vocab 512 matches tok512.model.
+Config tiny_config(int dim, int hidden, int layers, int heads, int kv_heads, bool tied);
