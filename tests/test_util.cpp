@@ -83,9 +83,13 @@ TinyWeights random_weights(const Config& c, unsigned seed) {
         int64_t numel = 1;
         for (int64_t d : tw.shape_of(n)) numel *= d;
         std::vector<float> v(static_cast<size_t>(numel));
+        // Scale so every part of the model moves the logits: unit-variance projections (q.k scores
+        // of a few units, so attention is peaked and RoPE matters), norms near 1.
         bool is_norm = n.find("norm") != std::string::npos;
-        // Scale like a trained model so activations neither vanish nor saturate softmax.
-        std::normal_distribution<float> dist(is_norm ? 1.0f : 0.0f, is_norm ? 0.1f : (n == "tok_embeddings.weight" ? 1.0f : 0.5f / std::sqrt(float(c.dim))));
+        int64_t fan_in = tw.shape_of(n).back();
+        float stdev = is_norm ? 0.1f : n == "tok_embeddings.weight" ? 1.0f : 1.0f / std::sqrt(float(fan_in));
+        if (n.find("wq") != std::string::npos || n.find("wk") != std::string::npos) stdev *= 2.0f;
+        std::normal_distribution<float> dist(is_norm ? 1.0f : 0.0f, stdev);
         for (float& x : v) x = dist(rng);
         tw.tensors.push_back({n, std::move(v)});
     }

@@ -1,0 +1,534 @@
+// convert.cpp: checkpoint conversion into model.bin: input detection, one reader per input kind
+// (llama2.c .bin, Hugging Face folder, model.bin), and the streaming writer.
+#include "convert.h"
+
+#include <sys/stat.h>
+
+#include <cassert>
+#include <cerrno>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <sstream>
+
+#include "common.h"
+#include "model.h"
+#include "safetensors.h"
+#include "tokenizer.h"
+
+using json = nlohmann::json;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// What every reader produces
+
+// One input tensor, viewed in place: `data` points into a mapping the Checkpoint keeps alive, laid
+// out row-major in the canonical shape (rows possibly in another RoPE order, see rope_heads).
+struct SourceTensor {
+    DType dtype = DType::F32;
+    const uint8_t* data = nullptr;
+    int rope_heads = 0;  // > 0: wq/wk rows in HF rotate-half order for this many heads; un-permute
+};
+
+struct Checkpoint {
+    std::string kind;                             // for messages: "llama2.c", "Hugging Face", ...
+    Config cfg;                                   // bos_id/eos_id < 0: take them from the tokenizer
+    std::map<std::string, SourceTensor> tensors;  // by canonical name
+    std::string tokenizer_model;                  // sentencepiece model bytes
+    std::vector<std::unique_ptr<MappedFile>> maps;
+    std::vector<std::unique_ptr<SafetensorsFile>> files;
+};
+
+struct Expected {
+    std::string name;
+    std::vector<int64_t> shape;
+};
+
+// The canonical tensors of model.bin for `c`, in the order they are written.
+std::vector<Expected> model_tensors(const Config& c) {
+    int64_t d = c.dim, h = c.hidden_dim, v = c.vocab_size;
+    int64_t q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim;
+    std::vector<Expected> t = {{"tok_embeddings.weight", {v, d}}};
+    for (int l = 0; l < c.n_layers; l++) {
+        t.push_back({layer_tensor(l, "attention_norm.weight"), {d}});
+        t.push_back({layer_tensor(l, "attention.wq.weight"), {q, d}});
+        t.push_back({layer_tensor(l, "attention.wk.weight"), {kv, d}});
+        t.push_back({layer_tensor(l, "attention.wv.weight"), {kv, d}});
+        t.push_back({layer_tensor(l, "attention.wo.weight"), {d, q}});
+        t.push_back({layer_tensor(l, "ffn_norm.weight"), {d}});
+        t.push_back({layer_tensor(l, "feed_forward.w1.weight"), {h, d}});
+        t.push_back({layer_tensor(l, "feed_forward.w2.weight"), {d, h}});
+        t.push_back({layer_tensor(l, "feed_forward.w3.weight"), {h, d}});
+    }
+    t.push_back({"norm.weight", {d}});
+    if (!c.tie_embeddings) t.push_back({"output.weight", {v, d}});
+    return t;
+}
+
+bool ends_with(const std::string& s, const char* suffix) {
+    size_t n = std::strlen(suffix);
+    return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+}
+
+// Norm weights stay f32 whatever the mode: they are tiny and the forward pass reads them as f32.
+bool is_norm(const std::string& name) { return ends_with(name, "norm.weight"); }
+
+bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
+
+bool path_exists(const std::string& p) {
+    struct stat st;
+    return stat(p.c_str(), &st) == 0;
+}
+
+std::string read_whole_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(fmt("%s: cannot open: %s", path.c_str(), std::strerror(errno)));
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+// ---------------------------------------------------------------------------------------------
+// llama2.c: legacy (7 int32, then f32 tensors) and version 1 (256-byte header, other order)
+
+constexpr uint32_t kLlama2cMagic = 0x616b3432;  // "ak42"
+
+struct Llama2cHeader {
+    int32_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+};
+
+// Whether the 7 ints look like llama2.c hyperparameters. The bounds keep every size product
+// (at most layers * dim * dim, about 2^52 floats) far from overflowing size_t.
+bool plausible(const Llama2cHeader& h) {
+    auto in = [](int32_t v, int32_t hi) { return v > 0 && v <= hi; };
+    const int32_t big = 1 << 20, small = 1 << 12;
+    return in(h.dim, big) && in(h.hidden_dim, big) && in(h.n_layers, small) && in(h.n_heads, small) &&
+           in(h.n_kv_heads, small) && h.vocab_size != 0 && in(std::abs(h.vocab_size), big) &&
+           in(h.seq_len, big);
+}
+
+Checkpoint read_llama2c(const std::string& path, const std::string& tokenizer_path) {
+    Checkpoint ck;
+    ck.maps.push_back(std::make_unique<MappedFile>(path));
+    const MappedFile& m = *ck.maps.back();
+    const char* f = path.c_str();
+
+    uint32_t magic = 0;
+    if (m.size >= 4) std::memcpy(&magic, m.data, 4);
+    const bool v1 = magic == kLlama2cMagic;
+    const size_t header_bytes = v1 ? 256 : 28;
+    if (m.size < header_bytes) throw Error(fmt("%s: %zu bytes, too short for a llama2.c header", f, m.size));
+    if (v1) {
+        int32_t version;
+        std::memcpy(&version, m.data + 4, 4);
+        if (version != 1)
+            throw Error(fmt("%s: llama2.c export version %d is not supported (legacy and version 1 "
+                            "float32 files are)", f, version));
+    }
+    Llama2cHeader h;
+    std::memcpy(&h, m.data + (v1 ? 8 : 0), sizeof h);
+    if (!plausible(h))
+        throw Error(fmt("%s: implausible llama2.c header (dim %d, hidden_dim %d, n_layers %d, n_heads %d, "
+                        "n_kv_heads %d, vocab_size %d, seq_len %d)", f, h.dim, h.hidden_dim, h.n_layers,
+                        h.n_heads, h.n_kv_heads, h.vocab_size, h.seq_len));
+    if (h.dim % h.n_heads != 0)
+        throw Error(fmt("%s: dim %d is not divisible by n_heads %d", f, h.dim, h.n_heads));
+
+    // Legacy files flag an untied classifier with a negative vocab size; version 1 has a byte.
+    const bool tied = v1 ? m.data[36] != 0 : h.vocab_size > 0;
+    Config& c = ck.cfg;
+    c.dim = h.dim;
+    c.hidden_dim = h.hidden_dim;
+    c.n_layers = h.n_layers;
+    c.n_heads = h.n_heads;
+    c.n_kv_heads = h.n_kv_heads;
+    c.head_dim = h.dim / h.n_heads;
+    c.vocab_size = std::abs(h.vocab_size);
+    c.max_seq_len = h.seq_len;
+    c.norm_eps = 1e-5f;
+    c.rope_theta = 10000.0f;
+    c.tie_embeddings = tied;
+    c.bos_id = c.eos_id = -1;
+    c.validate(path);  // head counts must divide before any offset is computed
+
+    // The file's tensor order as (canonical name or "" to skip, floats, once per layer?).
+    struct Block {
+        const char* what;
+        size_t numel;
+        bool per_layer;
+    };
+    const size_t d = size_t(c.dim), hd = size_t(c.hidden_dim), v = size_t(c.vocab_size);
+    const size_t kv = size_t(c.n_kv_heads) * size_t(c.head_dim);
+    const Block emb = {"tok_embeddings.weight", v * d, false}, att_norm = {"attention_norm.weight", d, true},
+                ffn_norm = {"ffn_norm.weight", d, true}, norm = {"norm.weight", d, false},
+                wq = {"attention.wq.weight", d * d, true}, wk = {"attention.wk.weight", kv * d, true},
+                wv = {"attention.wv.weight", kv * d, true}, wo = {"attention.wo.weight", d * d, true},
+                w1 = {"feed_forward.w1.weight", hd * d, true}, w2 = {"feed_forward.w2.weight", d * hd, true},
+                w3 = {"feed_forward.w3.weight", hd * d, true}, out = {"output.weight", v * d, false};
+    // freq_cis_real and freq_cis_imag, [seq_len, head_dim/2] each: we compute RoPE ourselves.
+    const Block freqs = {"", size_t(c.max_seq_len) * size_t(c.head_dim), false};
+    std::vector<Block> order =
+        v1 ? std::vector<Block>{att_norm, ffn_norm, norm, emb, wq, wk, wv, wo, w1, w2, w3}
+           : std::vector<Block>{emb, att_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3, norm, freqs};
+    if (!tied) order.push_back(out);
+
+    size_t expect = header_bytes;
+    for (const Block& b : order) expect += b.numel * sizeof(float) * (b.per_layer ? size_t(c.n_layers) : 1);
+    if (m.size != expect)
+        throw Error(fmt("%s: file is %zu bytes but its header (dim %d, hidden_dim %d, %d layers, %d heads, "
+                        "%d kv heads, vocab %d, seq_len %d, %s) implies %zu: %s", f, m.size, c.dim,
+                        c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len,
+                        tied ? "tied" : "untied", expect,
+                        m.size < expect ? "truncated" : "trailing bytes (not a llama2.c checkpoint?)"));
+
+    size_t off = header_bytes;
+    for (const Block& b : order) {
+        for (int l = 0; l < (b.per_layer ? c.n_layers : 1); l++) {
+            if (*b.what) {
+                std::string name = b.per_layer ? layer_tensor(l, b.what) : std::string(b.what);
+                ck.tensors[name] = {DType::F32, m.data + off, 0};
+            }
+            off += b.numel * sizeof(float);
+        }
+    }
+    assert(off == m.size);
+
+    if (tokenizer_path.empty())
+        throw Error(fmt("%s: a llama2.c checkpoint has no tokenizer inside: pass --tokenizer with its "
+                        "sentencepiece .model file", f));
+    ck.tokenizer_model = read_whole_file(tokenizer_path);
+    ck.kind = v1 ? "llama2.c version 1" : "llama2.c legacy";
+    return ck;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hugging Face folder: config.json, model.safetensors or shards, tokenizer.model
+
+json read_json(const std::string& path) {
+    std::string text = read_whole_file(path);
+    try {
+        return json::parse(text);
+    } catch (const json::exception& e) {
+        throw Error(fmt("%s: not valid JSON: %s", path.c_str(), e.what()));
+    }
+}
+
+// A config.json field; absent and null (as in "head_dim": null) both count as missing.
+const json* field(const json& j, const char* key) {
+    auto it = j.find(key);
+    return it == j.end() || it->is_null() ? nullptr : &*it;
+}
+
+int json_int(const json& j, const char* key, const std::string& where, std::optional<int> fallback = {}) {
+    const json* v = field(j, key);
+    if (!v && fallback) return *fallback;
+    if (!v) throw Error(fmt("%s: missing \"%s\"", where.c_str(), key));
+    if (!v->is_number_integer() || v->get<int64_t>() <= 0 || v->get<int64_t>() > INT_MAX)
+        throw Error(fmt("%s: \"%s\" must be a positive integer, found %s", where.c_str(), key, v->dump().c_str()));
+    return int(v->get<int64_t>());
+}
+
+float json_float(const json& j, const char* key, const std::string& where, std::optional<float> fallback = {}) {
+    const json* v = field(j, key);
+    if (!v && fallback) return *fallback;
+    if (!v) throw Error(fmt("%s: missing \"%s\"", where.c_str(), key));
+    if (!v->is_number() || v->get<double>() <= 0)
+        throw Error(fmt("%s: \"%s\" must be a positive number, found %s", where.c_str(), key, v->dump().c_str()));
+    return v->get<float>();
+}
+
+// bos/eos ids: an int, or a list (Llama 3 lists several EOS ids; the first is the main one).
+std::optional<int> json_token_id(const json& j, const char* key, const std::string& where) {
+    const json* v = field(j, key);
+    if (v && v->is_array() && !v->empty()) v = &(*v)[0];
+    if (!v) return std::nullopt;
+    if (!v->is_number_integer() || v->get<int64_t>() < 0 || v->get<int64_t>() > INT_MAX)
+        throw Error(fmt("%s: \"%s\" must be a token id, found %s", where.c_str(), key, v->dump().c_str()));
+    return int(v->get<int64_t>());
+}
+
+Config read_hf_config(const std::string& path) {
+    json j = read_json(path);
+    if (!j.is_object()) throw Error(fmt("%s: not a JSON object", path.c_str()));
+    const char* p = path.c_str();
+    // Refuse what the forward pass would silently get wrong rather than convert it.
+    if (const json* e = field(j, "num_local_experts"))
+        throw Error(fmt("%s: mixture-of-experts checkpoints (num_local_experts %s) are not supported yet", p,
+                        e->dump().c_str()));
+    if (const json* a = field(j, "hidden_act"); a && *a != "silu")
+        throw Error(fmt("%s: hidden_act %s is not supported (only silu)", p, a->dump().c_str()));
+    if (const json* r = field(j, "rope_scaling"))
+        throw Error(fmt("%s: rope_scaling %s is not supported yet", p, r->dump().c_str()));
+
+    Config c;
+    c.dim = json_int(j, "hidden_size", path);
+    c.hidden_dim = json_int(j, "intermediate_size", path);
+    c.n_layers = json_int(j, "num_hidden_layers", path);
+    c.n_heads = json_int(j, "num_attention_heads", path);
+    c.n_kv_heads = json_int(j, "num_key_value_heads", path, c.n_heads);
+    if (!field(j, "head_dim") && c.dim % c.n_heads != 0)
+        throw Error(fmt("%s: hidden_size %d is not divisible by num_attention_heads %d", p, c.dim, c.n_heads));
+    c.head_dim = json_int(j, "head_dim", path, c.dim / c.n_heads);
+    c.vocab_size = json_int(j, "vocab_size", path);
+    c.max_seq_len = json_int(j, "max_position_embeddings", path);
+    c.norm_eps = json_float(j, "rms_norm_eps", path);
+    c.rope_theta = json_float(j, "rope_theta", path, 10000.0f);
+    const json* tie = field(j, "tie_word_embeddings");
+    if (tie && !tie->is_boolean())
+        throw Error(fmt("%s: \"tie_word_embeddings\" must be true or false, found %s", p, tie->dump().c_str()));
+    c.tie_embeddings = tie && tie->get<bool>();
+    c.bos_id = json_token_id(j, "bos_token_id", path).value_or(-1);
+    c.eos_id = json_token_id(j, "eos_token_id", path).value_or(-1);
+    c.validate(path);
+    return c;
+}
+
+Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
+    Checkpoint ck;
+    ck.kind = "Hugging Face";
+    const std::string config_path = dir + "/config.json";
+    if (!path_exists(config_path))
+        throw Error(fmt("%s: no config.json: a Hugging Face checkpoint folder needs one", dir.c_str()));
+    ck.cfg = read_hf_config(config_path);
+    const Config& c = ck.cfg;
+
+    // Where each HF tensor lives: one model.safetensors, or shards listed in the index's weight_map.
+    const std::string single = dir + "/model.safetensors", index_path = dir + "/model.safetensors.index.json";
+    json weight_map;
+    std::string where;  // the file that lists the tensors, for messages
+    if (path_exists(single)) {
+        ck.files.push_back(std::make_unique<SafetensorsFile>(single));
+        where = single;
+    } else if (path_exists(index_path)) {
+        json index = read_json(index_path);
+        if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+            throw Error(fmt("%s: no \"weight_map\" object", index_path.c_str()));
+        weight_map = index["weight_map"];
+        where = index_path;
+    } else {
+        throw Error(fmt("%s: neither model.safetensors nor model.safetensors.index.json found", dir.c_str()));
+    }
+    std::map<std::string, SafetensorsFile*> shards;
+    auto file_of = [&](const std::string& hf) -> const SafetensorsFile& {
+        if (weight_map.is_null()) return *ck.files[0];
+        auto it = weight_map.find(hf);
+        if (it == weight_map.end())
+            throw Error(fmt("%s: tensor '%s' is missing from weight_map", index_path.c_str(), hf.c_str()));
+        if (!it->is_string())
+            throw Error(fmt("%s: weight_map entry '%s' is not a file name", index_path.c_str(), hf.c_str()));
+        std::string shard = it->get<std::string>();
+        if (!shards.count(shard)) {
+            ck.files.push_back(std::make_unique<SafetensorsFile>(dir + "/" + shard));
+            shards[shard] = ck.files.back().get();
+        }
+        return *shards[shard];
+    };
+
+    std::map<std::string, std::vector<int64_t>> shapes;
+    for (const Expected& e : model_tensors(c)) shapes[e.name] = e.shape;
+    std::set<std::string> used;
+    auto take = [&](const std::string& name, const std::string& hf, int rope_heads) {
+        const SafetensorsFile& f = file_of(hf);
+        const TensorView& t = f.get(hf, shapes.at(name));  // throws naming file, tensor, shapes
+        if (!is_float(t.dtype))
+            throw Error(fmt("%s: tensor '%s': dtype %s is not F32, BF16 or F16", f.path.c_str(), hf.c_str(),
+                            dtype_name(t.dtype)));
+        ck.tensors[name] = {t.dtype, t.data, rope_heads};
+        used.insert(hf);
+    };
+    // HF's q_proj/k_proj rows are permuted for rotate-half RoPE; the fill undoes it (rope_heads).
+    static const struct { const char *ours, *theirs; } kLayer[] = {
+        {"attention_norm.weight", "input_layernorm.weight"},
+        {"attention.wq.weight", "self_attn.q_proj.weight"},
+        {"attention.wk.weight", "self_attn.k_proj.weight"},
+        {"attention.wv.weight", "self_attn.v_proj.weight"},
+        {"attention.wo.weight", "self_attn.o_proj.weight"},
+        {"ffn_norm.weight", "post_attention_layernorm.weight"},
+        {"feed_forward.w1.weight", "mlp.gate_proj.weight"},
+        {"feed_forward.w2.weight", "mlp.down_proj.weight"},
+        {"feed_forward.w3.weight", "mlp.up_proj.weight"},
+    };
+    take("tok_embeddings.weight", "model.embed_tokens.weight", 0);
+    for (int l = 0; l < c.n_layers; l++) {
+        for (const auto& n : kLayer) {
+            int rope = ends_with(n.ours, "wq.weight") ? c.n_heads : ends_with(n.ours, "wk.weight") ? c.n_kv_heads : 0;
+            take(layer_tensor(l, n.ours), fmt("model.layers.%d.%s", l, n.theirs), rope);
+        }
+    }
+    take("norm.weight", "model.norm.weight", 0);
+    if (!c.tie_embeddings) take("output.weight", "lm_head.weight", 0);
+
+    // A tensor we do not place (a bias, an extra norm) means an architecture we would run wrongly.
+    std::vector<std::string> all;
+    if (weight_map.is_null()) {
+        for (const auto& [name, t] : ck.files[0]->tensors) all.push_back(name);
+    } else {
+        for (const auto& [name, file] : weight_map.items()) all.push_back(name);
+    }
+    for (const std::string& name : all) {
+        if (used.count(name) || ends_with(name, "rotary_emb.inv_freq") || name == "lm_head.weight") continue;
+        throw Error(fmt("%s: tensor '%s' has no place in a Llama-family model (unsupported architecture)",
+                        where.c_str(), name.c_str()));
+    }
+
+    const std::string tok = tokenizer_path.empty() ? dir + "/tokenizer.model" : tokenizer_path;
+    if (!path_exists(tok))
+        throw Error(fmt("%s: no tokenizer.model (a sentencepiece model) in the folder; pass --tokenizer",
+                        dir.c_str()));
+    ck.tokenizer_model = read_whole_file(tok);
+    return ck;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fastgen model.bin: re-encode its float tensors
+
+Checkpoint read_model_bin(const std::string& path, const std::string& tokenizer_path) {
+    Checkpoint ck;
+    ck.kind = "model.bin";
+    ck.files.push_back(std::make_unique<SafetensorsFile>(path));
+    const SafetensorsFile& f = *ck.files.back();
+    const char* p = path.c_str();
+    auto meta = [&](const char* key) {
+        auto it = f.metadata.find(key);
+        return it == f.metadata.end() ? std::string() : it->second;
+    };
+    if (meta("format") != kFormatName)
+        throw Error(fmt("%s: a safetensors file but not a fastgen model.bin (metadata format '%s'); for a "
+                        "Hugging Face checkpoint pass the folder holding config.json", p, meta("format").c_str()));
+    if (meta("version") != kFormatVersion)
+        throw Error(fmt("%s: model.bin format version '%s', this build reads '%s'", p, meta("version").c_str(),
+                        kFormatVersion));
+    if (meta("quantization") != "none")
+        throw Error(fmt("%s: quantization '%s': re-encoding a quantized model.bin is not supported; convert "
+                        "the original checkpoint", p, meta("quantization").c_str()));
+    ck.cfg = Config::from_json(meta("config"), path + ": config");  // validates
+    for (const Expected& e : model_tensors(ck.cfg)) {
+        const TensorView& t = f.get(e.name, e.shape);
+        if (!is_float(t.dtype))
+            throw Error(fmt("%s: tensor '%s': dtype %s is not F32, BF16 or F16", p, e.name.c_str(),
+                            dtype_name(t.dtype)));
+        ck.tensors[e.name] = {t.dtype, t.data, 0};
+    }
+    if (!tokenizer_path.empty()) {
+        ck.tokenizer_model = read_whole_file(tokenizer_path);
+    } else {
+        const TensorView& t = f.get("tokenizer.model");
+        if (t.dtype != DType::U8 || t.shape.size() != 1)
+            throw Error(fmt("%s: tensor 'tokenizer.model' must be U8 [nbytes], found %s %s", p,
+                            dtype_name(t.dtype), t.shape_str().c_str()));
+        ck.tokenizer_model.assign(reinterpret_cast<const char*>(t.data), t.nbytes);
+    }
+    return ck;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Detection and writing
+
+Checkpoint read_checkpoint(const std::string& path, const std::string& tokenizer_path) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0)
+        throw Error(fmt("%s: cannot open: %s", path.c_str(), std::strerror(errno)));
+    if (S_ISDIR(st.st_mode)) return read_hf(path, tokenizer_path);
+
+    uint8_t head[40] = {};
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(fmt("%s: cannot open: %s", path.c_str(), std::strerror(errno)));
+    in.read(reinterpret_cast<char*>(head), sizeof head);
+    const size_t n = size_t(in.gcount()), size = size_t(st.st_size);
+    // safetensors: u64 header length that fits the file, then the JSON object.
+    uint64_t header_len = 0;
+    if (n >= 8) std::memcpy(&header_len, head, 8);
+    if (n >= 9 && head[8] == '{' && header_len <= size - 8) return read_model_bin(path, tokenizer_path);
+    uint32_t magic = 0;
+    if (n >= 4) std::memcpy(&magic, head, 4);
+    Llama2cHeader h = {};
+    if (n >= sizeof h) std::memcpy(&h, head, sizeof h);
+    if (magic == kLlama2cMagic || (n >= sizeof h && plausible(h))) return read_llama2c(path, tokenizer_path);
+    throw Error(fmt("%s: unknown input kind: not a llama2.c checkpoint, a fastgen model.bin, or a Hugging Face "
+                    "folder (a directory with config.json)", path.c_str()));
+}
+
+void copy_floats(const uint8_t* src, DType from, uint8_t* dst, DType to, size_t n) {
+    if (from == to) std::memcpy(dst, src, n * dtype_size(to));
+    else convert_floats(src, from, dst, to, n);
+}
+
+// Writes one tensor as `to`. HF wq/wk rows come in rotate-half order: HF row h*hd + j*hd/2 + i holds
+// Meta row h*hd + 2i + j (pair i, member j), i.e. w.view(heads, 2, hd/2, in).transpose(1, 2).
+void fill_tensor(const SourceTensor& s, const std::vector<int64_t>& shape, DType to, uint8_t* dst) {
+    size_t numel = 1;
+    for (int64_t d : shape) numel *= size_t(d);
+    if (s.rope_heads == 0) {
+        copy_floats(s.data, s.dtype, dst, to, numel);
+        return;
+    }
+    assert(shape.size() == 2 && shape[0] % s.rope_heads == 0);
+    const size_t rows = size_t(shape[0]), cols = size_t(shape[1]);
+    const size_t hd = rows / size_t(s.rope_heads), half = hd / 2;
+    const size_t src_row = cols * dtype_size(s.dtype), dst_row = cols * dtype_size(to);
+    for (size_t r = 0; r < rows; r++) {
+        size_t head = r / hd, i = (r % hd) / 2, j = r % 2;
+        copy_floats(s.data + (head * hd + j * half + i) * src_row, s.dtype, dst + r * dst_row, to, cols);
+    }
+}
+
+}  // namespace
+
+ConvertStats convert_checkpoint(const ConvertOptions& o) {
+    const double t0 = now_seconds();
+    std::optional<DType> mode_dtype;  // none: auto
+    if (o.mode == "f32") mode_dtype = DType::F32;
+    else if (o.mode == "bf16") mode_dtype = DType::BF16;
+    else if (o.mode == "f16") mode_dtype = DType::F16;
+    else if (o.mode != "auto") throw Error(fmt("unknown mode '%s' (auto, f32, bf16, f16)", o.mode.c_str()));
+    if (o.input.empty() || o.output.empty()) throw Error("convert: input and output paths are required");
+
+    Checkpoint ck = read_checkpoint(o.input, o.tokenizer);
+    Config& c = ck.cfg;
+    const std::string tok_where = o.input + ": tokenizer.model";
+    Tokenizer tok(ck.tokenizer_model, o.tokenizer.empty() ? tok_where : o.tokenizer);
+    if (tok.vocab_size() > c.vocab_size)
+        throw Error(fmt("%s: the tokenizer has %d pieces but the model's vocabulary is %d", o.input.c_str(),
+                        tok.vocab_size(), c.vocab_size));
+    if (c.bos_id < 0) c.bos_id = tok.bos_id();
+    if (c.eos_id < 0) c.eos_id = tok.eos_id();
+
+    // auto keeps the source's float type, read off the embedding (norms may differ in HF files).
+    const DType dtype = mode_dtype.value_or(ck.tensors.at("tok_embeddings.weight").dtype);
+    SafetensorsWriter w;
+    w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", c.to_json()},
+                  {"quantization", "none"}};
+    const std::vector<Expected> expected = model_tensors(c);
+    for (const Expected& e : expected) {
+        auto it = ck.tensors.find(e.name);
+        assert(it != ck.tensors.end() && "every reader fills every canonical tensor");
+        const SourceTensor src = it->second;
+        const DType to = is_norm(e.name) ? DType::F32 : dtype;
+        w.add(e.name, to, e.shape, [src, shape = e.shape, to](uint8_t* dst) { fill_tensor(src, shape, to, dst); });
+    }
+    w.add_bytes("tokenizer.model", DType::U8, {int64_t(ck.tokenizer_model.size())}, ck.tokenizer_model.data());
+
+    if (o.progress)
+        std::fprintf(stderr, "%s: %s checkpoint: dim %d, hidden %d, %d layers, %d heads (%d kv, head_dim %d), "
+                             "vocab %d, seq_len %d, %s; writing %s matrices\n", o.input.c_str(), ck.kind.c_str(), c.dim,
+                     c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size,
+                     c.max_seq_len, c.tie_embeddings ? "tied" : "untied", dtype_name(dtype));
+    w.write(o.output, o.progress);
+
+    ConvertStats st;
+    st.kind = ck.kind;
+    st.dtype = dtype_name(dtype);
+    st.tensors = expected.size() + 1;
+    struct stat sb;
+    st.bytes = stat(o.output.c_str(), &sb) == 0 ? size_t(sb.st_size) : 0;
+    st.seconds = now_seconds() - t0;
+    return st;
+}

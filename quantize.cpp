@@ -1,0 +1,59 @@
+// quantize.cpp: the quantize program: turns a checkpoint (llama2.c .bin, Hugging Face folder, or
+// model.bin) into fastgen's model.bin. The work is in convert.cpp; this is the command line.
+#include <sys/stat.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <string>
+
+#include "common.h"
+#include "convert.h"
+
+// The output's folder must exist and the output itself must not be a folder; checked before any
+// work, so a typo does not cost a long conversion.
+static std::string check_output_path(std::string& p) {
+    struct stat st;
+    if (stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return "output is a directory: " + p;
+    size_t slash = p.rfind('/');
+    std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : p.substr(0, slash);
+    if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return "output directory does not exist: " + dir;
+    return "";
+}
+
+int main(int argc, char** argv) {
+    CLI::App app{"quantize: convert a llama2.c .bin, a Hugging Face folder or a model.bin into model.bin"};
+    ConvertOptions o;
+    bool quiet = false;
+    app.add_option("-i,--input", o.input,
+                   "checkpoint: llama2.c .bin, Hugging Face folder (config.json + safetensors), or model.bin")
+        ->required()
+        ->check(CLI::ExistingPath);
+    app.add_option("-o,--output", o.output, "model.bin to write (written to a temporary name, then renamed)")
+        ->required()
+        ->check(CLI::Validator(check_output_path, "PATH"));
+    app.add_option("-m,--mode", o.mode, "weight format; auto keeps the source's float type")
+        ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}))
+        ->capture_default_str();
+    app.add_option("-t,--tokenizer", o.tokenizer,
+                   "sentencepiece tokenizer.model (required for llama2.c; overrides the one in the input)")
+        ->check(CLI::ExistingFile);
+    app.add_flag("-q,--quiet", quiet, "no progress output");
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e) == 0 ? 0 : 1;  // --help is not an error; bad flags exit 1
+    }
+    o.progress = !quiet;
+
+    std::printf("quantize: input %s, output %s, mode %s, tokenizer %s\n", o.input.c_str(), o.output.c_str(),
+                o.mode.c_str(), o.tokenizer.empty() ? "(from the input)" : o.tokenizer.c_str());
+    try {
+        ConvertStats st = convert_checkpoint(o);
+        std::printf("wrote %s: %s, %zu tensors, %.1f MB in %.2f s (from a %s checkpoint)\n", o.output.c_str(),
+                    st.dtype.c_str(), st.tensors, double(st.bytes) / 1e6, st.seconds, st.kind.c_str());
+    } catch (const Error& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,236 @@
+#!/usr/bin/python3
+"""reference.py: plain PyTorch (float64) Llama forward over a model.bin, the oracle for fastgen's logits."""
+# Usage:
+#   reference.py MODEL --tokens 1,5,9 [--out FILE]   logits for every position as little-endian
+#                                                    float32 [n_tokens][vocab] to FILE, or the
+#                                                    argmax per position (comma-separated) to stdout
+#   reference.py MODEL --tokens 1,5,9 --greedy N     generate N tokens greedily; print their ids
+#   --prompt TEXT instead of --tokens encodes TEXT with the embedded tokenizer (BOS first).
+#
+# The model is written like Meta's llama model.py: RMSNorm, RoPE on adjacent pairs (complex
+# multiply), GQA by repeating each kv head n_heads/n_kv_heads times, causal softmax attention,
+# SwiGLU feed-forward. No KV cache: every step runs the whole sequence again.
+
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import modelbin  # noqa: E402
+
+DTYPE = torch.float64
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPE, device=device))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def precompute_freqs_cis(head_dim, n_pos, theta):
+    """cos + i sin of pos * theta^(-2i/head_dim), shape [n_pos, head_dim/2]."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=DTYPE) / head_dim))
+    t = torch.arange(n_pos, dtype=DTYPE)
+    angles = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(x, freqs_cis):
+    """x [batch, seq, heads, head_dim]: rotate each adjacent pair (2i, 2i+1) as a complex number."""
+    xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    xc = xc * freqs_cis[None, :, None, :]
+    return torch.view_as_real(xc).flatten(3)
+
+
+def repeat_kv(x, n_rep):
+    """[batch, seq, n_kv_heads, head_dim] -> [batch, seq, n_kv_heads*n_rep, head_dim]; kv head j
+    serves query heads j*n_rep .. j*n_rep+n_rep-1."""
+    return x if n_rep == 1 else torch.repeat_interleave(x, n_rep, dim=2)
+
+
+class Attention(nn.Module):
+    def __init__(self, c, device=None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c["n_heads"], c["n_kv_heads"], c["head_dim"]
+        self.n_rep = self.n_heads // self.n_kv_heads
+        kw = dict(bias=False, dtype=DTYPE, device=device)
+        self.wq = nn.Linear(c["dim"], self.n_heads * self.head_dim, **kw)
+        self.wk = nn.Linear(c["dim"], self.n_kv_heads * self.head_dim, **kw)
+        self.wv = nn.Linear(c["dim"], self.n_kv_heads * self.head_dim, **kw)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, c["dim"], **kw)
+
+    def forward(self, x, freqs_cis, mask):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q = apply_rotary_emb(q, freqs_cis)
+        k = apply_rotary_emb(k, freqs_cis)
+        k = repeat_kv(k, self.n_rep)
+        v = repeat_kv(v, self.n_rep)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [bsz, heads, seq, head_dim]
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
+        scores = scores + mask
+        probs = F.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim, device=None):
+        super().__init__()
+        kw = dict(bias=False, dtype=DTYPE, device=device)
+        self.w1 = nn.Linear(dim, hidden_dim, **kw)
+        self.w2 = nn.Linear(hidden_dim, dim, **kw)
+        self.w3 = nn.Linear(dim, hidden_dim, **kw)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, c, device=None):
+        super().__init__()
+        self.attention = Attention(c, device)
+        self.feed_forward = FeedForward(c["dim"], c["hidden_dim"], device)
+        self.attention_norm = RMSNorm(c["dim"], c["norm_eps"], device)
+        self.ffn_norm = RMSNorm(c["dim"], c["norm_eps"], device)
+
+    def forward(self, x, freqs_cis, mask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, c, device=None):
+        super().__init__()
+        self.config = c
+        self.tok_embeddings = nn.Embedding(c["vocab_size"], c["dim"], dtype=DTYPE, device=device)
+        self.layers = nn.ModuleList(TransformerBlock(c, device) for _ in range(c["n_layers"]))
+        self.norm = RMSNorm(c["dim"], c["norm_eps"], device)
+        self.output = nn.Linear(c["dim"], c["vocab_size"], bias=False, dtype=DTYPE, device=device)
+        if c["tie_embeddings"]:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def forward(self, tokens):
+        """tokens [batch, seq] at positions 0..seq-1 -> logits [batch, seq, vocab] (float64)."""
+        seqlen = tokens.shape[1]
+        freqs_cis = precompute_freqs_cis(self.config["head_dim"], seqlen, self.config["rope_theta"])
+        mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), dtype=DTYPE), diagonal=1)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, mask)
+        return self.output(self.norm(h))
+
+
+def load_transformer(path):
+    config, meta, tensors = modelbin.read_model(path)
+    if meta.get("quantization", "none") != "none":
+        sys.exit("%s: quantization %r: reference.py reads unquantized models only"
+                 % (path, meta["quantization"]))
+    # Built on the meta device and then given uninitialised storage, so a big model is neither
+    # randomly initialised nor held twice; each weight is then copied in (float32 -> float64).
+    model = Transformer(config, device="meta").to_empty(device="cpu")
+    if config["tie_embeddings"]:
+        model.output.weight = model.tok_embeddings.weight
+    params = model.state_dict(keep_vars=True)
+    names = set(tensors) - {"tokenizer.model"}
+    want = set(params) - ({"output.weight"} if config["tie_embeddings"] else set())
+    if names != want:
+        sys.exit("%s: tensors do not match the model: missing %s, unexpected %s"
+                 % (path, sorted(want - names) or "none", sorted(names - want) or "none"))
+    with torch.no_grad():
+        for name in sorted(want):
+            src = torch.from_numpy(np.array(tensors.pop(name), dtype=np.float32))
+            params[name].copy_(src.reshape(params[name].shape))
+    model.eval()
+    tok = tensors.get("tokenizer.model")
+    return model, config, (tok.tobytes() if tok is not None else None)
+
+
+def check_tokens(tokens, config):
+    if not tokens:
+        sys.exit("no tokens given")
+    bad = [t for t in tokens if not 0 <= t < config["vocab_size"]]
+    if bad:
+        sys.exit("token ids out of range [0, %d): %s" % (config["vocab_size"], bad[:10]))
+    if len(tokens) > config["max_seq_len"]:
+        sys.exit("%d tokens exceed max_seq_len %d" % (len(tokens), config["max_seq_len"]))
+
+
+def sp_processor(tok_bytes):
+    import sentencepiece as spm
+    if tok_bytes is None:
+        sys.exit("the model has no embedded tokenizer.model")
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(tok_bytes)
+    return sp
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,5,9")
+    src.add_argument("--prompt", help="text to encode with the embedded tokenizer (BOS prepended)")
+    ap.add_argument("--out", help="write logits as float32 [n_tokens][vocab] to this file")
+    ap.add_argument("--greedy", type=int, metavar="N", help="generate N tokens greedily")
+    ap.add_argument("--stop-at-eos", action="store_true", help="with --greedy: stop after eos_id")
+    ap.add_argument("--text", action="store_true", help="with --greedy: also print the decoded text")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    model, config, tok_bytes = load_transformer(args.model)
+    if args.prompt is not None:
+        sp = sp_processor(tok_bytes)
+        tokens = [config["bos_id"]] + sp.EncodeAsIds(args.prompt)
+    else:
+        try:
+            tokens = [int(t) for t in args.tokens.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            sys.exit("--tokens must be comma-separated integers, got %r" % args.tokens)
+    check_tokens(tokens, config)
+
+    if args.greedy is not None:
+        if args.out:
+            sys.exit("--out and --greedy do not go together")
+        seq = list(tokens)
+        generated = []
+        for _ in range(args.greedy):
+            if len(seq) >= config["max_seq_len"]:
+                print("stopped at max_seq_len %d" % config["max_seq_len"], file=sys.stderr)
+                break
+            logits = model(torch.tensor([seq], dtype=torch.long))[0, -1]
+            nxt = int(torch.argmax(logits))
+            generated.append(nxt)
+            seq.append(nxt)
+            if args.stop_at_eos and nxt == config["eos_id"]:
+                break
+        print(",".join(str(t) for t in generated))
+        if args.text:
+            print(sp_processor(tok_bytes).DecodeIds(generated))
+        return
+
+    logits = model(torch.tensor([tokens], dtype=torch.long))[0]
+    if args.out:
+        logits.numpy().astype("<f4").tofile(args.out)
+    else:
+        print(",".join(str(int(i)) for i in torch.argmax(logits, dim=-1)))
+
+
+if __name__ == "__main__":
+    main()
