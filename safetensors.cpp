@@ -265,7 +265,8 @@ void SafetensorsWriter::add_bytes(const std::string& name, DType dtype, std::vec
 }
 
 void SafetensorsWriter::write(const std::string& path, bool show_progress) const {
-    constexpr size_t kTensorAlign = 64, kDataAlign = 4096;
+    // Tensors are packed back to back: strict safetensors readers refuse holes in the data section.
+    constexpr size_t kDataAlign = 4096;
     // Lay out the data section, then the header that describes it.
     json header = json::object();
     json meta = json::object();
@@ -276,7 +277,6 @@ void SafetensorsWriter::write(const std::string& path, bool show_progress) const
     for (const Entry& e : entries_) {
         size_t n = dtype_size(e.dtype);
         for (int64_t d : e.shape) n *= size_t(d);
-        pos = (pos + kTensorAlign - 1) / kTensorAlign * kTensorAlign;
         header[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {pos, pos + n}}};
         offsets.push_back(pos);
         sizes.push_back(n);
@@ -299,12 +299,9 @@ void SafetensorsWriter::write(const std::string& path, bool show_progress) const
     if (std::fwrite(&hl, 8, 1, out) != 1 || std::fwrite(h.data(), 1, h.size(), out) != h.size())
         fail(std::strerror(errno));
     std::vector<uint8_t> buf;
-    size_t written = 0, done = 0;
+    size_t done = 0;
     double t0 = now_seconds(), last = t0;
     for (size_t i = 0; i < entries_.size(); i++) {
-        std::vector<uint8_t> zeros(offsets[i] - written, 0);  // alignment padding
-        if (!zeros.empty() && std::fwrite(zeros.data(), 1, zeros.size(), out) != zeros.size())
-            fail(std::strerror(errno));
         buf.assign(sizes[i], 0);
         try {
             entries_[i].fill(buf.data());
@@ -314,7 +311,6 @@ void SafetensorsWriter::write(const std::string& path, bool show_progress) const
             throw;
         }
         if (std::fwrite(buf.data(), 1, buf.size(), out) != buf.size()) fail(std::strerror(errno));
-        written = offsets[i] + sizes[i];
         done += sizes[i];
         if (show_progress && (now_seconds() - last > 0.5 || i + 1 == entries_.size())) {
             last = now_seconds();

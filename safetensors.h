@@ -62,8 +62,8 @@ struct SafetensorsWriter {
     void add_bytes(const std::string& name, DType dtype, std::vector<int64_t> shape,
                    const void* src);  // src must stay alive until write()
     std::map<std::string, std::string> metadata;
-    // Writes <path>.tmp, pads the header with spaces so data starts 4096-aligned, aligns each tensor
-    // to 64 bytes, fsyncs and renames to <path>. Removes the temp file on failure.
+    // Writes <path>.tmp, pads the header with spaces so data starts 4096-aligned, packs the tensors
+    // back to back (no holes), fsyncs and renames to <path>. Removes the temp file on failure.
     void write(const std::string& path, bool show_progress = false) const;
 
   private:

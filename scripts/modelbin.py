@@ -12,7 +12,7 @@ import numpy as np
 FORMAT_NAME = "fastgen"
 FORMAT_VERSION = "1"
 DATA_ALIGN = 4096    # the data section starts at a multiple of this (file offset)
-TENSOR_ALIGN = 64    # each tensor's begin offset (relative to the data section) is a multiple of this
+TENSOR_ALIGN = 1     # no gaps between tensors: strict safetensors readers refuse holes in the buffer
 MAX_HEADER = 100 << 20  # a header larger than 100 MiB is certainly corrupt
 
 # safetensors dtype name -> (stored numpy dtype, bytes per element)
