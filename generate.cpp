@@ -154,10 +154,14 @@ int run(int argc, char** argv) {
     app.add_option("--num-samples,--num_samples", o.num_samples, "completions of the prompt")
         ->check(CLI::Range(1, 1 << 20));
     app.add_option("--device", o.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-    app.add_option("--threads", o.threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 4096));
+    app.add_option("--threads", o.threads, "CPU threads (0 = all cores)")->check(CLI::NonNegativeNumber & CLI::Range(0, 4096));
     app.add_option("--perplexity", o.perplexity_file, "report the perplexity of a text file instead")
         ->check(CLI::ExistingFile);
-    CLI11_PARSE(app, argc, argv);
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e) == 0 ? 0 : 1;  // --help is not an error; bad flags exit 1
+    }
     o.has_prompt = app.count("--prompt") > 0;
     o.has_seed = app.count("--seed") > 0;
     if (!o.has_seed) o.seed = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());

@@ -206,6 +206,12 @@ SafetensorsFile::SafetensorsFile(const std::string& p) : path(p), map(p) {
                 throw Error(fmt("%s: tensor '%s': bad shape %s", f, n, sh.dump().c_str()));
             t.shape.push_back(d.get<int64_t>());
         }
+        // Refuse shapes whose nonzero dims multiply past 2^62, so numel() never overflows int64
+        // (a zero dim would otherwise hide the overflow from the byte-count check below).
+        long double nonzero = 1;
+        for (int64_t d : t.shape) nonzero *= d ? (long double)d : 1;
+        if (nonzero > (long double)(int64_t(1) << 62))
+            throw Error(fmt("%s: tensor '%s': shape %s is too large", f, n, t.shape_str().c_str()));
         const json& off = entry["data_offsets"];
         if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
             !off[1].is_number_unsigned())

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -249,6 +250,41 @@ void check_same_tensors(const std::string& a_path, const std::string& b_path) {
 // GQA (4 heads, 2 kv heads, head_dim 8), two layers; untied unless asked.
 TinyWeights tiny(bool tied = false) { return random_weights(tiny_config(32, 48, 2, 4, 2, tied), 7); }
 
+// The inverse of permute_rotate_half: HF rotate-half row order back to Meta's interleaved order.
+std::vector<float> unpermute_rotate_half(const std::vector<float>& w, int n_heads, size_t rows, size_t cols) {
+    std::vector<float> out(w.size());
+    size_t hd = rows / size_t(n_heads), half = hd / 2;
+    for (size_t h = 0; h < size_t(n_heads); h++)
+        for (size_t i = 0; i < half; i++)
+            for (size_t a = 0; a < 2; a++)
+                std::memcpy(&out[(h * hd + 2 * i + a) * cols], &w[(h * hd + a * half + i) * cols],
+                            cols * sizeof(float));
+    return out;
+}
+
+// Logits at every position of `tokens`, the whole sequence as one prefill batch on the CPU.
+std::vector<float> all_logits(const std::string& model_bin, const std::vector<int>& tokens) {
+    Model m(model_bin, cpu_ops(0));
+    KVCache kv(m.cfg, int(tokens.size()));
+    REQUIRE(kv.reserve(0, int(tokens.size())));
+    std::vector<BatchToken> batch;
+    std::vector<int> rows;
+    for (int i = 0; i < int(tokens.size()); i++) {
+        batch.push_back({0, i, tokens[i]});
+        rows.push_back(i);
+    }
+    std::vector<float> logits(tokens.size() * size_t(m.cfg.vocab_size));
+    m.forward(kv, batch, rows, logits.data());
+    return logits;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+    REQUIRE(a.size() == b.size());
+    double d = 0;
+    for (size_t i = 0; i < a.size(); i++) d = std::max(d, std::fabs(double(a[i]) - b[i]));
+    return d;
+}
+
 }  // namespace
 
 TEST_SUITE("convert") {
@@ -489,6 +525,41 @@ TEST_CASE("bad Hugging Face folders are refused with a message that names the pr
     write_bytes(d + "/config.json", read_file(make_dir("hf-missing") + "/config.json"));
     msg = convert_error(options(d, d + "/out.bin", ""));
     CHECK_MESSAGE(has(msg, "model.safetensors"), msg);
+}
+
+
+TEST_CASE("llama2.c and Hugging Face copies of one model give the same logits; unpermuted q/k do not") {
+    TinyWeights tw = tiny();
+    std::string d = make_dir("logits");
+    write_bytes(d + "/l2c.bin", llama2c_bytes(tw, 0));
+    convert_checkpoint(options(d + "/l2c.bin", d + "/from_l2c.bin", tok_path()));
+    std::string hf = make_dir("logits-hf");
+    write_hf(tw, hf);  // q/k in HF's rotate-half order
+    convert_checkpoint(options(hf, d + "/from_hf.bin", ""));
+
+    std::vector<int> tokens = {1, 403, 407, 261, 378, 5, 77, 300, 12, 499, 42, 7, 256, 128, 64, 3, 9, 400, 1, 33};
+    std::vector<float> a = all_logits(d + "/from_l2c.bin", tokens), b = all_logits(d + "/from_hf.bin", tokens);
+    double scale = 0;
+    for (float x : a) scale = std::max(scale, double(std::fabs(x)));
+    REQUIRE(scale > 0.1);  // real logits, not all zeros
+    CHECK(max_abs_diff(a, b) < 1e-6);
+
+    // The same weights exported as HF without the rotate-half permutation (Meta order under HF
+    // names): the converter's un-permute then scrambles q/k, and the logits must show it. Storing
+    // the inverse-permuted q/k through write_hf (which permutes) leaves them in Meta order on disk.
+    TinyWeights raw = tw;
+    for (auto& [name, v] : raw.tensors) {
+        bool is_q = name.find("attention.wq") != std::string::npos, is_k = name.find("attention.wk") != std::string::npos;
+        if (!is_q && !is_k) continue;
+        std::vector<int64_t> shape = raw.shape_of(name);
+        v = unpermute_rotate_half(v, is_q ? raw.cfg.n_heads : raw.cfg.n_kv_heads, size_t(shape[0]), size_t(shape[1]));
+    }
+    std::string bad = make_dir("logits-hf-unpermuted");
+    write_hf(raw, bad);
+    convert_checkpoint(options(bad, d + "/from_bad_hf.bin", ""));
+    std::vector<float> c = all_logits(d + "/from_bad_hf.bin", tokens);
+    double diff = max_abs_diff(a, c);
+    CHECK_MESSAGE(diff > 1e-3, "max |logit difference| without the rotate-half permutation: " << diff);
 }
 
 }  // TEST_SUITE

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -18,7 +19,9 @@ std::string temp_dir() {
     static std::string dir = [] {
         char tmpl[] = "/tmp/fastgen-test-XXXXXX";
         if (!mkdtemp(tmpl)) throw std::runtime_error("mkdtemp failed");
-        return std::string(tmpl);
+        static std::string made = tmpl;
+        std::atexit([] { std::filesystem::remove_all(made); });
+        return made;
     }();
     return dir;
 }

@@ -1,0 +1,277 @@
+// tests/test_cli.cpp: end-to-end runs of ./generate and ./quantize on stories260K: the llama2.c
+// golden text, prompts, seeds, samples, perplexity, the llama2.c flag aliases, and refusal of misuse
+// with a non-zero exit and a message naming the problem.
+#include <doctest/doctest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "test_util.h"
+
+namespace {
+
+struct Run {
+    int rc = -1;  // exit status; -1 when the program did not exit normally (a crash)
+    std::string out, err;
+};
+
+// A word for the shell, single-quoted.
+std::string q(const std::string& s) {
+    std::string r = "'";
+    for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return r + "'";
+}
+
+// Runs `cmd` through the shell, stdout and stderr captured separately.
+Run run(const std::string& cmd) {
+    static int n = 0;
+    std::string base = temp_dir() + "/cli-" + std::to_string(n++);
+    std::string full = cmd + " >" + base + ".out 2>" + base + ".err";
+    int status = std::system(full.c_str());
+    Run r;
+    r.rc = status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = read_file(base + ".out");
+    r.err = read_file(base + ".err");
+    return r;
+}
+
+bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
+
+bool exists(const std::string& path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0;
+}
+
+std::string tok512() { return models_dir() + "/tok512.model"; }
+
+// stories260K.bin converted to model.bin once per test run (f32, as the source).
+const std::string& s260() {
+    static std::string path = [] {
+        std::string p = temp_dir() + "/s260.bin";
+        Run r = run("./quantize -q --input " + q(models_dir() + "/stories260K.bin") + " --tokenizer " + q(tok512()) +
+                    " --output " + q(p));
+        REQUIRE_MESSAGE(r.rc == 0, r.err);
+        return p;
+    }();
+    return path;
+}
+
+std::string generate(const std::string& args) { return "./generate --checkpoint " + q(s260()) + " " + args; }
+
+std::string chomp(std::string s) {
+    if (!s.empty() && s.back() == '\n') s.pop_back();
+    return s;
+}
+
+// The number after the last "perplexity " in a --perplexity report; NaN when there is none.
+double perplexity_of(const std::string& out) {
+    size_t at = out.rfind("perplexity ");
+    if (at == std::string::npos) return std::nan("");
+    return std::strtod(out.c_str() + at + 11, nullptr);
+}
+
+// Expect a refusal: a normal non-zero exit, the message on stderr, nothing on stdout from generation.
+void check_refused(const Run& r, const std::vector<std::string>& words) {
+    CHECK_MESSAGE(r.rc > 0, "exit status " << r.rc << "\nstderr: " << r.err);
+    for (const std::string& w : words) CHECK_MESSAGE(has(r.err, w), "expected '" << w << "' in stderr: " << r.err);
+}
+
+const char* kGolden =
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
+    "a big, red ball. She wanted to play with it, but it was too high.\n"
+    "Lily's mom said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do. She said, \"I want "
+    "to play with your ball, but I can't find it.\"\n"
+    "Lily was sad and didn't know what to do. She said, \"I'm sorry, Lily. I didn't know what to do.\"\n"
+    "Lily didn't want to help her mom, so she";
+
+}  // namespace
+
+TEST_SUITE("cli") {
+
+TEST_CASE("generate: stories260K greedy from BOS gives llama2.c's golden text") {
+    Run r = run(generate("--temperature 0 --max-new-tokens 200"));
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
+    CHECK(chomp(r.out) == kGolden);
+    CHECK(has(r.err, "generated 200 tokens"));
+}
+
+TEST_CASE("generate: a bf16 conversion still tells the story") {
+    std::string bf16 = temp_dir() + "/s260-bf16.bin";
+    Run c = run("./quantize -q --mode bf16 --input " + q(s260()) + " --output " + q(bf16));
+    REQUIRE_MESSAGE(c.rc == 0, c.err);
+    CHECK(has(c.out, "BF16"));
+    Run r = run("./generate --checkpoint " + q(bf16) + " --temperature 0 --max-new-tokens 60");
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
+    CHECK_MESSAGE(r.out.rfind("Once upon a time", 0) == 0, r.out);
+    CHECK(has(r.err, "(BF16)"));
+    CHECK(r.out.size() > 150);  // 60 tokens of words, not an early EOS
+}
+
+TEST_CASE("generate: --prompt continues the prompt and prints the stats line") {
+    Run r = run(generate("--prompt 'Once upon a time' --temperature 0 --max-new-tokens 40"));
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
+    CHECK_MESSAGE(r.out.rfind("Once upon a time", 0) == 0, r.out);
+    CHECK(r.out.size() > std::string("Once upon a time").size() + 40);
+    CHECK(has(r.err, "prompt 5 tokens"));  // BOS + [403, 407, 261, 378]
+    CHECK(has(r.err, "generated 40 tokens"));
+    CHECK(has(r.err, "decode"));
+    CHECK(has(r.err, "tok/s"));
+    CHECK(has(r.err, "GB/s"));
+}
+
+TEST_CASE("generate: a seed reproduces a sampled completion; another seed differs") {
+    std::string args = "--temperature 1 --max-new-tokens 50 --seed ";
+    Run a = run(generate(args + "7")), b = run(generate(args + "7")), c = run(generate(args + "8"));
+    REQUIRE_MESSAGE(a.rc == 0, a.err);
+    REQUIRE_MESSAGE(b.rc == 0, b.err);
+    REQUIRE_MESSAGE(c.rc == 0, c.err);
+    CHECK(a.out.size() > 20);
+    CHECK(a.out == b.out);
+    CHECK(a.out != c.out);
+    CHECK(has(a.err, "seed 7"));
+}
+
+TEST_CASE("generate: --num-samples 2 prints two completions") {
+    Run one = run(generate("--prompt 'The dog' --temperature 0 --max-new-tokens 20"));
+    Run two = run(generate("--prompt 'The dog' --temperature 0 --max-new-tokens 20 --num-samples 2"));
+    REQUIRE_MESSAGE(one.rc == 0, one.err);
+    REQUIRE_MESSAGE(two.rc == 0, two.err);
+    CHECK(two.out == one.out + one.out);  // greedy: the same completion twice
+    CHECK(has(two.err, "sample 2 of 2"));
+    // Sampled: the first sample is what one run with that seed prints; the second goes on with the
+    // same generator and tells a different story.
+    std::string args = "--prompt 'The dog' --temperature 1 --seed 3 --max-new-tokens 30";
+    Run s1 = run(generate(args)), s2 = run(generate(args + " --num-samples 2"));
+    REQUIRE_MESSAGE(s1.rc == 0, s1.err);
+    REQUIRE_MESSAGE(s2.rc == 0, s2.err);
+    REQUIRE(s2.out.rfind(s1.out, 0) == 0);
+    std::string rest = s2.out.substr(s1.out.size());
+    CHECK_MESSAGE(rest.rfind("The dog", 0) == 0, rest);
+    CHECK(rest != s1.out);
+}
+
+TEST_CASE("generate: --perplexity is lower on a story than on its words shuffled") {
+    const std::string story = "tests/data/tinystory.txt";
+    Run r = run(generate("--perplexity " + story));
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
+    CHECK(has(r.out, "perplexity:"));
+    double ppl = perplexity_of(r.out);
+    CHECK_MESSAGE(std::isfinite(ppl), r.out);
+    CHECK(ppl > 1.0);
+
+    std::istringstream words_in(read_file(story));
+    std::vector<std::string> words;
+    for (std::string w; words_in >> w;) words.push_back(w);
+    REQUIRE(words.size() > 200);  // long enough to need two context windows
+    std::shuffle(words.begin(), words.end(), std::mt19937(11));
+    std::string shuffled = temp_dir() + "/shuffled.txt";
+    {
+        std::ofstream out(shuffled);
+        for (size_t i = 0; i < words.size(); i++) out << (i ? " " : "") << words[i];
+    }
+    Run s = run(generate("--perplexity " + q(shuffled)));
+    REQUIRE_MESSAGE(s.rc == 0, s.err);
+    double shuffled_ppl = perplexity_of(s.out);
+    CHECK_MESSAGE(std::isfinite(shuffled_ppl), s.out);
+    CHECK_MESSAGE(ppl * 2 < shuffled_ppl, "perplexity: story " << ppl << ", shuffled " << shuffled_ppl);
+}
+
+TEST_CASE("generate: the llama2.c flag spellings work") {
+    Run a = run("./generate --checkpoint_path " + q(s260()) + " --temperature 0 --max_new_tokens 20");
+    Run b = run(generate("--temperature 0 --max-new-tokens 20"));
+    REQUIRE_MESSAGE(a.rc == 0, a.err);
+    REQUIRE_MESSAGE(b.rc == 0, b.err);
+    CHECK(a.out == b.out);
+    CHECK(has(a.err, "generated 20 tokens"));
+    CHECK(std::string(kGolden).rfind(chomp(a.out), 0) == 0);
+}
+
+TEST_CASE("generate: misuse exits non-zero with a message naming the problem") {
+    SUBCASE("missing checkpoint") {
+        std::string p = temp_dir() + "/no-such-model.bin";
+        check_refused(run("./generate --checkpoint " + q(p)), {"--checkpoint", p});
+    }
+    SUBCASE("checkpoint flag left out") {
+        check_refused(run("./generate --prompt hello"), {"--checkpoint"});
+    }
+    SUBCASE("not a model file") {
+        check_refused(run("./generate --checkpoint " + q(tok512())), {"tok512.model", "header"});
+    }
+    SUBCASE("negative temperature") {
+        check_refused(run(generate("--temperature -1")), {"--temperature", "-1"});
+    }
+    SUBCASE("top-p 0") {
+        check_refused(run(generate("--top-p 0")), {"--top-p"});
+    }
+    SUBCASE("top-p 1.5") {
+        check_refused(run(generate("--top-p 1.5")), {"--top-p", "1.5"});
+    }
+    SUBCASE("no new tokens") {
+        check_refused(run(generate("--max-new-tokens 0")), {"--max-new-tokens"});
+    }
+    SUBCASE("unknown device") {
+        check_refused(run(generate("--device gpu")), {"--device", "gpu"});
+    }
+    SUBCASE("--device cuda without a GPU") {
+        if (exists("/dev/nvidiactl")) {
+            MESSAGE("a GPU device node is present: the no-GPU refusal of --device cuda is not tested here");
+        } else {
+            Run r = run(generate("--device cuda"));
+            check_refused(r, {"--device cuda"});
+            CHECK_MESSAGE((has(r.err, "no CUDA device") || has(r.err, "no CUDA backend")), r.err);
+        }
+    }
+    SUBCASE("empty prompt") {
+        check_refused(run(generate("--prompt ''")), {"--prompt", "empty"});
+    }
+    SUBCASE("prompt longer than the context") {
+        std::string text;
+        for (int i = 0; i < 100; i++) text += "The dog ran to the park with a red ball. ";
+        Run r = run(generate("--prompt " + q(text)));
+        check_refused(r, {"--prompt", "context is 512 tokens"});
+        CHECK(r.out.empty());
+    }
+    SUBCASE("threads not a number") {
+        check_refused(run(generate("--threads abc")), {"--threads", "abc"});
+    }
+    SUBCASE("perplexity file missing") {
+        check_refused(run(generate("--perplexity /no/such/story.txt")), {"--perplexity", "/no/such/story.txt"});
+    }
+    SUBCASE("unknown flag") {
+        check_refused(run(generate("--tempreature 0")), {"--tempreature"});
+    }
+}
+
+TEST_CASE("quantize: misuse exits non-zero, names the problem, and writes nothing") {
+    std::string out = temp_dir() + "/refused.bin";
+    SUBCASE("missing input") {
+        std::string in = temp_dir() + "/no-such-checkpoint.bin";
+        check_refused(run("./quantize --input " + q(in) + " --output " + q(out)), {"--input", in});
+    }
+    SUBCASE("unknown mode") {
+        check_refused(run("./quantize --mode int3 --input " + q(models_dir() + "/stories260K.bin") + " --tokenizer " +
+                          q(tok512()) + " --output " + q(out)),
+                      {"--mode", "int3"});
+    }
+    SUBCASE("llama2.c input without --tokenizer") {
+        check_refused(run("./quantize --input " + q(models_dir() + "/stories260K.bin") + " --output " + q(out)),
+                      {"stories260K.bin", "--tokenizer"});
+    }
+    SUBCASE("output folder does not exist") {
+        std::string o = temp_dir() + "/no-such-folder/model.bin";
+        check_refused(run("./quantize --input " + q(models_dir() + "/stories260K.bin") + " --tokenizer " +
+                          q(tok512()) + " --output " + q(o)),
+                      {"output directory does not exist"});
+        CHECK_FALSE(exists(o));
+    }
+    CHECK_FALSE(exists(out));
+    CHECK_FALSE(exists(out + ".tmp"));
+}
+
+}  // TEST_SUITE
