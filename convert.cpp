@@ -47,32 +47,6 @@ struct Checkpoint {
     std::vector<std::unique_ptr<SafetensorsFile>> files;
 };
 
-struct Expected {
-    std::string name;
-    std::vector<int64_t> shape;
-};
-
-// The canonical tensors of model.bin for `c`, in the order they are written.
-std::vector<Expected> model_tensors(const Config& c) {
-    int64_t d = c.dim, h = c.hidden_dim, v = c.vocab_size;
-    int64_t q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim;
-    std::vector<Expected> t = {{"tok_embeddings.weight", {v, d}}};
-    for (int l = 0; l < c.n_layers; l++) {
-        t.push_back({layer_tensor(l, "attention_norm.weight"), {d}});
-        t.push_back({layer_tensor(l, "attention.wq.weight"), {q, d}});
-        t.push_back({layer_tensor(l, "attention.wk.weight"), {kv, d}});
-        t.push_back({layer_tensor(l, "attention.wv.weight"), {kv, d}});
-        t.push_back({layer_tensor(l, "attention.wo.weight"), {d, q}});
-        t.push_back({layer_tensor(l, "ffn_norm.weight"), {d}});
-        t.push_back({layer_tensor(l, "feed_forward.w1.weight"), {h, d}});
-        t.push_back({layer_tensor(l, "feed_forward.w2.weight"), {d, h}});
-        t.push_back({layer_tensor(l, "feed_forward.w3.weight"), {h, d}});
-    }
-    t.push_back({"norm.weight", {d}});
-    if (!c.tie_embeddings) t.push_back({"output.weight", {v, d}});
-    return t;
-}
-
 bool ends_with(const std::string& s, const char* suffix) {
     size_t n = std::strlen(suffix);
     return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
@@ -333,7 +307,7 @@ Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
     };
 
     std::map<std::string, std::vector<int64_t>> shapes;
-    for (const Expected& e : model_tensors(c)) shapes[e.name] = e.shape;
+    for (const TensorSpec& e : model_tensors(c)) shapes[e.name] = e.shape;
     std::set<std::string> used;
     auto take = [&](const std::string& name, const std::string& hf, int rope_heads) {
         const SafetensorsFile& f = file_of(hf);
@@ -410,7 +384,7 @@ Checkpoint read_model_bin(const std::string& path, const std::string& tokenizer_
         throw Error(fmt("%s: quantization '%s': re-encoding a quantized model.bin is not supported; convert "
                         "the original checkpoint", p, meta("quantization").c_str()));
     ck.cfg = Config::from_json(meta("config"), path + ": config");  // validates
-    for (const Expected& e : model_tensors(ck.cfg)) {
+    for (const TensorSpec& e : model_tensors(ck.cfg)) {
         const TensorView& t = f.get(e.name, e.shape);
         if (!is_float(t.dtype))
             throw Error(fmt("%s: tensor '%s': dtype %s is not F32, BF16 or F16", p, e.name.c_str(),
@@ -506,8 +480,8 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
     SafetensorsWriter w;
     w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", c.to_json()},
                   {"quantization", "none"}};
-    const std::vector<Expected> expected = model_tensors(c);
-    for (const Expected& e : expected) {
+    const std::vector<TensorSpec> expected = model_tensors(c);
+    for (const TensorSpec& e : expected) {
         auto it = ck.tensors.find(e.name);
         assert(it != ck.tensors.end() && "every reader fills every canonical tensor");
         const SourceTensor src = it->second;

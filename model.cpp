@@ -76,6 +76,26 @@ void Config::validate(const std::string& where) const {
 
 std::string layer_tensor(int layer, const char* what) { return "layers." + std::to_string(layer) + "." + what; }
 
+std::vector<TensorSpec> model_tensors(const Config& c) {
+    int64_t d = c.dim, h = c.hidden_dim, v = c.vocab_size;
+    int64_t q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim;
+    std::vector<TensorSpec> t = {{"tok_embeddings.weight", {v, d}}};
+    for (int l = 0; l < c.n_layers; l++) {
+        t.push_back({layer_tensor(l, "attention_norm.weight"), {d}});
+        t.push_back({layer_tensor(l, "attention.wq.weight"), {q, d}});
+        t.push_back({layer_tensor(l, "attention.wk.weight"), {kv, d}});
+        t.push_back({layer_tensor(l, "attention.wv.weight"), {kv, d}});
+        t.push_back({layer_tensor(l, "attention.wo.weight"), {d, q}});
+        t.push_back({layer_tensor(l, "ffn_norm.weight"), {d}});
+        t.push_back({layer_tensor(l, "feed_forward.w1.weight"), {h, d}});
+        t.push_back({layer_tensor(l, "feed_forward.w2.weight"), {d, h}});
+        t.push_back({layer_tensor(l, "feed_forward.w3.weight"), {h, d}});
+    }
+    t.push_back({"norm.weight", {d}});
+    if (!c.tie_embeddings) t.push_back({"output.weight", {v, d}});
+    return t;
+}
+
 // ---------------------------------------------------------------------------------------------
 // KV cache
 
@@ -191,7 +211,7 @@ Model::Model(const std::string& p, Ops* ops) : path(p), file_(std::make_unique<S
     tokenizer_model.assign(reinterpret_cast<const char*>(tok.data), tok.nbytes);
 
     // Every tensor in the file must be one we understood: a stray one means a mismatched file.
-    size_t expected = 1 + 9 * size_t(c.n_layers) + 1 + (c.tie_embeddings ? 0 : 1) + 1;  // + tokenizer
+    size_t expected = model_tensors(c).size() + 1;  // + tokenizer.model
     if (f.tensors.size() != expected)
         throw Error(fmt("%s: has %zu tensors, a model with this config has %zu", fp, f.tensors.size(), expected));
 }

@@ -37,6 +37,13 @@ constexpr const char* kFormatVersion = "1";
 // Canonical tensor names in model.bin (Meta layout: RoPE rotates adjacent pairs).
 std::string layer_tensor(int layer, const char* what);  // "layers.3.attention.wq.weight"
 
+struct TensorSpec {
+    std::string name;
+    std::vector<int64_t> shape;
+};
+// Every weight tensor of model.bin for `c`, in file order (the tokenizer.model blob not included).
+std::vector<TensorSpec> model_tensors(const Config& c);
+
 struct LayerWeights {
     std::vector<float> attn_norm;  // [dim]
     Weight wq;                     // [n_heads*head_dim, dim]

@@ -51,16 +51,8 @@ Config tiny_config(int dim, int hidden, int layers, int heads, int kv_heads, boo
 }
 
 std::vector<int64_t> TinyWeights::shape_of(const std::string& name) const {
-    const Config& c = cfg;
-    int64_t q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim;
-    auto ends = [&](const char* s) { return name.size() >= std::strlen(s) && name.compare(name.size() - std::strlen(s), std::string::npos, s) == 0; };
-    if (name == "tok_embeddings.weight" || name == "output.weight") return {c.vocab_size, c.dim};
-    if (ends("norm.weight")) return {c.dim};
-    if (ends("wq.weight")) return {q, c.dim};
-    if (ends("wk.weight") || ends("wv.weight")) return {kv, c.dim};
-    if (ends("wo.weight")) return {c.dim, q};
-    if (ends("w1.weight") || ends("w3.weight")) return {c.hidden_dim, c.dim};
-    if (ends("w2.weight")) return {c.dim, c.hidden_dim};
+    for (const TensorSpec& t : model_tensors(cfg))
+        if (t.name == name) return t.shape;
     throw std::runtime_error("shape_of: unknown tensor " + name);
 }
 
@@ -73,23 +65,16 @@ const std::vector<float>& TinyWeights::get(const std::string& name) const {
 TinyWeights random_weights(const Config& c, unsigned seed) {
     TinyWeights tw;
     tw.cfg = c;
-    std::vector<std::string> names = {"tok_embeddings.weight"};
-    for (int l = 0; l < c.n_layers; l++)
-        for (const char* w : {"attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
-                              "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
-                              "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"})
-            names.push_back(layer_tensor(l, w));
-    names.push_back("norm.weight");
-    if (!c.tie_embeddings) names.push_back("output.weight");
     std::mt19937 rng(seed);
-    for (const std::string& n : names) {
+    for (const TensorSpec& spec : model_tensors(c)) {
+        const std::string& n = spec.name;
         int64_t numel = 1;
-        for (int64_t d : tw.shape_of(n)) numel *= d;
+        for (int64_t d : spec.shape) numel *= d;
         std::vector<float> v(static_cast<size_t>(numel));
         // Scale so every part of the model moves the logits: unit-variance projections (q.k scores
         // of a few units, so attention is peaked and RoPE matters), norms near 1.
         bool is_norm = n.find("norm") != std::string::npos;
-        int64_t fan_in = tw.shape_of(n).back();
+        int64_t fan_in = spec.shape.back();
         float stdev = is_norm ? 0.1f : n == "tok_embeddings.weight" ? 1.0f : 1.0f / std::sqrt(float(fan_in));
         if (n.find("wq") != std::string::npos || n.find("wk") != std::string::npos) stdev *= 2.0f;
         std::normal_distribution<float> dist(is_norm ? 1.0f : 0.0f, stdev);
