@@ -144,6 +144,24 @@ void split_pairs(const float* x, int n, int cols, std::vector<float>& out) {
     }
 }
 
+// sum a[i] * b[i]; explicit lanes because the compiler may not reorder a float reduction.
+inline float dot(const float* a, const float* b, int n) {
+#ifdef FASTGEN_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + kLanes <= n; i += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        __mmask16 m = __mmask16((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+#endif
+}
+
 // Rows [r0, r1) for tokens [t0, t1): full 4x4 tiles, then the token and row tails.
 template <DType T, int NT>
 inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1) {
@@ -254,9 +272,7 @@ struct CpuOps final : Ops {
                     for (int p = 0; p < len; p++) {
                         size_t slot = size_t(table[p / b.block_size]) * b.block_size + p % b.block_size;
                         const float* kp = k_cache + slot * kv_dim + kvh * hd;
-                        float s = 0.0f;
-                        for (int i = 0; i < hd; i++) s += qh[i] * kp[i];
-                        scores[p] = s * scale;
+                        scores[p] = dot(qh, kp, hd) * scale;
                         mx = std::max(mx, scores[p]);
                     }
                     float sum = 0.0f;
