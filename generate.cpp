@@ -1,7 +1,9 @@
 // generate.cpp: the generate program: CLI, the generation loop (prefill, decode, sample, stream,
 // stop), and --perplexity.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
+#include <memory>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include "common.h"
+#include "decode.h"
 #include "model.h"
 #include "ops.h"
 #include "sampler.h"
@@ -29,6 +32,10 @@ struct Options {
     std::string device = "auto";
     int threads = 0;
     std::string perplexity_file;
+    std::string draft_checkpoint;
+    std::string draft = "none";  // none | model | ngram
+    int speculate_k = 5;
+    int ngram_max = 3;
 };
 
 // Picks the backend; --device cuda without a usable GPU or CUDA build is a user error.
@@ -55,50 +62,58 @@ double bytes_per_token(const Model& m, double context) {
     return double(m.weight_bytes_per_token()) + 2.0 * c.n_layers * context * c.n_kv_heads * c.head_dim * sizeof(float);
 }
 
-// One completion of `prompt_ids`, streamed to stdout; stats line to stderr.
-void generate_one(Model& model, KVCache& kv, const Tokenizer& tok, const std::vector<int>& prompt_ids,
-                  int max_new_tokens, Sampler& sampler) {
-    const Config& c = model.cfg;
-    const int seq = 0, n_prompt = int(prompt_ids.size());
-    std::vector<float> logits(size_t(c.vocab_size));
+// Seconds per single-token target forward at about `pos` (median of 5), for the speculative
+// comparison. Runs after generation: the sequence's blocks are reused (their contents only need
+// to be finite for a timing).
+double time_target_step(Model& model, KVCache& kv, int pos) {
+    const int seq = 0;
+    pos = std::min(pos, model.cfg.max_seq_len - 1);
     kv.release(seq);
-    if (!kv.reserve(seq, n_prompt)) throw Error("KV cache too small for the prompt");
+    if (!kv.reserve(seq, pos + 1)) return 0.0;
+    std::vector<float> logits(size_t(model.cfg.vocab_size));
+    std::vector<double> t;
+    for (int i = 0; i < 5; i++) {
+        double t0 = now_seconds();
+        model.forward(kv, {{seq, pos, model.cfg.bos_id}}, {0}, logits.data());
+        t.push_back(now_seconds() - t0);
+    }
+    kv.release(seq);
+    std::sort(t.begin(), t.end());
+    return t[2];
+}
 
+// One completion of `prompt_ids`, streamed to stdout; stats to stderr.
+void generate_one(Model& model, KVCache& kv, const Tokenizer& tok, const std::vector<int>& prompt_ids,
+                  int max_new_tokens, Sampler& sampler, Drafter* drafter, int k) {
     StreamDecoder out(tok);
     for (int id : prompt_ids) std::fputs(out.push(id).c_str(), stdout);
     std::fflush(stdout);
-
-    // prefill: the whole prompt in one batch; logits only for its last token
-    double t0 = now_seconds();
-    std::vector<BatchToken> batch;
-    for (int i = 0; i < n_prompt; i++) batch.push_back({seq, i, prompt_ids[i]});
-    model.forward(kv, batch, {n_prompt - 1}, logits.data());
-    double t_prefill = now_seconds() - t0;
-
-    // decode: one token per step until EOS, max_new_tokens, or the context is full
-    int pos = n_prompt, generated = 0;
-    double t1 = now_seconds();
-    while (generated < max_new_tokens) {
-        int next = sampler.sample(logits.data(), c.vocab_size);
-        generated++;
-        if (next == c.eos_id) break;
-        std::fputs(out.push(next).c_str(), stdout);
+    DecodeStats st = decode(model, kv, prompt_ids, max_new_tokens, sampler, drafter, k, [&](int id) {
+        std::fputs(out.push(id).c_str(), stdout);
         std::fflush(stdout);
-        if (generated == max_new_tokens || pos >= c.max_seq_len) break;
-        if (!kv.reserve(seq, pos + 1)) throw Error("KV cache full");
-        model.forward(kv, {{seq, pos, next}}, {0}, logits.data());
-        pos++;
-    }
+        return true;
+    });
     std::fputs(out.flush().c_str(), stdout);
     std::fputs("\n", stdout);
     std::fflush(stdout);
-    double t_decode = now_seconds() - t1;
-    int steps = pos - n_prompt;  // decode forwards run
-    double tps = steps > 0 ? steps / t_decode : 0.0;
-    double gbps = tps * bytes_per_token(model, 0.5 * (n_prompt + pos)) / 1e9;
+
+    const int n_prompt = st.prompt_tokens, positions = n_prompt + st.generated;
+    const double tps = st.generated / st.t_decode;
+    const double gbps = st.target_forwards / st.t_decode * bytes_per_token(model, 0.5 * positions) / 1e9;
     std::fprintf(stderr,
                  "prompt %d tokens, prefill %.1f tok/s | generated %d tokens, decode %.1f tok/s, %.2f ms/token, %.2f GB/s\n",
-                 n_prompt, n_prompt / t_prefill, generated, tps, steps > 0 ? 1e3 * t_decode / steps : 0.0, gbps);
+                 n_prompt, n_prompt > 1 ? (n_prompt - 1) / st.t_prefill : 0.0, st.generated, tps,
+                 1e3 * st.t_decode / st.generated, gbps);
+    if (drafter) {
+        // What plain decoding would cost: one target forward over a single token, measured now.
+        const double step = time_target_step(model, kv, positions);
+        std::fprintf(stderr,
+                     "speculative: k %d, acceptance %.1f%% (%d of %d drafts), %.2f tokens per target forward; "
+                     "time %.0f%% draft, %.0f%% target; %.1f tok/s vs ~%.1f tok/s plain (one target step %.2f ms)\n",
+                     k, st.drafted ? 100.0 * st.accepted / st.drafted : 0.0, st.accepted, st.drafted,
+                     double(st.generated) / st.target_forwards, 100.0 * st.t_draft / st.t_decode,
+                     100.0 * st.t_target / st.t_decode, tps, 1.0 / step, 1e3 * step);
+    }
 }
 
 // Teacher-forced mean negative log-likelihood of a text file, in windows of the model's context.
@@ -137,6 +152,18 @@ void perplexity(Model& model, KVCache& kv, const Tokenizer& tok, const std::stri
     std::fprintf(stderr, "%.1f tokens/s\n", counted / (now_seconds() - t0));
 }
 
+// Speculative decoding compares distributions token by token: the draft must use the same ids.
+void check_same_vocabulary(const Model& target, const Tokenizer& target_tok, const Model& draft,
+                           const Tokenizer& draft_tok, const Options& o) {
+    if (draft.cfg.vocab_size != target.cfg.vocab_size || draft_tok.vocab_size() != target_tok.vocab_size())
+        throw Error(fmt("%s: the draft's vocabulary (%d tokens, tokenizer %d) differs from the target's (%d, tokenizer %d)",
+                        o.draft_checkpoint.c_str(), draft.cfg.vocab_size, draft_tok.vocab_size(),
+                        target.cfg.vocab_size, target_tok.vocab_size()));
+    for (int id = 0; id < target_tok.vocab_size(); id++)
+        if (draft_tok.token_bytes(-2, id) != target_tok.token_bytes(-2, id))
+            throw Error(fmt("%s: the draft's tokenizer differs from the target's at token %d", o.draft_checkpoint.c_str(), id));
+}
+
 int run(int argc, char** argv) {
     Options o;
     CLI::App app{"fastgen generate: text generation for Llama-family models"};
@@ -157,6 +184,14 @@ int run(int argc, char** argv) {
     app.add_option("--threads", o.threads, "CPU threads (0 = all cores)")->check(CLI::NonNegativeNumber & CLI::Range(0, 4096));
     app.add_option("--perplexity", o.perplexity_file, "report the perplexity of a text file instead")
         ->check(CLI::ExistingFile);
+    app.add_option("--draft-checkpoint,--draft_checkpoint_path", o.draft_checkpoint,
+                   "speculative decoding with this smaller model.bin as the draft")
+        ->check(CLI::ExistingFile);
+    app.add_option("--draft", o.draft, "none, model (with --draft-checkpoint) or ngram (prompt lookup)")
+        ->check(CLI::IsMember({"none", "model", "ngram"}));
+    app.add_option("--speculate-k,--speculate_k", o.speculate_k, "draft tokens per target forward")
+        ->check(CLI::Range(1, 64));
+    app.add_option("--ngram-max", o.ngram_max, "longest n-gram prompt lookup matches")->check(CLI::Range(1, 64));
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -165,6 +200,12 @@ int run(int argc, char** argv) {
     o.has_prompt = app.count("--prompt") > 0;
     o.has_seed = app.count("--seed") > 0;
     if (!o.has_seed) o.seed = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+    if (!o.draft_checkpoint.empty()) {
+        if (o.draft == "ngram") throw Error("--draft ngram and --draft-checkpoint exclude each other; pick one");
+        o.draft = "model";
+    } else if (o.draft == "model") {
+        throw Error("--draft model needs --draft-checkpoint D.bin");
+    }
     if (o.has_prompt && o.prompt.empty())
         throw Error("--prompt is empty: give some text, or leave --prompt out to start from BOS alone");
 
@@ -189,14 +230,31 @@ int run(int argc, char** argv) {
         perplexity(model, kv, tok, o.perplexity_file);
         return 0;
     }
+    // Speculative decoding: a draft model sharing the target's vocabulary, or prompt lookup.
+    std::unique_ptr<Model> draft_model;
+    std::unique_ptr<Drafter> drafter;
+    if (o.draft == "model") {
+        draft_model = std::make_unique<Model>(o.draft_checkpoint, ops);
+        Tokenizer draft_tok(draft_model->tokenizer_model, o.draft_checkpoint + ": tokenizer.model");
+        check_same_vocabulary(model, tok, *draft_model, draft_tok, o);
+        drafter = std::make_unique<ModelDrafter>(*draft_model);
+        std::fprintf(stderr, "draft %s: dim %d, %d layers, %.1f MB of weights; k %d\n", o.draft_checkpoint.c_str(),
+                     draft_model->cfg.dim, draft_model->cfg.n_layers, draft_model->weight_bytes_per_token() / 1e6,
+                     o.speculate_k);
+    } else if (o.draft == "ngram") {
+        drafter = std::make_unique<NgramDrafter>(c.vocab_size, o.ngram_max);
+        std::fprintf(stderr, "draft: prompt lookup, n-grams up to %d; k %d\n", o.ngram_max, o.speculate_k);
+    }
+    const int context = drafter ? std::min(c.max_seq_len, drafter->max_positions()) : c.max_seq_len;
+
     std::vector<int> prompt_ids = o.has_prompt ? tok.encode(o.prompt, true, false) : std::vector<int>{c.bos_id};
-    if (int(prompt_ids.size()) >= c.max_seq_len)
-        throw Error(fmt("--prompt is %zu tokens but the model's context is %d tokens; shorten it", prompt_ids.size(),
-                        c.max_seq_len));
+    if (int(prompt_ids.size()) >= context)
+        throw Error(fmt("--prompt is %zu tokens but the context is %d tokens%s; shorten it", prompt_ids.size(),
+                        context, context < c.max_seq_len ? " (the draft model's)" : ""));
     Sampler sampler(o.sampling, o.seed);
     for (int s = 0; s < o.num_samples; s++) {
         if (o.num_samples > 1) std::fprintf(stderr, "--- sample %d of %d\n", s + 1, o.num_samples);
-        generate_one(model, kv, tok, prompt_ids, o.max_new_tokens, sampler);
+        generate_one(model, kv, tok, prompt_ids, o.max_new_tokens, sampler, drafter.get(), o.speculate_k);
     }
     return 0;
 }

@@ -60,13 +60,19 @@ void Sampler::distribution(const float* logits, int vocab, std::vector<float>& p
 int Sampler::sample(const float* logits, int vocab) {
     if (p_.temperature <= 0.0f) return argmax(logits, vocab);
     distribution(logits, vocab, probs_);
-    float r = uniform(), cdf = 0.0f;
+    return draw(probs_);
+}
+
+int Sampler::draw(const std::vector<float>& probs) {
+    double total = 0.0;
+    for (float q : probs) total += q;
+    double r = uniform() * total, cdf = 0.0;
     int last = 0;
-    for (int i = 0; i < vocab; i++) {
-        if (probs_[i] <= 0.0f) continue;
-        cdf += probs_[i];
-        last = i;
-        if (r < cdf) return i;
+    for (size_t i = 0; i < probs.size(); i++) {
+        if (probs[i] <= 0.0f) continue;
+        cdf += probs[i];
+        last = int(i);
+        if (r < cdf) return last;
     }
     return last;  // r fell past the rounded total
 }

@@ -17,6 +17,8 @@ class Sampler {
     // speculative decoding compares these for target and draft.
     void distribution(const float* logits, int vocab, std::vector<float>& probs) const;
     float uniform();  // in [0, 1), from the seeded generator
+    // A token drawn from probs (any non-negative weights; normalised here).
+    int draw(const std::vector<float>& probs);
     const SamplingParams& params() const { return p_; }
 
   private:

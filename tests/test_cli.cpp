@@ -275,3 +275,36 @@ TEST_CASE("quantize: misuse exits non-zero, names the problem, and writes nothin
 }
 
 }  // TEST_SUITE
+
+TEST_CASE("generate: speculative decoding flags") {
+    std::string xs = temp_dir() + "/llama2xs.bin";
+    Run c = run("./quantize -q --input " + q(models_dir() + "/llama2xs_tok512.bin") + " --tokenizer " + q(tok512()) +
+                " --output " + q(xs));
+    REQUIRE_MESSAGE(c.rc == 0, c.err);
+    const std::string args = "--prompt 'Once upon a time' --temperature 0 --max-new-tokens 100";
+    Run plain = run(generate(args));
+    REQUIRE(plain.rc == 0);
+
+    Run spec = run(generate(args + " --draft_checkpoint_path " + q(xs) + " --speculate_k 4"));
+    CHECK_MESSAGE(spec.rc == 0, spec.err);
+    CHECK(spec.out == plain.out);
+    CHECK(has(spec.err, "speculative: k 4, acceptance"));
+    CHECK(has(spec.err, "tokens per target forward"));
+
+    Run ngram = run(generate(args + " --draft ngram --speculate-k 3"));
+    CHECK_MESSAGE(ngram.rc == 0, ngram.err);
+    CHECK(ngram.out == plain.out);
+
+    SUBCASE("a draft with another vocabulary is refused") {
+        Config cfg = tiny_config(32, 64, 1, 4, 2, true);
+        cfg.vocab_size = 520;
+        std::string other = temp_dir() + "/vocab520.bin";
+        write_model_bin(random_weights(cfg, 1), other, DType::F32);
+        check_refused(run(generate(args + " --draft-checkpoint " + q(other))), {other, "vocabulary", "520", "512"});
+    }
+    SUBCASE("--draft model needs a checkpoint; ngram and a checkpoint exclude each other") {
+        check_refused(run(generate(args + " --draft model")), {"--draft-checkpoint"});
+        check_refused(run(generate(args + " --draft ngram --draft-checkpoint " + q(xs))), {"--draft ngram"});
+        check_refused(run(generate(args + " --draft ngram --speculate-k 0")), {"--speculate-k"});
+    }
+}
