@@ -1,12 +1,12 @@
-// generate.cpp: the generate program: CLI, the generation loop (prefill, decode, sample, stream,
-// stop), and --perplexity.
+// generate.cpp: the generate program: CLI, backend and draft set-up, streaming output and stats,
+// and --perplexity. The decode loop itself (prefill, draft, verify, emit) is in decode.cpp.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
-#include <memory>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
