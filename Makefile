@@ -8,11 +8,14 @@
 CXX      ?= g++
 ARCH     ?= -march=native
 BUILD    ?= build
-CXXFLAGS := -std=c++17 -O3 $(ARCH) -fopenmp -Wall -Wextra -Werror -MMD -MP
-LDLIBS   := -lsentencepiece -fopenmp
+# Open MPI (tensor parallel): its wrapper compiler knows the include and library flags.
+MPI_CFLAGS := $(shell mpicxx --showme:compile 2>/dev/null)
+MPI_LIBS   := $(shell mpicxx --showme:link 2>/dev/null || echo -lmpi)
+CXXFLAGS := -std=c++17 -O3 $(ARCH) -fopenmp -Wall -Wextra -Werror -MMD -MP $(MPI_CFLAGS)
+LDLIBS   := -lsentencepiece -fopenmp $(MPI_LIBS)
 
 # Library code shared by the programs and the tests.
-CORE := common safetensors model kernels_cpu tokenizer sampler convert decode
+CORE := common safetensors model kernels_cpu tokenizer sampler convert decode tp
 
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 ifneq ($(NVCC),)
@@ -23,7 +26,7 @@ ifneq ($(NVCC),)
   NVCCFLAGS  := -std=c++17 -O3 $(CUDA_ARCH) -Xcompiler "-Wall -Wextra -Werror" -MMD -MP
   CUDA_OBJS  := $(BUILD)/kernels_cuda.o
   CXXFLAGS   += -DFASTGEN_CUDA -I$(CUDA_HOME)/include
-  LDLIBS     += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -Wl,-rpath,$(CUDA_HOME)/lib64
+  LDLIBS     += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lnccl -Wl,-rpath,$(CUDA_HOME)/lib64
 else
   $(info nvcc not found: building the CPU backend only)
   CUDA_OBJS  :=

@@ -165,7 +165,7 @@ inline float dot(const float* a, const float* b, int n) {
 // Rows [r0, r1) for tokens [t0, t1): full 4x4 tiles, then the token and row tails.
 template <DType T, int NT>
 inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1) {
-    const size_t ws = size_t(W.cols) * dtype_size(T);
+    const size_t ws = size_t(W.stride) * dtype_size(T);
     const uint8_t* base = static_cast<const uint8_t*>(W.data);
     int r = r0;
     for (; r + 4 <= r1; r += 4)
@@ -308,7 +308,7 @@ struct CpuOps final : Ops {
     }
 
     void embed(float* out, const Weight& table, const int* tokens, int n) override {
-        const size_t row = size_t(table.cols) * dtype_size(table.dtype);
+        const size_t row = size_t(table.stride) * dtype_size(table.dtype);
         for (int t = 0; t < n; t++)
             convert_floats(static_cast<const uint8_t*>(table.data) + size_t(tokens[t]) * row, table.dtype,
                            out + size_t(t) * table.cols, DType::F32, size_t(table.cols));

@@ -74,6 +74,18 @@ void Config::validate(const std::string& where) const {
         throw Error(fmt("%s: config norm_eps and rope_theta must be positive", w));
 }
 
+Config Config::shard(int n, const std::string& where) const {
+    struct { const char* name; int value; } parts[] = {{"n_heads", n_heads}, {"n_kv_heads", n_kv_heads}, {"hidden_dim", hidden_dim}};
+    for (auto& p : parts)
+        if (p.value % n != 0)
+            throw Error(fmt("%s: %s = %d is not divisible by %d tensor-parallel ranks", where.c_str(), p.name, p.value, n));
+    Config c = *this;
+    c.n_heads /= n;
+    c.n_kv_heads /= n;
+    c.hidden_dim /= n;
+    return c;
+}
+
 std::string layer_tensor(int layer, const char* what) { return "layers." + std::to_string(layer) + "." + what; }
 
 std::vector<TensorSpec> model_tensors(const Config& c) {
@@ -146,7 +158,21 @@ Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int c
     if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
         throw Error(fmt("%s: tensor '%s': dtype %s is not a float format (F32, BF16, F16)", f.path.c_str(),
                         name.c_str(), dtype_name(t.dtype)));
-    return Weight{t.dtype, t.data, rows, cols};
+    return Weight{t.dtype, t.data, rows, cols, cols};
+}
+
+// Rows [r0, r0 + n): a rank's output features (heads, FFN units) of a column-parallel matrix.
+Weight rows_of(Weight w, int r0, int n) {
+    w.data = static_cast<const uint8_t*>(w.data) + size_t(r0) * w.stride * dtype_size(w.dtype);
+    w.rows = n;
+    return w;
+}
+
+// Columns [c0, c0 + n): a rank's input features of a row-parallel matrix, a strided view.
+Weight cols_of(Weight w, int c0, int n) {
+    w.data = static_cast<const uint8_t*>(w.data) + size_t(c0) * dtype_size(w.dtype);
+    w.cols = n;
+    return w;
 }
 
 // Norm weights are tiny; keep them as f32 copies so the kernels see one format.
@@ -162,7 +188,8 @@ std::vector<float> vector_f32(const SafetensorsFile& f, const std::string& name,
 
 }  // namespace
 
-Model::Model(const std::string& p, Ops* ops) : path(p), file_(std::make_unique<SafetensorsFile>(p)), ops_(ops) {
+Model::Model(const std::string& p, Ops* ops, Comm* comm)
+    : path(p), file_(std::make_unique<SafetensorsFile>(p)), ops_(ops), comm_(comm && comm->size() > 1 ? comm : nullptr) {
     const SafetensorsFile& f = *file_;
     const char* fp = path.c_str();
     auto meta = [&](const char* key) -> const std::string& {
@@ -177,23 +204,26 @@ Model::Model(const std::string& p, Ops* ops) : path(p), file_(std::make_unique<S
         throw Error(fmt("%s: format version %s, this build reads version %s", fp, meta("version").c_str(), kFormatVersion));
     if (meta("quantization") != "none")
         throw Error(fmt("%s: quantization '%s' is not supported by this build", fp, meta("quantization").c_str()));
-    cfg = Config::from_json(meta("config"), path + ": metadata config");
+    const Config g = Config::from_json(meta("config"), path + ": metadata config");  // the whole model
+    const int ranks = comm_ ? comm_->size() : 1, rank = comm_ ? comm_->rank() : 0;
+    cfg = ranks > 1 ? g.shard(ranks, path) : g;
 
-    const Config& c = cfg;
-    const int q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
-    w.tok_embeddings = matrix(f, "tok_embeddings.weight", c.vocab_size, c.dim);
-    for (int l = 0; l < c.n_layers; l++) {
+    const Config& c = cfg;  // this rank's share
+    const int q_dim = g.n_heads * g.head_dim, kv_dim = g.n_kv_heads * g.head_dim;
+    const int q_local = c.n_heads * c.head_dim, kv_local = c.n_kv_heads * c.head_dim, h_local = c.hidden_dim;
+    w.tok_embeddings = matrix(f, "tok_embeddings.weight", g.vocab_size, g.dim);
+    for (int l = 0; l < g.n_layers; l++) {
         auto name = [&](const char* s) { return layer_tensor(l, s); };
         LayerWeights L;
-        L.attn_norm = vector_f32(f, name("attention_norm.weight"), c.dim);
-        L.wq = matrix(f, name("attention.wq.weight"), q_dim, c.dim);
-        L.wk = matrix(f, name("attention.wk.weight"), kv_dim, c.dim);
-        L.wv = matrix(f, name("attention.wv.weight"), kv_dim, c.dim);
-        L.wo = matrix(f, name("attention.wo.weight"), c.dim, q_dim);
-        L.ffn_norm = vector_f32(f, name("ffn_norm.weight"), c.dim);
-        L.w1 = matrix(f, name("feed_forward.w1.weight"), c.hidden_dim, c.dim);
-        L.w2 = matrix(f, name("feed_forward.w2.weight"), c.dim, c.hidden_dim);
-        L.w3 = matrix(f, name("feed_forward.w3.weight"), c.hidden_dim, c.dim);
+        L.attn_norm = vector_f32(f, name("attention_norm.weight"), g.dim);
+        L.wq = rows_of(matrix(f, name("attention.wq.weight"), q_dim, g.dim), rank * q_local, q_local);
+        L.wk = rows_of(matrix(f, name("attention.wk.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
+        L.wv = rows_of(matrix(f, name("attention.wv.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
+        L.wo = cols_of(matrix(f, name("attention.wo.weight"), g.dim, q_dim), rank * q_local, q_local);
+        L.ffn_norm = vector_f32(f, name("ffn_norm.weight"), g.dim);
+        L.w1 = rows_of(matrix(f, name("feed_forward.w1.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
+        L.w2 = cols_of(matrix(f, name("feed_forward.w2.weight"), g.dim, g.hidden_dim), rank * h_local, h_local);
+        L.w3 = rows_of(matrix(f, name("feed_forward.w3.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
         w.layers.push_back(std::move(L));
     }
     w.norm = vector_f32(f, "norm.weight", c.dim);
@@ -211,7 +241,7 @@ Model::Model(const std::string& p, Ops* ops) : path(p), file_(std::make_unique<S
     tokenizer_model.assign(reinterpret_cast<const char*>(tok.data), tok.nbytes);
 
     // Every tensor in the file must be one we understood: a stray one means a mismatched file.
-    size_t expected = model_tensors(c).size() + 1;  // + tokenizer.model
+    size_t expected = model_tensors(g).size() + 1;  // + tokenizer.model
     if (f.tensors.size() != expected)
         throw Error(fmt("%s: has %zu tensors, a model with this config has %zu", fp, f.tensors.size(), expected));
 }
@@ -272,6 +302,7 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
         ops_->kv_write(kv.k_layer(l), kv.v_layer(l), k_.data(), v_.data(), slots.data(), n, kv_dim);
         ops_->attention(att_.data(), q_.data(), kv.k_layer(l), kv.v_layer(l), ab, n);
         ops_->matmul(xb_.data(), att_.data(), L.wo, n);
+        if (comm_) comm_->all_reduce_sum(xb_.data(), size_t(n) * c.dim);  // sum the ranks' heads
         ops_->add(x_.data(), xb_.data(), size_t(n) * c.dim);
         // SwiGLU feed-forward block
         ops_->rmsnorm(xb_.data(), x_.data(), L.ffn_norm.data(), n, c.dim, c.norm_eps);
@@ -279,6 +310,7 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
         ops_->matmul(hb2_.data(), xb_.data(), L.w3, n);
         ops_->silu_mul(hb_.data(), hb2_.data(), size_t(n) * c.hidden_dim);
         ops_->matmul(xb_.data(), hb_.data(), L.w2, n);
+        if (comm_) comm_->all_reduce_sum(xb_.data(), size_t(n) * c.dim);  // sum the ranks' FFN units
         ops_->add(x_.data(), xb_.data(), size_t(n) * c.dim);
     }
     // Only the rows the caller asked for pay for the final norm and the classifier.
@@ -291,4 +323,7 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
     }
     ops_->rmsnorm(xlast_.data(), xlast_.data(), w.norm.data(), m, c.dim, c.norm_eps);
     ops_->matmul(logits, xlast_.data(), w.output, m);
+    // The classifier is replicated, so ranks agree already if the all-reduces gave every rank the
+    // same bits; rank 0's logits make sure of it, since every rank samples from them.
+    if (comm_) comm_->broadcast(logits, size_t(m) * c.vocab_size * sizeof(float), 0);
 }

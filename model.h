@@ -7,6 +7,7 @@
 
 #include "ops.h"
 #include "safetensors.h"
+#include "tp.h"
 
 // The model's blueprint; stored as JSON in model.bin's metadata under "config".
 struct Config {
@@ -25,6 +26,9 @@ struct Config {
     int eos_id = 2;
 
     std::string to_json() const;
+    // One of n tensor-parallel ranks' share: heads, KV heads and the FFN width divided by n
+    // (Error naming `where` when they do not divide).
+    Config shard(int n, const std::string& where) const;
     // Parses and validates (positive sizes, divisibility); `where` names the source in errors.
     static Config from_json(const std::string& json, const std::string& where);
     void validate(const std::string& where) const;
@@ -95,13 +99,16 @@ struct BatchToken {
 
 class Model {
   public:
-    Config cfg;
+    Config cfg;  // this rank's share under tensor parallelism (see Config::shard), else the model's
     Weights w;
     std::string tokenizer_model;  // sentencepiece model bytes embedded in model.bin
     std::string path;
 
     // Maps model.bin, checks format/version/config and every tensor's name, dtype and shape.
-    explicit Model(const std::string& path, Ops* ops);
+    // With a communicator of n > 1 ranks, this rank keeps views of its slices only: wq/wk/wv/w1/w3
+    // split by output rows (heads, FFN width), wo/w2 by input columns; forward() all-reduces after
+    // each of those two.
+    Model(const std::string& path, Ops* ops, Comm* comm = nullptr);
 
     // Runs the batch through the model, writing K/V for every token into `kv`, then logits for the
     // batch entries listed in `logit_rows` to logits[logit_rows.size()][vocab_size].
@@ -114,6 +121,7 @@ class Model {
   private:
     std::unique_ptr<SafetensorsFile> file_;
     Ops* ops_;
+    Comm* comm_;  // null, or the tensor-parallel ranks
     // Scratch activations, grown to the largest batch seen: [n_tokens][width] each.
     std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_;
 };

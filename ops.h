@@ -7,13 +7,16 @@
 
 #include "safetensors.h"
 
-// A 2-D weight matrix [rows][cols], row-major, in one of the float formats.
+// A 2-D weight matrix [rows][cols], row-major, in one of the float formats. Row r starts
+// stride elements after row r-1: stride > cols for a column slice of a wider matrix (a tensor
+// parallel rank's share of wo and w2), viewed in place in the mapped file.
 struct Weight {
     DType dtype = DType::F32;
     const void* data = nullptr;
     int rows = 0;
     int cols = 0;
-    size_t bytes() const { return size_t(rows) * cols * dtype_size(dtype); }
+    int stride = 0;
+    size_t bytes() const { return size_t(rows) * cols * dtype_size(dtype); }  // bytes a matmul reads
 };
 
 // What attention needs to find a token's keys and values in the paged cache.
