@@ -1,16 +1,20 @@
 // generate.cpp: the generate program: CLI, backend and draft set-up, streaming output and stats,
-// and --perplexity. The decode loop itself (prefill, draft, verify, emit) is in decode.cpp.
+// --perplexity, and --prompts-file (JSONL in and out through the batch scheduler in batch.cpp).
+// The decode loop itself (prefill, draft, verify, emit) is in decode.cpp.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "batch.h"
 #include "common.h"
 #include "decode.h"
 #include "model.h"
@@ -36,6 +40,14 @@ struct Options {
     std::string draft = "none";  // none | model | ngram
     int speculate_k = 5;
     int ngram_max = 3;
+    // many prompts: --prompts-file
+    std::string prompts_file, output;
+    bool resume = false;
+    bool ignore_eos = false;
+    int max_batch_tokens = 512;
+    int max_seqs = 32;
+    int kv_capacity = 0;  // tokens; 0 = max_seqs full contexts, at most ~1 GiB of cache
+    std::string batching = "continuous";  // continuous | static
 };
 
 // Picks the backend; --device cuda without a usable GPU or CUDA build is a user error.
@@ -164,6 +176,111 @@ void check_same_vocabulary(const Model& target, const Tokenizer& target_tok, con
             throw Error(fmt("%s: the draft's tokenizer differs from the target's at token %d", o.draft_checkpoint.c_str(), id));
 }
 
+// ---------------------------------------------------------------------------------------------
+// --prompts-file: many requests through the batch scheduler, results as JSONL as each finishes
+
+// Ids already in `path` (for --resume); lines that do not parse (a cut-off last line) are ignored.
+std::set<std::string> finished_ids(const std::string& path) {
+    std::set<std::string> ids;
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+        std::string id = result_id(line);
+        if (!id.empty()) ids.insert(id);
+    }
+    return ids;
+}
+
+int generate_batch(Model& model, const Tokenizer& tok, const Options& o) {
+    const Config& c = model.cfg;
+    Request defaults;
+    defaults.max_new_tokens = o.max_new_tokens;
+    defaults.sampling = o.sampling;
+    defaults.seed = o.seed;
+    defaults.ignore_eos = o.ignore_eos;
+
+    // Requests: a bad line is reported with its number and skipped; the rest still run.
+    std::ifstream in(o.prompts_file);
+    if (!in) throw Error(fmt("--prompts-file %s: cannot read the file", o.prompts_file.c_str()));
+    const std::set<std::string> done = o.resume ? finished_ids(o.output) : std::set<std::string>{};
+    std::vector<Request> reqs;
+    std::map<std::string, int> line_of;  // id -> the line that first used it
+    int bad = 0, skipped_done = 0, line_no = 0;
+    std::string line;
+    while (std::getline(in, line)) {
+        line_no++;
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank
+        try {
+            Request r = parse_request(line, line_no, tok, defaults, c.max_seq_len);
+            auto [it, fresh] = line_of.emplace(r.id, line_no);
+            if (!fresh) throw Error(fmt("duplicate id \"%s\" (first on line %d)", r.id.c_str(), it->second));
+            if (done.count(r.id)) {
+                skipped_done++;
+                continue;
+            }
+            reqs.push_back(std::move(r));
+        } catch (const Error& e) {
+            std::fprintf(stderr, "%s:%d: %s; line skipped\n", o.prompts_file.c_str(), line_no, e.what());
+            bad++;
+        }
+    }
+
+    // Results are appended and flushed one line at a time, so an interrupted run keeps them.
+    FILE* out = std::fopen(o.output.c_str(), o.resume ? "a+" : "w");
+    if (!out) throw Error(fmt("--output %s: cannot open the file for writing", o.output.c_str()));
+    if (o.resume && std::fseek(out, -1, SEEK_END) == 0 && std::fgetc(out) != '\n') std::fputc('\n', out);  // a cut line
+
+    const int context = c.max_seq_len;
+    int capacity = o.kv_capacity;
+    if (capacity == 0) {
+        const double bytes_per_token = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * sizeof(float);
+        const int bound = std::max(context, int((1ull << 30) / bytes_per_token));
+        capacity = int(std::min<long long>((long long)o.max_seqs * context, bound));
+    }
+    KVCache kv(c, capacity);
+    BatchOptions bo;
+    bo.max_batch_tokens = o.max_batch_tokens;
+    bo.max_seqs = o.max_seqs;
+    bo.static_batching = o.batching == "static";
+    std::fprintf(stderr,
+                 "batch: %zu requests from %s (%d bad lines skipped, %d already in %s); %s batching, max %d seqs, "
+                 "max %d tokens per step; KV cache %d tokens (%d blocks of %d, %.1f MB)\n",
+                 reqs.size(), o.prompts_file.c_str(), bad, skipped_done, o.output.c_str(), o.batching.c_str(),
+                 o.max_seqs, o.max_batch_tokens, kv.capacity_tokens(), kv.num_blocks, kv.block_size,
+                 (kv.k.size() + kv.v.size()) * sizeof(float) / 1e6);
+
+    std::vector<double> ttft, tpot;
+    std::map<std::string, int> reasons;
+    BatchRunner runner(model, kv, &tok, bo, [&](const Result& r) {
+        std::fputs((result_json(r) + "\n").c_str(), out);
+        std::fflush(out);
+        reasons[r.finish_reason]++;
+        if (r.finish_reason == "error") std::fprintf(stderr, "request %s: %s\n", r.id.c_str(), r.error.c_str());
+        if (r.completion_tokens > 0) ttft.push_back(r.ttft_ms);
+        if (r.completion_tokens > 1) tpot.push_back(r.tpot_ms);
+    });
+    const double t0 = now_seconds();
+    for (Request& r : reqs) runner.add(std::move(r));
+    runner.run();
+    const double secs = now_seconds() - t0;
+    std::fclose(out);
+
+    const BatchStats& st = runner.stats();
+    std::string why;
+    for (auto& [reason, n] : reasons) why += fmt("%s%s %d", why.empty() ? "" : ", ", reason.c_str(), n);
+    std::fprintf(stderr,
+                 "requests %zu (%s) in %.2f s | output %ld tokens, %.1f tok/s | total %.1f tok/s (prompt %ld + output)\n"
+                 "TTFT ms p50 %.1f p90 %.1f p99 %.1f | TPOT ms p50 %.2f p90 %.2f p99 %.2f\n"
+                 "peak KV blocks %d of %d (%.0f%%), peak running %d, preemptions %d, forward steps %d, "
+                 "tokens computed %ld\n",
+                 reqs.size(), why.empty() ? "none" : why.c_str(), secs, st.output_tokens, st.output_tokens / secs,
+                 (st.prompt_tokens + st.output_tokens) / secs, st.prompt_tokens, percentile(ttft, 50),
+                 percentile(ttft, 90), percentile(ttft, 99), percentile(tpot, 50), percentile(tpot, 90),
+                 percentile(tpot, 99), st.peak_blocks, kv.num_blocks, 100.0 * st.peak_blocks / kv.num_blocks,
+                 st.peak_running, st.preemptions, st.steps, st.computed_tokens);
+    return 0;
+}
+
 int run(int argc, char** argv) {
     Options o;
     CLI::App app{"fastgen generate: text generation for Llama-family models"};
@@ -192,6 +309,18 @@ int run(int argc, char** argv) {
     app.add_option("--speculate-k,--speculate_k", o.speculate_k, "draft tokens per target forward")
         ->check(CLI::Range(1, 64));
     app.add_option("--ngram-max", o.ngram_max, "longest n-gram prompt lookup matches")->check(CLI::Range(1, 64));
+    app.add_option("--prompts-file", o.prompts_file, "JSONL requests, one per line, run by continuous batching")
+        ->check(CLI::ExistingFile);
+    app.add_option("--output", o.output, "JSONL results of --prompts-file, one line as each request finishes");
+    app.add_flag("--resume", o.resume, "skip requests whose id is already in --output, and append to it");
+    app.add_flag("--ignore-eos", o.ignore_eos, "--prompts-file: EOS is an ordinary token (default for requests)");
+    app.add_option("--max-batch-tokens", o.max_batch_tokens, "tokens per forward step: decodes + prefill chunks")
+        ->check(CLI::Range(1, 1 << 20));
+    app.add_option("--max-seqs", o.max_seqs, "sequences running at once")->check(CLI::Range(1, 1 << 16));
+    app.add_option("--kv-capacity", o.kv_capacity, "KV cache size in tokens (default: max-seqs full contexts, ~1 GiB at most)")
+        ->check(CLI::Range(16, 1 << 28));
+    app.add_option("--batching", o.batching, "continuous, or static (groups of max-seqs that wait for their longest member)")
+        ->check(CLI::IsMember({"continuous", "static"}));
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -208,6 +337,22 @@ int run(int argc, char** argv) {
     }
     if (o.has_prompt && o.prompt.empty())
         throw Error("--prompt is empty: give some text, or leave --prompt out to start from BOS alone");
+    const bool batch_mode = !o.prompts_file.empty();
+    if (batch_mode) {
+        if (o.output.empty()) throw Error("--prompts-file needs --output FILE.jsonl for the results");
+        if (o.has_prompt) throw Error("--prompts-file and --prompt exclude each other; put the prompt in the file");
+        if (!o.perplexity_file.empty()) throw Error("--prompts-file and --perplexity exclude each other");
+        if (o.draft != "none") throw Error("--prompts-file does not support speculative decoding (--draft) yet");
+        if (o.num_samples != 1) throw Error("--prompts-file and --num-samples exclude each other; repeat the line with another id");
+        if (o.max_seqs > o.max_batch_tokens)
+            throw Error(fmt("--max-seqs %d is more than --max-batch-tokens %d: every running sequence needs a token per "
+                            "step; raise --max-batch-tokens",
+                            o.max_seqs, o.max_batch_tokens));
+    } else {
+        for (const char* flag : {"--output", "--resume", "--ignore-eos", "--max-batch-tokens", "--max-seqs",
+                                 "--kv-capacity", "--batching"})
+            if (app.count(flag)) throw Error(fmt("%s only applies with --prompts-file", flag));
+    }
 
     Ops* ops = choose_backend(o);
     Model model(o.checkpoint, ops);
@@ -225,6 +370,7 @@ int run(int argc, char** argv) {
                  o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed,
                  o.max_new_tokens);
 
+    if (batch_mode) return generate_batch(model, tok, o);
     KVCache kv(c, c.max_seq_len);
     if (!o.perplexity_file.empty()) {
         perplexity(model, kv, tok, o.perplexity_file);

@@ -1,0 +1,107 @@
+// batch.h: continuous batching: many requests, one forward per step over a paged KV cache, with
+// chunked prefill under a token budget, preemption by recomputation, and JSONL requests/results.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model.h"
+#include "sampler.h"
+#include "tokenizer.h"
+
+struct Request {
+    std::string id;
+    std::vector<int> prompt;  // token ids, BOS included; 1 <= size < the model's context
+    int max_new_tokens = 200;
+    SamplingParams sampling;
+    uint64_t seed = 0;
+    std::vector<std::string> stop;  // finish when the text contains one (it is cut from the text)
+    bool ignore_eos = false;        // EOS is an ordinary token (benchmarks: fixed output lengths)
+};
+
+struct Result {
+    std::string id;
+    std::vector<int> tokens;  // generated ids, EOS not included
+    std::string text;         // their text (empty without a tokenizer), cut before a stop string
+    int prompt_tokens = 0;
+    int completion_tokens = 0;   // tokens sampled, EOS included
+    std::string finish_reason;  // eos | length | stop | context | error
+    std::string error;          // why, when finish_reason is error
+    double ttft_ms = 0;         // from add() to the first sampled token
+    double tpot_ms = 0;         // mean time between later tokens (0 with one token)
+    int preemptions = 0;
+};
+
+struct BatchOptions {
+    int max_batch_tokens = 512;  // tokens per forward: decodes first, prefill chunks fill the rest
+    int max_seqs = 32;           // running sequences at most
+    bool static_batching = false;  // groups of max_seqs that wait for their longest member
+};
+
+struct BatchStats {
+    int steps = 0;
+    int preemptions = 0;
+    long prompt_tokens = 0;     // prompt tokens of finished requests
+    long output_tokens = 0;     // tokens sampled
+    long computed_tokens = 0;   // tokens through forward, recomputation included
+    int peak_blocks = 0;        // KV blocks in use, most at once
+    int peak_running = 0;
+};
+
+// Iteration-level scheduler (Orca/vLLM): each step() runs ONE forward holding one token for every
+// decoding sequence plus prefill chunks, admitting waiting requests while KV blocks allow. When a
+// sequence needs a block and none is free, the newest running sequence is preempted: its blocks
+// are freed and it waits at the front of the queue to recompute prompt + generated tokens. Its
+// Sampler lives on, so its output does not change. Every CPU kernel computes a token's row
+// independently of the rest of the batch, so each result equals its solo decode() output.
+class BatchRunner {
+  public:
+    // tok may be null (then results have no text and stop strings are refused).
+    BatchRunner(Model& model, KVCache& kv, const Tokenizer* tok, BatchOptions opt,
+                std::function<void(const Result&)> on_finish);
+    ~BatchRunner();
+    void add(Request r);  // queued now; its TTFT counts from here
+    bool step();          // one scheduling iteration; false when nothing is left to do
+    void run() { while (step()) {} }
+    const BatchStats& stats() const { return stats_; }
+
+  private:
+    struct Seq;
+    Model& model_;
+    KVCache& kv_;
+    const Tokenizer* tok_;
+    BatchOptions opt_;
+    std::function<void(const Result&)> on_finish_;
+    std::deque<std::unique_ptr<Seq>> waiting_;
+    std::vector<std::unique_ptr<Seq>> running_;  // admission order: the back is the newest
+    int next_seq_id_ = 0;
+    int group_slots_ = 0;  // static batching: admissions left in the current group
+    BatchStats stats_;
+    std::vector<BatchToken> batch_;
+    std::vector<int> rows_;
+    std::vector<Seq*> row_seqs_;
+    std::vector<float> logits_;
+
+    void preempt_newest();
+    void finish(std::unique_ptr<Seq> s, const std::string& reason, const std::string& error = "");
+    bool emit(Seq& s, int token);  // appends a sampled token; true when the sequence is finished
+};
+
+// ---------------------------------------------------------------------------------------------
+// JSONL
+
+// One request line: {"id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+// "stop", "ignore_eos"}, all but prompt optional (defaults from `defaults`; id defaults to
+// "line-N"). Throws Error naming the problem (malformed JSON, wrong types, empty prompt, a prompt
+// that does not fit in `context` tokens with room for one more).
+Request parse_request(const std::string& line, int line_no, const Tokenizer& tok, const Request& defaults,
+                      int context);
+std::string result_json(const Result& r);  // one line, no newline
+// The "id" of a result line, or "" when the line is not a JSON object with a string id.
+std::string result_id(const std::string& line);
+
+// p-th percentile (0..100) by linear interpolation; 0 for an empty list.
+double percentile(std::vector<double> v, double p);
