@@ -2,6 +2,9 @@
 // --perplexity, and --prompts-file (JSONL in and out through the batch scheduler in batch.cpp).
 // The decode loop itself (prefill, draft, verify, emit) is in decode.cpp.
 #include <CLI/CLI.hpp>
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -21,6 +24,7 @@
 #include "ops.h"
 #include "sampler.h"
 #include "tokenizer.h"
+#include "tp.h"
 
 namespace {
 
@@ -281,7 +285,37 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o) {
     return 0;
 }
 
-int run(int argc, char** argv) {
+// Where a rank reports a failure: ranks other than 0 run with stdout and stderr silenced (rank 0
+// talks to the user) but keep a copy of stderr for their errors.
+struct ErrorOut {
+    int fd = STDERR_FILENO;
+    int rank = 0;
+};
+
+// Under mpirun: every rank runs the same command over its slice of the model (tensor parallel).
+// Checks that the ranks agree, gives them rank 0's seed, and silences the others.
+Comm* join_ranks(int argc, char** argv, Options& o, ErrorOut* err) {
+    if (!launched_by_mpirun()) return nullptr;
+    Comm& world = mpi_world();
+    std::string flags;
+    for (int i = 1; i < argc; i++) flags += std::string(argv[i]) + '\n';
+    check_same_on_all_ranks(world, flags, "command-line flags");
+    world.broadcast(&o.seed, sizeof o.seed, 0);  // a seed from the clock differs per rank
+    if (world.rank() > 0) {
+        std::fflush(stdout);
+        std::fflush(stderr);
+        err->fd = dup(STDERR_FILENO);
+        err->rank = world.rank();
+        int null = open("/dev/null", O_WRONLY);
+        if (err->fd < 0 || null < 0 || dup2(null, STDOUT_FILENO) < 0 || dup2(null, STDERR_FILENO) < 0)
+            throw Error("cannot silence the output of a rank other than 0");
+        close(null);
+        if (!o.output.empty()) o.output = "/dev/null";  // rank 0 writes the results file
+    }
+    return &world;
+}
+
+int run(int argc, char** argv, ErrorOut* err) {
     Options o;
     CLI::App app{"fastgen generate: text generation for Llama-family models"};
     app.add_option("--checkpoint,--checkpoint_path", o.checkpoint, "model.bin to load")
@@ -354,9 +388,17 @@ int run(int argc, char** argv) {
             if (app.count(flag)) throw Error(fmt("%s only applies with --prompts-file", flag));
     }
 
+    Comm* comm = join_ranks(argc, argv, o, err);
     Ops* ops = choose_backend(o);
-    Model model(o.checkpoint, ops);
+    Model model(o.checkpoint, ops, comm);
     const Config& c = model.cfg;
+    if (comm) {
+        // Same flags do not mean the same file on every node: compare what was loaded.
+        check_same_on_all_ranks(*comm, model.cfg.to_json() + fmt("%zu", model.tokenizer_model.size()) +
+                                           fmt("%zu", model.weight_bytes_per_token()), "model file");
+        std::fprintf(stderr, "tensor parallel: %d ranks; this rank holds %d of %d heads\n", comm->size(), c.n_heads,
+                     c.n_heads * comm->size());
+    }
     Tokenizer tok(model.tokenizer_model, o.checkpoint + ": tokenizer.model");
     if (tok.vocab_size() > c.vocab_size)
         throw Error(fmt("%s: tokenizer has %d tokens but the model's vocab_size is %d", o.checkpoint.c_str(),
@@ -408,10 +450,14 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    ErrorOut err;
     try {
-        return run(argc, argv);
+        return run(argc, argv, &err);
     } catch (const Error& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
+        if (err.rank > 0) dprintf(err.fd, "rank %d: error: %s\n", err.rank, e.what());
+        else dprintf(err.fd, "error: %s\n", e.what());
+        // Other ranks may be waiting in a collective for this one: end them all.
+        if (launched_by_mpirun()) abort_all_ranks(1);
         return 1;
     }
 }

@@ -5,6 +5,10 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <sys/wait.h>
 
 #include "common.h"
 #include "test_util.h"
@@ -90,5 +94,105 @@ TEST_CASE("tensor parallel over MPI: 2, 3 and 4 ranks") {
         CHECK_MESSAGE(status == 0, out);
         // Each rank prints doctest's summary: the worker must have run its checks, all passing.
         CHECK_MESSAGE(out.find("1 passed | 0 failed") != std::string::npos, out);
+    }
+}
+
+namespace {
+
+// Runs a shell command with a 120 s guard (a hang is a failure, never a stuck suite); stdout to
+// *out, stderr to *err. Returns the exit status (124: timed out).
+int sh(const std::string& cmd, std::string* out, std::string* err) {
+    static int n = 0;
+    const std::string base = temp_dir() + "/tp-cli-" + std::to_string(n++);
+    int status = std::system(("timeout 120 " + cmd + " >" + base + ".out 2>" + base + ".err").c_str());
+    *out = read_file(base + ".out");
+    *err = read_file(base + ".err");
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+const char* kMpirun = "env OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe";
+
+const std::string& stories_bin() {
+    static std::string path = [] {
+        std::string p = temp_dir() + "/tp-s260.bin", out, err;
+        REQUIRE(sh("./quantize -q --input " + models_dir() + "/stories260K.bin --tokenizer " + models_dir() +
+                       "/tok512.model --output " + p, &out, &err) == 0);
+        return p;
+    }();
+    return path;
+}
+
+double perplexity_of(const std::string& out) {
+    size_t at = out.find("perplexity ", out.find("mean NLL"));
+    REQUIRE(at != std::string::npos);
+    return std::stod(out.substr(at + 11));
+}
+
+}  // namespace
+
+TEST_CASE("mpirun generate: output and perplexity equal one process; bad set-ups fail fast") {
+    if (launched_by_mpirun() || std::system("command -v mpirun >/dev/null 2>&1") != 0) return;
+    const std::string gen = "./generate --checkpoint " + stories_bin();
+    std::string solo, tp, err;
+    SUBCASE("greedy text with 2 and 4 ranks") {
+        REQUIRE(sh(gen + " --temperature 0 --max-new-tokens 200", &solo, &err) == 0);
+        for (int ranks : {2, 4}) {
+            CAPTURE(ranks);
+            int rc = sh(std::string(kMpirun) + " -np " + std::to_string(ranks) + " " + gen +
+                            " --temperature 0 --max-new-tokens 200", &tp, &err);
+            CHECK_MESSAGE(rc == 0, err);
+            CHECK(tp == solo);  // greedy text identical, printed once (rank 0)
+            CHECK(err.find("tensor parallel: " + std::to_string(ranks) + " ranks") != std::string::npos);
+        }
+    }
+    SUBCASE("sampled output with the same seed") {
+        REQUIRE(sh(gen + " --temperature 1 --seed 3 --max-new-tokens 80", &solo, &err) == 0);
+        CHECK(sh(std::string(kMpirun) + " -np 2 " + gen + " --temperature 1 --seed 3 --max-new-tokens 80", &tp, &err) == 0);
+        CHECK(tp == solo);
+    }
+    SUBCASE("perplexity within 1e-5") {
+        REQUIRE(sh(gen + " --perplexity tests/data/tinystory.txt", &solo, &err) == 0);
+        REQUIRE(sh(std::string(kMpirun) + " -np 2 " + gen + " --perplexity tests/data/tinystory.txt", &tp, &err) == 0);
+        CHECK(std::fabs(perplexity_of(tp) - perplexity_of(solo)) < 1e-5 * perplexity_of(solo));
+    }
+    SUBCASE("batch mode: rank 0 writes the results, equal to one process's") {
+        const std::string in = temp_dir() + "/tp-prompts.jsonl";
+        FILE* f = std::fopen(in.c_str(), "w");
+        std::fputs("{\"id\": \"a\", \"prompt\": \"Once upon a time\", \"max_new_tokens\": 30, \"temperature\": 0}\n"
+                   "{\"id\": \"b\", \"prompt\": \"The dog\", \"max_new_tokens\": 20, \"temperature\": 0}\n", f);
+        std::fclose(f);
+        const std::string o1 = temp_dir() + "/tp-solo.jsonl", o2 = temp_dir() + "/tp-2.jsonl";
+        REQUIRE(sh(gen + " --prompts-file " + in + " --output " + o1, &solo, &err) == 0);
+        REQUIRE(sh(std::string(kMpirun) + " -np 2 " + gen + " --prompts-file " + in + " --output " + o2, &tp, &err) == 0);
+        auto texts = [](const std::string& path) {  // id -> text
+            std::map<std::string, std::string> m;
+            std::istringstream lines(read_file(path));
+            for (std::string line; std::getline(lines, line);) {
+                nlohmann::json j = nlohmann::json::parse(line);
+                m[j["id"].get<std::string>()] = j["text"].get<std::string>();
+            }
+            return m;
+        };
+        auto a = texts(o1), b = texts(o2);
+        CHECK(a.size() == 2);
+        CHECK(a == b);
+    }
+    SUBCASE("3 ranks do not divide 8 heads: a clear error, no hang") {
+        int rc = sh(std::string(kMpirun) + " -np 3 " + gen + " --max-new-tokens 5", &tp, &err);
+        CHECK(rc != 0);
+        CHECK(rc != 124);
+        CHECK_MESSAGE(err.find("n_heads = 8 is not divisible by 3 tensor-parallel ranks") != std::string::npos, err);
+    }
+    SUBCASE("ranks that disagree on flags are refused") {
+        int rc = sh(std::string(kMpirun) + " -np 1 " + gen + " --max-new-tokens 5 : -np 1 " + gen + " --max-new-tokens 6",
+                    &tp, &err);
+        CHECK(rc != 0);
+        CHECK(rc != 124);
+        CHECK_MESSAGE(err.find("command-line flags differ from rank 0's") != std::string::npos, err);
+    }
+    SUBCASE("a rank that dies ends the job instead of hanging it") {
+        int rc = sh(std::string(kMpirun) + " -np 1 " + gen + " --max-new-tokens 50 : -np 1 sh -c 'exit 3'", &tp, &err);
+        CHECK(rc != 0);
+        CHECK(rc != 124);
     }
 }
