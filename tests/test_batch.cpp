@@ -320,33 +320,12 @@ TEST_CASE("batch: JSONL request parsing and result lines") {
 
 namespace {
 
-struct Cli {
-    int rc = -1;
-    std::string out, err;
-};
-
-std::string sq(const std::string& s) {  // single-quoted for the shell
-    std::string r = "'";
-    for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return r + "'";
-}
-
-Cli sh(const std::string& cmd) {
-    static int n = 0;
-    std::string base = temp_dir() + "/batch-cli-" + std::to_string(n++);
-    int status = std::system((cmd + " >" + base + ".out 2>" + base + ".err").c_str());
-    Cli r;
-    r.rc = status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    r.out = read_file(base + ".out");
-    r.err = read_file(base + ".err");
-    return r;
-}
 
 bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
 
 std::string gen(const std::string& args) {
     stories260k();  // converts the checkpoint
-    return "./generate --checkpoint " + sq(temp_dir() + "/batch-stories260K.model.bin") + " " + args;
+    return "./generate --checkpoint " + shell_quote(temp_dir() + "/batch-stories260K.model.bin") + " " + args;
 }
 
 void write_text(const std::string& path, const std::string& text) {
@@ -384,7 +363,7 @@ TEST_CASE("generate --prompts-file: bad lines are reported by number and skipped
                    "\n"                                                                        // 6 blank
                    "{\"id\": \"b\", \"prompt\": \"Lily and Ben\", \"temperature\": 1, \"seed\": 4}\n"  // 7
                    "{\"prompt\": \"Tom\", \"max_new_tokens\": \"ten\"}\n");                    // 8 bad type
-    Cli r = sh(gen("--prompts-file " + sq(in) + " --output " + sq(out) + " --temperature 0 --max-new-tokens 25"));
+    CommandResult r = run_command(gen("--prompts-file " + shell_quote(in) + " --output " + shell_quote(out) + " --temperature 0 --max-new-tokens 25"));
     REQUIRE_MESSAGE(r.rc == 0, r.err);
     for (const char* where : {"bad.jsonl:2: malformed JSON", "bad.jsonl:3: empty prompt", "bad.jsonl:4: duplicate id",
                               "bad.jsonl:5: the prompt is", "bad.jsonl:8: \"max_new_tokens\" must be"})
@@ -404,8 +383,8 @@ TEST_CASE("generate --prompts-file: bad lines are reported by number and skipped
     CHECK(res["a"]["ttft_ms"].get<double>() > 0);
     CHECK(res["b"]["completion_tokens"].get<int>() <= 25);
     // Each equals its solo run through --prompt (same settings and seed).
-    Cli a = sh(gen("--prompt 'Once upon a time' --temperature 0 --max-new-tokens 40"));
-    Cli b = sh(gen("--prompt 'Lily and Ben' --temperature 1 --seed 4 --max-new-tokens 25"));
+    CommandResult a = run_command(gen("--prompt 'Once upon a time' --temperature 0 --max-new-tokens 40"));
+    CommandResult b = run_command(gen("--prompt 'Lily and Ben' --temperature 1 --seed 4 --max-new-tokens 25"));
     REQUIRE(a.rc == 0);
     REQUIRE(b.rc == 0);
     CHECK(a.out == "Once upon a time" + res["a"]["text"].get<std::string>() + "\n");
@@ -414,7 +393,7 @@ TEST_CASE("generate --prompts-file: bad lines are reported by number and skipped
     for (const char* how : {"--batching static --max-seqs 2", "--max-seqs 1 --max-batch-tokens 4"}) {
         CAPTURE(how);
         std::string out2 = dir + "/bad-out2.jsonl";
-        Cli s = sh(gen("--prompts-file " + sq(in) + " --output " + sq(out2) + " --temperature 0 --max-new-tokens 25 " + how));
+        CommandResult s = run_command(gen("--prompts-file " + shell_quote(in) + " --output " + shell_quote(out2) + " --temperature 0 --max-new-tokens 25 " + how));
         REQUIRE_MESSAGE(s.rc == 0, s.err);
         auto res2 = results_by_id(out2);
         REQUIRE(res2.size() == 2);
@@ -429,8 +408,8 @@ TEST_CASE("generate --prompts-file --resume: finished ids are skipped, a cut-off
     for (const char* id : {"p1", "p2", "p3"})
         lines += "{\"id\": \"" + std::string(id) + "\", \"prompt\": \"Once upon a time\", \"temperature\": 0}\n";
     write_text(in, lines);
-    std::string cmd = gen("--prompts-file " + sq(in) + " --output " + sq(out) + " --max-new-tokens 12");
-    Cli first = sh(cmd);
+    std::string cmd = gen("--prompts-file " + shell_quote(in) + " --output " + shell_quote(out) + " --max-new-tokens 12");
+    CommandResult first = run_command(cmd);
     REQUIRE_MESSAGE(first.rc == 0, first.err);
     auto all = results_by_id(out);
     REQUIRE(all.size() == 3);
@@ -440,7 +419,7 @@ TEST_CASE("generate --prompts-file --resume: finished ids are skipped, a cut-off
     std::string line;
     while (std::getline(lines_in, line)) line_of[nlohmann::json::parse(line)["id"]] = line;
     write_text(out, line_of["p1"] + "\n" + line_of["p2"].substr(0, 20));
-    Cli again = sh(cmd + " --resume");
+    CommandResult again = run_command(cmd + " --resume");
     REQUIRE_MESSAGE(again.rc == 0, again.err);
     CHECK_MESSAGE(has(again.err, "batch: 2 requests"), again.err);
     CHECK(has(again.err, "1 already in"));
@@ -455,7 +434,7 @@ TEST_CASE("generate --prompts-file --resume: finished ids are skipped, a cut-off
     }
     CHECK(seen == std::map<std::string, int>{{"p1", 1}, {"p2", 1}, {"p3", 1}});
     // Nothing left: a third run does no work.
-    Cli third = sh(cmd + " --resume");
+    CommandResult third = run_command(cmd + " --resume");
     REQUIRE(third.rc == 0);
     CHECK(has(third.err, "batch: 0 requests"));
     CHECK(has(third.err, "3 already in"));
@@ -465,19 +444,19 @@ TEST_CASE("generate --prompts-file: misuse is refused with a message") {
     std::string in = temp_dir() + "/misuse.jsonl";
     write_text(in, "{\"prompt\": \"Hi\"}\n");
     struct Case { std::string args, word; } cases[] = {
-        {"--prompts-file " + sq(in), "--output"},
-        {"--prompts-file " + sq(in) + " --output /tmp/x.jsonl --prompt Hi", "exclude"},
-        {"--prompts-file " + sq(in) + " --output /tmp/x.jsonl --max-seqs 64 --max-batch-tokens 16", "--max-batch-tokens"},
-        {"--prompts-file " + sq(in) + " --output /tmp/x.jsonl --batching dynamic", "--batching"},
-        {"--prompts-file " + sq(in) + " --output /tmp/x.jsonl --kv-capacity 4", "--kv-capacity"},
-        {"--prompts-file " + sq(in) + " --output /nonexistent-dir/x.jsonl", "cannot open"},
+        {"--prompts-file " + shell_quote(in), "--output"},
+        {"--prompts-file " + shell_quote(in) + " --output /tmp/x.jsonl --prompt Hi", "exclude"},
+        {"--prompts-file " + shell_quote(in) + " --output /tmp/x.jsonl --max-seqs 64 --max-batch-tokens 16", "--max-batch-tokens"},
+        {"--prompts-file " + shell_quote(in) + " --output /tmp/x.jsonl --batching dynamic", "--batching"},
+        {"--prompts-file " + shell_quote(in) + " --output /tmp/x.jsonl --kv-capacity 4", "--kv-capacity"},
+        {"--prompts-file " + shell_quote(in) + " --output /nonexistent-dir/x.jsonl", "cannot open"},
         {"--prompts-file /nonexistent.jsonl --output /tmp/x.jsonl", "prompts-file"},
         {"--max-seqs 4", "only applies with --prompts-file"},
         {"--resume", "only applies with --prompts-file"},
     };
     for (const Case& c : cases) {
         CAPTURE(c.args);
-        Cli r = sh(gen(c.args));
+        CommandResult r = run_command(gen(c.args));
         CHECK(r.rc == 1);
         CHECK_MESSAGE(has(r.err, c.word), r.err);
     }

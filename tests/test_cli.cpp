@@ -16,30 +16,9 @@
 
 namespace {
 
-struct Run {
-    int rc = -1;  // exit status; -1 when the program did not exit normally (a crash)
-    std::string out, err;
-};
-
-// A word for the shell, single-quoted.
-std::string q(const std::string& s) {
-    std::string r = "'";
-    for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return r + "'";
-}
-
-// Runs `cmd` through the shell, stdout and stderr captured separately.
-Run run(const std::string& cmd) {
-    static int n = 0;
-    std::string base = temp_dir() + "/cli-" + std::to_string(n++);
-    std::string full = cmd + " >" + base + ".out 2>" + base + ".err";
-    int status = std::system(full.c_str());
-    Run r;
-    r.rc = status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    r.out = read_file(base + ".out");
-    r.err = read_file(base + ".err");
-    return r;
-}
+using Run = CommandResult;
+Run run(const std::string& cmd) { return run_command(cmd); }
+std::string q(const std::string& s) { return shell_quote(s); }
 
 bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
 

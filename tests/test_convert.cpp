@@ -265,17 +265,7 @@ std::vector<float> unpermute_rotate_half(const std::vector<float>& w, int n_head
 // Logits at every position of `tokens`, the whole sequence as one prefill batch on the CPU.
 std::vector<float> all_logits(const std::string& model_bin, const std::vector<int>& tokens) {
     Model m(model_bin, cpu_ops(0));
-    KVCache kv(m.cfg, int(tokens.size()));
-    REQUIRE(kv.reserve(0, int(tokens.size())));
-    std::vector<BatchToken> batch;
-    std::vector<int> rows;
-    for (int i = 0; i < int(tokens.size()); i++) {
-        batch.push_back({0, i, tokens[i]});
-        rows.push_back(i);
-    }
-    std::vector<float> logits(tokens.size() * size_t(m.cfg.vocab_size));
-    m.forward(kv, batch, rows, logits.data());
-    return logits;
+    return prefill_logits(m, tokens);
 }
 
 double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {

@@ -47,21 +47,6 @@ std::vector<int> random_tokens(int n, int vocab, unsigned seed) {
     return t;
 }
 
-// Whole sequence as one prefill batch, logits at every position.
-std::vector<float> prefill_logits(Model& m, const std::vector<int>& tokens) {
-    KVCache kv(m.cfg, int(tokens.size()));
-    REQUIRE(kv.reserve(0, int(tokens.size())));
-    std::vector<BatchToken> batch;
-    std::vector<int> rows;
-    for (int i = 0; i < int(tokens.size()); i++) {
-        batch.push_back({0, i, tokens[i]});
-        rows.push_back(i);
-    }
-    std::vector<float> logits(tokens.size() * size_t(m.cfg.vocab_size));
-    m.forward(kv, batch, rows, logits.data());
-    return logits;
-}
-
 // One token per forward through the KV cache, as decoding does.
 std::vector<float> decode_logits(Model& m, const std::vector<int>& tokens) {
     KVCache kv(m.cfg, int(tokens.size()));

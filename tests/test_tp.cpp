@@ -99,15 +99,13 @@ TEST_CASE("tensor parallel over MPI: 2, 3 and 4 ranks") {
 
 namespace {
 
-// Runs a shell command with a 120 s guard (a hang is a failure, never a stuck suite); stdout to
-// *out, stderr to *err. Returns the exit status (124: timed out).
+// Runs a shell command with a 120 s guard (a hang is a failure, never a stuck suite); returns the
+// exit status (124: timed out).
 int sh(const std::string& cmd, std::string* out, std::string* err) {
-    static int n = 0;
-    const std::string base = temp_dir() + "/tp-cli-" + std::to_string(n++);
-    int status = std::system(("timeout 120 " + cmd + " >" + base + ".out 2>" + base + ".err").c_str());
-    *out = read_file(base + ".out");
-    *err = read_file(base + ".err");
-    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    CommandResult r = run_command("timeout 120 " + cmd);
+    *out = r.out;
+    *err = r.err;
+    return r.rc;
 }
 
 const char* kMpirun = "env OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe";

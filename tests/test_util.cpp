@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <sys/wait.h>
 #include <filesystem>
 #include <cstring>
 #include <fstream>
@@ -32,6 +33,38 @@ std::string read_file(const std::string& path) {
     std::stringstream ss;
     ss << in.rdbuf();
     return ss.str();
+}
+
+std::vector<float> prefill_logits(Model& m, const std::vector<int>& tokens) {
+    const int n = int(tokens.size());
+    KVCache kv(m.cfg, n);
+    if (!kv.reserve(0, n)) throw std::runtime_error("prefill_logits: KV cache too small");
+    std::vector<BatchToken> batch;
+    std::vector<int> rows;
+    for (int i = 0; i < n; i++) {
+        batch.push_back({0, i, tokens[size_t(i)]});
+        rows.push_back(i);
+    }
+    std::vector<float> logits(size_t(n) * m.cfg.vocab_size);
+    m.forward(kv, batch, rows, logits.data());
+    return logits;
+}
+
+CommandResult run_command(const std::string& cmd) {
+    static int n = 0;
+    const std::string base = temp_dir() + "/cmd-" + std::to_string(n++);
+    int status = std::system((cmd + " >" + base + ".out 2>" + base + ".err").c_str());
+    CommandResult r;
+    r.rc = status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = read_file(base + ".out");
+    r.err = read_file(base + ".err");
+    return r;
+}
+
+std::string shell_quote(const std::string& s) {
+    std::string r = "'";
+    for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return r + "'";
 }
 
 Config tiny_config(int dim, int hidden, int layers, int heads, int kv_heads, bool tied) {

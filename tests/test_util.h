@@ -19,5 +19,17 @@ struct TinyWeights {
 TinyWeights random_weights(const Config& c, unsigned seed);
 // Writes them as model.bin (tokenizer: ../shared/models/tok512.model) stored in `dtype`.
 void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype);
+// Logits at every position of `tokens`: the whole sequence as one prefill batch (sequence 0).
+std::vector<float> prefill_logits(Model& m, const std::vector<int>& tokens);
+
+// A shell command run to completion, stdout and stderr captured apart. rc is its exit status
+// (-1 when it did not exit normally).
+struct CommandResult {
+    int rc = -1;
+    std::string out, err;
+};
+CommandResult run_command(const std::string& cmd);
+std::string shell_quote(const std::string& s);  // one single-quoted shell word
+
 // A small config; vocab 512 matches tok512.model.
 Config tiny_config(int dim, int hidden, int layers, int heads, int kv_heads, bool tied);
