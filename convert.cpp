@@ -7,6 +7,7 @@
 #include <cassert>
 #include <cerrno>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +21,7 @@
 
 #include "common.h"
 #include "model.h"
+#include "ops.h"
 #include "safetensors.h"
 #include "tokenizer.h"
 
@@ -454,6 +456,46 @@ void fill_tensor(const SourceTensor& s, const std::vector<int64_t>& shape, DType
     }
 }
 
+// Quantizes one matrix per ConvertOptions. The value tensor's fill does the work and keeps the
+// scales and zero points for the fills of NAME.scales and NAME.zeros, which the writer calls next.
+struct QuantJob {
+    SourceTensor src;
+    std::vector<int64_t> shape;
+    bool int4 = false;
+    int group = 0;
+    std::vector<float> scales;
+    std::vector<uint8_t> zeros;
+};
+
+void quantize_into(QuantJob& j, uint8_t* dst, std::vector<std::pair<std::string, double>>* errors,
+                   const std::string& name) {
+    const int rows = int(j.shape[0]), cols = int(j.shape[1]);
+    std::vector<float> w(size_t(rows) * cols), deq(static_cast<size_t>(cols));
+    fill_tensor(j.src, j.shape, DType::F32, reinterpret_cast<uint8_t*>(w.data()));
+    const int gs = j.int4 ? cols / j.group : 1;
+    j.scales.assign(size_t(rows) * gs, 0.0f);
+    if (j.int4) j.zeros.assign(size_t(rows) * gs, 0);
+    Weight q{j.int4 ? DType::U8 : DType::I8, dst, rows, cols, cols};
+    q.scales = j.scales.data();
+    q.zeros = j.zeros.data();
+    q.group = j.group;
+    double err = 0, norm = 0;
+    for (int r = 0; r < rows; r++) {
+        const float* wr = w.data() + size_t(r) * cols;
+        if (j.int4)
+            quantize_row_int4(wr, cols, j.group, dst + size_t(r) * cols / 2, j.scales.data() + size_t(r) * gs,
+                              j.zeros.data() + size_t(r) * gs);
+        else
+            j.scales[size_t(r)] = quantize_row_int8(wr, cols, reinterpret_cast<int8_t*>(dst) + size_t(r) * cols);
+        dequantize_row(q, r, deq.data());
+        for (int i = 0; i < cols; i++) {
+            err += double(wr[i] - deq[size_t(i)]) * (wr[i] - deq[size_t(i)]);
+            norm += double(wr[i]) * wr[i];
+        }
+    }
+    errors->push_back({name, norm > 0 ? std::sqrt(err / norm) : 0.0});
+}
+
 }  // namespace
 
 ConvertStats convert_checkpoint(const ConvertOptions& o) {
@@ -462,7 +504,11 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
     if (o.mode == "f32") mode_dtype = DType::F32;
     else if (o.mode == "bf16") mode_dtype = DType::BF16;
     else if (o.mode == "f16") mode_dtype = DType::F16;
-    else if (o.mode != "auto") throw Error(fmt("unknown mode '%s' (auto, f32, bf16, f16)", o.mode.c_str()));
+    const bool int8 = o.mode == "int8", int4 = o.mode == "int4";
+    if (!mode_dtype && !int8 && !int4 && o.mode != "auto")
+        throw Error(fmt("unknown mode '%s' (auto, f32, bf16, f16, int8, int4)", o.mode.c_str()));
+    if (int4 && o.group != 32 && o.group != 64 && o.group != 128)
+        throw Error(fmt("int4 group size %d is not supported (32, 64 or 128)", o.group));
     if (o.input.empty() || o.output.empty()) throw Error("convert: input and output paths are required");
 
     Checkpoint ck = read_checkpoint(o.input, o.tokenizer);
@@ -477,14 +523,61 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
 
     // auto keeps the source's float type, read off the embedding (norms may differ in HF files).
     const DType dtype = mode_dtype.value_or(ck.tensors.at("tok_embeddings.weight").dtype);
+    const std::string quantization = int8 ? "int8" : int4 ? fmt("int4-g%d", o.group) : "none";
     SafetensorsWriter w;
     w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", c.to_json()},
-                  {"quantization", "none"}};
+                  {"quantization", quantization}};
+    ConvertStats st;
     const std::vector<TensorSpec> expected = model_tensors(c);
+    std::vector<std::shared_ptr<QuantJob>> jobs;
+    size_t n_tensors = expected.size() + 1;
     for (const TensorSpec& e : expected) {
         auto it = ck.tensors.find(e.name);
         assert(it != ck.tensors.end() && "every reader fills every canonical tensor");
         const SourceTensor src = it->second;
+        const bool embedding = e.name == "tok_embeddings.weight" || e.name == "output.weight";
+        if ((int8 || int4) && e.shape.size() == 2 && (!embedding || o.quantize_embeddings)) {
+            auto j = std::make_shared<QuantJob>();
+            j->src = src;
+            j->shape = e.shape;
+            j->int4 = int4;
+            j->group = o.group;
+            const int64_t rows = e.shape[0], cols = e.shape[1];
+            if (int4 && cols % o.group != 0) {
+                if (!o.int8_fallback)
+                    throw Error(fmt("%s: tensor '%s' [%lld, %lld]: %lld columns are not a multiple of the int4 "
+                                    "group size %d (try another --groupsize, or --int8-fallback to store such "
+                                    "tensors as int8)", o.input.c_str(), e.name.c_str(), (long long)rows,
+                                    (long long)cols, (long long)cols, o.group));
+                j->int4 = false;  // int8 fallback: the loader reads each matrix's format off its dtype
+            }
+            jobs.push_back(j);
+            auto* errors = &st.rel_errors;
+            const std::string name = e.name;
+            st.source_matrix_bytes += size_t(rows * cols) * 4;
+            if (j->int4) {
+                const int64_t gs = cols / o.group;
+                w.add(e.name, DType::U8, {rows, cols / 2}, [j, errors, name](uint8_t* dst) { quantize_into(*j, dst, errors, name); });
+                w.add(e.name + ".scales", DType::F32, {rows, gs}, [j](uint8_t* dst) {
+                    std::memcpy(dst, j->scales.data(), j->scales.size() * sizeof(float));
+                });
+                w.add(e.name + ".zeros", DType::U8, {rows, gs}, [j](uint8_t* dst) {
+                    std::memcpy(dst, j->zeros.data(), j->zeros.size());
+                    *j = QuantJob();  // done with this matrix: free its scratch
+                });
+                st.quant_matrix_bytes += size_t(rows * cols / 2 + rows * gs * 5);
+                n_tensors += 2;
+            } else {
+                w.add(e.name, DType::I8, {rows, cols}, [j, errors, name](uint8_t* dst) { quantize_into(*j, dst, errors, name); });
+                w.add(e.name + ".scales", DType::F32, {rows}, [j](uint8_t* dst) {
+                    std::memcpy(dst, j->scales.data(), j->scales.size() * sizeof(float));
+                    *j = QuantJob();
+                });
+                st.quant_matrix_bytes += size_t(rows * cols + rows * 4);
+                n_tensors += 1;
+            }
+            continue;
+        }
         const DType to = is_norm(e.name) ? DType::F32 : dtype;
         w.add(e.name, to, e.shape, [src, shape = e.shape, to](uint8_t* dst) { fill_tensor(src, shape, to, dst); });
     }
@@ -494,13 +587,13 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
         std::fprintf(stderr, "%s: %s checkpoint: dim %d, hidden %d, %d layers, %d heads (%d kv, head_dim %d), "
                              "vocab %d, seq_len %d, %s; writing %s matrices\n", o.input.c_str(), ck.kind.c_str(), c.dim,
                      c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size,
-                     c.max_seq_len, c.tie_embeddings ? "tied" : "untied", dtype_name(dtype));
+                     c.max_seq_len, c.tie_embeddings ? "tied" : "untied",
+                     int8 || int4 ? (quantization + " (other matrices " + dtype_name(dtype) + ")").c_str() : dtype_name(dtype));
     w.write(o.output, o.progress);
 
-    ConvertStats st;
     st.kind = ck.kind;
-    st.dtype = dtype_name(dtype);
-    st.tensors = expected.size() + 1;
+    st.dtype = int8 || int4 ? quantization : std::string(dtype_name(dtype));
+    st.tensors = n_tensors;
     struct stat sb;
     st.bytes = stat(o.output.c_str(), &sb) == 0 ? size_t(sb.st_size) : 0;
     st.seconds = now_seconds() - t0;

@@ -152,25 +152,106 @@ void KVCache::release(int seq) {
 
 namespace {
 
-// Matrices may be stored in any float format; the matmul kernels read them in place.
-Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols) {
-    const TensorView& t = f.get(name, {rows, cols});
-    if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
-        throw Error(fmt("%s: tensor '%s': dtype %s is not a float format (F32, BF16, F16)", f.path.c_str(),
-                        name.c_str(), dtype_name(t.dtype)));
-    return Weight{t.dtype, t.data, rows, cols, cols};
+// How model.bin's matrices are stored, from its "quantization" metadata: "none", "int8" or
+// "int4-gN". Each matrix's own dtype says its format (F32/BF16/F16, I8 = int8, U8 = packed int4), so
+// a quantized file may keep some matrices float (the embedding and classifier by default).
+struct Quant {
+    bool int8 = false;  // int8 matrices allowed (also in int4 files: the converter's --int8-fallback)
+    int group = 0;  // int4 group size; 0 when the file has no int4 matrices
+};
+
+Quant parse_quantization(const std::string& q, const std::string& where) {
+    Quant out;
+    if (q == "none") return out;
+    if (q == "int8") {
+        out.int8 = true;
+        return out;
+    }
+    for (int g : {32, 64, 128})
+        if (q == "int4-g" + std::to_string(g)) {
+            out.group = g;
+            out.int8 = true;
+            return out;
+        }
+    throw Error(fmt("%s: quantization '%s' is not supported (none, int8, int4-g32, int4-g64, int4-g128)",
+                    where.c_str(), q.c_str()));
+}
+
+// A matrix in place: a float format, int8 (NAME I8 [rows, cols] + NAME.scales F32 [rows]) or int4
+// (NAME U8 [rows, cols/2] + NAME.scales F32 and NAME.zeros U8 [rows, cols/group]). *extra counts
+// the scale and zero-point tensors used, for the file's tensor count check.
+Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols, const Quant& q, size_t* extra) {
+    const TensorView* t = f.find(name);
+    if (!t) f.get(name);  // throws naming the missing tensor
+    const char* fp = f.path.c_str();
+    if (t->dtype == DType::I8) {
+        if (!q.int8)
+            throw Error(fmt("%s: tensor '%s' is int8 (I8) but the file's quantization is not int8", fp, name.c_str()));
+        f.get(name, {rows, cols});
+        const TensorView& s = f.get(name + ".scales", {rows});
+        if (s.dtype != DType::F32)
+            throw Error(fmt("%s: tensor '%s.scales': dtype %s, expected F32", fp, name.c_str(), dtype_name(s.dtype)));
+        *extra += 1;
+        Weight w{DType::I8, t->data, rows, cols, cols};
+        w.scales = reinterpret_cast<const float*>(s.data);
+        return w;
+    }
+    if (t->dtype == DType::U8) {
+        if (!q.group)
+            throw Error(fmt("%s: tensor '%s' is packed int4 (U8) but the file's quantization is not int4", fp,
+                            name.c_str()));
+        if (cols % q.group != 0)
+            throw Error(fmt("%s: tensor '%s': %d columns are not a multiple of the group size %d", fp, name.c_str(),
+                            cols, q.group));
+        f.get(name, {rows, cols / 2});
+        const TensorView& s = f.get(name + ".scales", {rows, cols / q.group});
+        const TensorView& z = f.get(name + ".zeros", {rows, cols / q.group});
+        if (s.dtype != DType::F32 || z.dtype != DType::U8)
+            throw Error(fmt("%s: tensor '%s': scales must be F32 and zeros U8, found %s and %s", fp, name.c_str(),
+                            dtype_name(s.dtype), dtype_name(z.dtype)));
+        *extra += 2;
+        Weight w{DType::U8, t->data, rows, cols, cols};
+        w.scales = reinterpret_cast<const float*>(s.data);
+        w.zeros = z.data;
+        w.group = q.group;
+        return w;
+    }
+    f.get(name, {rows, cols});
+    if (t->dtype != DType::F32 && t->dtype != DType::BF16 && t->dtype != DType::F16)
+        throw Error(fmt("%s: tensor '%s': dtype %s is not a float format (F32, BF16, F16), I8 or U8", fp,
+                        name.c_str(), dtype_name(t->dtype)));
+    return Weight{t->dtype, t->data, rows, cols, cols};
+}
+
+// Bytes of values before element (row r, column c) of a matrix in w's format.
+size_t value_offset(const Weight& w, size_t r, size_t c) {
+    size_t e = r * size_t(w.stride) + c;
+    return w.dtype == DType::U8 ? e / 2 : e * dtype_size(w.dtype);
 }
 
 // Rows [r0, r0 + n): a rank's output features (heads, FFN units) of a column-parallel matrix.
 Weight rows_of(Weight w, int r0, int n) {
-    w.data = static_cast<const uint8_t*>(w.data) + size_t(r0) * w.stride * dtype_size(w.dtype);
+    w.data = static_cast<const uint8_t*>(w.data) + value_offset(w, size_t(r0), 0);
+    if (w.dtype == DType::I8) w.scales += r0;
+    if (w.dtype == DType::U8) {
+        w.scales += size_t(r0) * (w.stride / w.group);
+        w.zeros += size_t(r0) * (w.stride / w.group);
+    }
     w.rows = n;
     return w;
 }
 
-// Columns [c0, c0 + n): a rank's input features of a row-parallel matrix, a strided view.
-Weight cols_of(Weight w, int c0, int n) {
-    w.data = static_cast<const uint8_t*>(w.data) + size_t(c0) * dtype_size(w.dtype);
+// Columns [c0, c0 + n): a rank's input features of a row-parallel matrix, a strided view. int4
+// groups may not straddle ranks (an int8 row's one scale serves every slice of it).
+Weight cols_of(Weight w, int c0, int n, const std::string& where) {
+    if (w.dtype == DType::U8) {
+        if (c0 % w.group != 0 || n % w.group != 0)
+            throw Error(fmt("%s: a tensor-parallel rank's %d columns are not a multiple of the int4 group size %d "
+                            "(use fewer ranks or a smaller group)", where.c_str(), n, w.group));
+        w.scales += c0 / w.group;
+        w.zeros += c0 / w.group;
+    }
+    w.data = static_cast<const uint8_t*>(w.data) + value_offset(w, 0, size_t(c0));
     w.cols = n;
     return w;
 }
@@ -202,8 +283,8 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         throw Error(fmt("%s: metadata format is '%s', expected '%s'", fp, meta("format").c_str(), kFormatName));
     if (meta("version") != kFormatVersion)
         throw Error(fmt("%s: format version %s, this build reads version %s", fp, meta("version").c_str(), kFormatVersion));
-    if (meta("quantization") != "none")
-        throw Error(fmt("%s: quantization '%s' is not supported by this build", fp, meta("quantization").c_str()));
+    const Quant quant = parse_quantization(meta("quantization"), path + ": metadata");
+    size_t extra = 0;  // scale and zero-point tensors
     const Config g = Config::from_json(meta("config"), path + ": metadata config");  // the whole model
     const int ranks = comm_ ? comm_->size() : 1, rank = comm_ ? comm_->rank() : 0;
     cfg = ranks > 1 ? g.shard(ranks, path) : g;
@@ -211,19 +292,22 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     const Config& c = cfg;  // this rank's share
     const int q_dim = g.n_heads * g.head_dim, kv_dim = g.n_kv_heads * g.head_dim;
     const int q_local = c.n_heads * c.head_dim, kv_local = c.n_kv_heads * c.head_dim, h_local = c.hidden_dim;
-    w.tok_embeddings = matrix(f, "tok_embeddings.weight", g.vocab_size, g.dim);
+    auto mat = [&](const std::string& name, int rows, int cols) { return matrix(f, name, rows, cols, quant, &extra); };
+    w.tok_embeddings = mat("tok_embeddings.weight", g.vocab_size, g.dim);
     for (int l = 0; l < g.n_layers; l++) {
         auto name = [&](const char* s) { return layer_tensor(l, s); };
         LayerWeights L;
         L.attn_norm = vector_f32(f, name("attention_norm.weight"), g.dim);
-        L.wq = rows_of(matrix(f, name("attention.wq.weight"), q_dim, g.dim), rank * q_local, q_local);
-        L.wk = rows_of(matrix(f, name("attention.wk.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
-        L.wv = rows_of(matrix(f, name("attention.wv.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
-        L.wo = cols_of(matrix(f, name("attention.wo.weight"), g.dim, q_dim), rank * q_local, q_local);
+        L.wq = rows_of(mat(name("attention.wq.weight"), q_dim, g.dim), rank * q_local, q_local);
+        L.wk = rows_of(mat(name("attention.wk.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
+        L.wv = rows_of(mat(name("attention.wv.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
+        L.wo = cols_of(mat(name("attention.wo.weight"), g.dim, q_dim), rank * q_local, q_local,
+                       path + ": tensor '" + name("attention.wo.weight") + "'");
         L.ffn_norm = vector_f32(f, name("ffn_norm.weight"), g.dim);
-        L.w1 = rows_of(matrix(f, name("feed_forward.w1.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
-        L.w2 = cols_of(matrix(f, name("feed_forward.w2.weight"), g.dim, g.hidden_dim), rank * h_local, h_local);
-        L.w3 = rows_of(matrix(f, name("feed_forward.w3.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
+        L.w1 = rows_of(mat(name("feed_forward.w1.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
+        L.w2 = cols_of(mat(name("feed_forward.w2.weight"), g.dim, g.hidden_dim), rank * h_local, h_local,
+                       path + ": tensor '" + name("feed_forward.w2.weight") + "'");
+        L.w3 = rows_of(mat(name("feed_forward.w3.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
         w.layers.push_back(std::move(L));
     }
     w.norm = vector_f32(f, "norm.weight", c.dim);
@@ -232,7 +316,7 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
             throw Error(fmt("%s: config says tie_embeddings but the file has 'output.weight'", fp));
         w.output = w.tok_embeddings;
     } else {
-        w.output = matrix(f, "output.weight", c.vocab_size, c.dim);
+        w.output = mat("output.weight", c.vocab_size, c.dim);
     }
     const TensorView& tok = f.get("tokenizer.model");
     if (tok.dtype != DType::U8 || tok.shape.size() != 1)
@@ -241,13 +325,14 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     tokenizer_model.assign(reinterpret_cast<const char*>(tok.data), tok.nbytes);
 
     // Every tensor in the file must be one we understood: a stray one means a mismatched file.
-    size_t expected = model_tensors(g).size() + 1;  // + tokenizer.model
+    size_t expected = model_tensors(g).size() + 1 + extra;  // + tokenizer.model, scales, zero points
     if (f.tensors.size() != expected)
         throw Error(fmt("%s: has %zu tensors, a model with this config has %zu", fp, f.tensors.size(), expected));
 }
 
 size_t Model::weight_bytes_per_token() const {
-    size_t n = w.output.bytes() + size_t(cfg.dim) * dtype_size(w.tok_embeddings.dtype);  // one embedding row
+    const Weight& e = w.tok_embeddings;  // one embedding row
+    size_t n = w.output.bytes() + e.bytes() / size_t(e.rows);
     for (const LayerWeights& L : w.layers)
         n += L.wq.bytes() + L.wk.bytes() + L.wv.bytes() + L.wo.bytes() + L.w1.bytes() + L.w2.bytes() + L.w3.bytes();
     return n;

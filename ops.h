@@ -7,17 +7,42 @@
 
 #include "safetensors.h"
 
-// A 2-D weight matrix [rows][cols], row-major, in one of the float formats. Row r starts
-// stride elements after row r-1: stride > cols for a column slice of a wider matrix (a tensor
-// parallel rank's share of wo and w2), viewed in place in the mapped file.
+// A 2-D weight matrix [rows][cols], row-major, in a float format or weight-only quantized. Row r
+// starts stride elements (logical columns) after row r-1: stride > cols for a column slice of a
+// wider matrix (a tensor parallel rank's share of wo and w2), viewed in place in the mapped file.
+//   F32 / BF16 / F16: data holds the values.
+//   I8  (int8): data holds int8 q [rows][stride]; w = q * scales[r] (symmetric, one scale per row).
+//   U8  (int4): data holds [rows][stride/2] bytes, two 4-bit q per byte (low nibble = even column);
+//        per group of `group` columns a scale and a zero point: w = (q - zeros[g]) * scales[g], with
+//        scales (f32) and zeros (u8, 0..15) both [rows][stride/group]. Column slices start and end on
+//        group boundaries.
 struct Weight {
     DType dtype = DType::F32;
     const void* data = nullptr;
     int rows = 0;
     int cols = 0;
     int stride = 0;
-    size_t bytes() const { return size_t(rows) * cols * dtype_size(dtype); }  // bytes a matmul reads
+    const float* scales = nullptr;   // I8: [rows]; U8: [rows][stride/group] (first row, first group)
+    const uint8_t* zeros = nullptr;  // U8 only: [rows][stride/group]
+    int group = 0;                   // U8 only: columns per group (32, 64 or 128)
+    // bytes a matmul reads (values, scales, zero points)
+    size_t bytes() const {
+        const size_t n = size_t(rows) * cols;
+        if (dtype == DType::I8) return n + size_t(rows) * sizeof(float);
+        if (dtype == DType::U8) return n / 2 + n / size_t(group) * (sizeof(float) + 1);
+        return n * dtype_size(dtype);
+    }
 };
+
+// Weight-only quantization (kernels_cpu.cpp; the converter and the tests use the same code).
+// int8, one row: q[i] = round(w[i] / s), s = max|w| / 127 (1 when the row is all zeros).
+float quantize_row_int8(const float* w, int n, int8_t* q);
+// int4, one row of n columns (a multiple of group): per group s = (max - min) / 15,
+// zero = round(-min / s) clamped to 0..15, q = clamp(round(w / s) + zero, 0, 15); packs two q per
+// byte into packed[n/2] (low nibble = even column) and writes scales/zeros[n/group].
+void quantize_row_int4(const float* w, int n, int group, uint8_t* packed, float* scales, uint8_t* zeros);
+// Row r of any Weight as f32 (cols values): the dequantize reference for tests and embeddings.
+void dequantize_row(const Weight& w, int r, float* out);
 
 // What attention needs to find a token's keys and values in the paged cache.
 struct AttentionBatch {

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -31,9 +32,18 @@ int main(int argc, char** argv) {
     app.add_option("-o,--output", o.output, "model.bin to write (written to a temporary name, then renamed)")
         ->required()
         ->check(CLI::Validator(check_output_path, "PATH"));
-    app.add_option("-m,--mode", o.mode, "weight format; auto keeps the source's float type")
-        ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}))
+    app.add_option("-m,--mode", o.mode,
+                   "weight format; auto keeps the source's float type; int8: symmetric, a scale per output "
+                   "channel; int4: a scale and a zero point per group of --groupsize columns")
+        ->check(CLI::IsMember({"auto", "f32", "bf16", "f16", "int8", "int4"}))
         ->capture_default_str();
+    app.add_option("-g,--groupsize", o.group, "int4: columns per group")
+        ->check(CLI::IsMember({32, 64, 128}))
+        ->capture_default_str();
+    app.add_flag("--quantize-embeddings", o.quantize_embeddings,
+                 "int8/int4: quantize tok_embeddings and output too (default: keep the source float type)");
+    app.add_flag("--int8-fallback", o.int8_fallback,
+                 "int4: store matrices whose columns the group size does not divide as int8 (default: refuse)");
     app.add_option("-t,--tokenizer", o.tokenizer,
                    "sentencepiece tokenizer.model (required for llama2.c; overrides the one in the input)")
         ->check(CLI::ExistingFile);
@@ -45,10 +55,26 @@ int main(int argc, char** argv) {
     }
     o.progress = !quiet;
 
-    std::printf("quantize: input %s, output %s, mode %s, tokenizer %s\n", o.input.c_str(), o.output.c_str(),
+    std::printf("quantize: input %s, output %s, mode %s, tokenizer %s", o.input.c_str(), o.output.c_str(),
                 o.mode.c_str(), o.tokenizer.empty() ? "(from the input)" : o.tokenizer.c_str());
+    if (o.mode == "int4") std::printf(", groupsize %d%s", o.group, o.int8_fallback ? ", int8 fallback" : "");
+    if (o.mode == "int4" || o.mode == "int8")
+        std::printf(", embeddings %s", o.quantize_embeddings ? "quantized" : "kept float");
+    std::printf("\n");
     try {
         ConvertStats st = convert_checkpoint(o);
+        if (!st.rel_errors.empty()) {
+            double worst = 0, sum = 0;
+            for (const auto& [name, err] : st.rel_errors) {
+                if (!quiet) std::printf("  %-40s rel. error %.5f\n", name.c_str(), err);
+                worst = std::max(worst, err);
+                sum += err;
+            }
+            std::printf("%zu matrices quantized: relative error mean %.5f, max %.5f; %.1f MB as f32 -> %.1f MB "
+                        "(%.2fx smaller)\n", st.rel_errors.size(), sum / double(st.rel_errors.size()), worst,
+                        double(st.source_matrix_bytes) / 1e6, double(st.quant_matrix_bytes) / 1e6,
+                        double(st.source_matrix_bytes) / double(st.quant_matrix_bytes));
+        }
         std::printf("wrote %s: %s, %zu tensors, %.1f MB in %.2f s (from a %s checkpoint)\n", o.output.c_str(),
                     st.dtype.c_str(), st.tensors, double(st.bytes) / 1e6, st.seconds, st.kind.c_str());
     } catch (const Error& e) {

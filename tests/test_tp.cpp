@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 
 #include "common.h"
+#include "convert.h"
 #include "test_util.h"
 #include "tp.h"
 
@@ -51,11 +52,15 @@ std::string mpirun(int ranks) {
 
 TEST_CASE("tp worker: sharded forward equals the whole model" * doctest::skip(!launched_by_mpirun())) {
     Comm& world = mpi_world();
-    struct Case { const char* what; Config cfg; DType dtype; };
+    struct Case { const char* what; Config cfg; DType dtype; const char* quant = ""; };
     Case cases[] = {
         {"GQA 8/4, tied, hidden 172", tiny_config(64, 172, 2, 8, 4, true), DType::F32},
         {"MHA 4/4, untied", tiny_config(48, 128, 2, 4, 4, false), DType::F32},
         {"bf16, GQA 8/2", tiny_config(64, 184, 2, 8, 2, false), DType::BF16},
+        {"int8, GQA 8/4, hidden 172", tiny_config(64, 172, 2, 8, 4, false), DType::F32, "int8"},
+        // per-rank columns of wo (128/ranks) and w2 (384/ranks) stay multiples of 32 for 2 and 4
+        // ranks; 3 ranks do not divide 4 heads
+        {"int4 g32, MHA 4/4", tiny_config(128, 384, 2, 4, 4, false), DType::F32, "int4"},
     };
     int idx = 0;
     for (const Case& c : cases) {
@@ -64,6 +69,14 @@ TEST_CASE("tp worker: sharded forward equals the whole model" * doctest::skip(!l
         // Every rank writes the same deterministic model into its own temp dir.
         std::string path = temp_dir() + "/tp" + std::to_string(idx++) + ".bin";
         write_model_bin(random_weights(c.cfg, 40 + unsigned(idx)), path, c.dtype);
+        if (*c.quant) {
+            ConvertOptions o;
+            o.input = path;
+            o.output = path = path + ".q";
+            o.mode = c.quant;
+            o.progress = false;
+            convert_checkpoint(o);
+        }
         bool divides = c.cfg.n_heads % world.size() == 0 && c.cfg.n_kv_heads % world.size() == 0 &&
                        c.cfg.hidden_dim % world.size() == 0;
         if (!divides) {
