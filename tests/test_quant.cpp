@@ -79,12 +79,6 @@ double rel_error(const std::vector<float>& a, const std::vector<float>& b) {  //
 
 CommandResult sh(const std::string& cmd) { return run_command("timeout 120 " + cmd); }
 
-double perplexity_of(const std::string& out) {
-    size_t at = out.find("perplexity ", out.find("mean NLL"));
-    REQUIRE(at != std::string::npos);
-    return std::stod(out.substr(at + 11));
-}
-
 }  // namespace
 
 TEST_CASE("int8 quantize/dequantize round trip") {

@@ -133,12 +133,6 @@ const std::string& stories_bin() {
     return path;
 }
 
-double perplexity_of(const std::string& out) {
-    size_t at = out.find("perplexity ", out.find("mean NLL"));
-    REQUIRE(at != std::string::npos);
-    return std::stod(out.substr(at + 11));
-}
-
 }  // namespace
 
 TEST_CASE("mpirun generate: output and perplexity equal one process; bad set-ups fail fast") {

@@ -67,6 +67,12 @@ std::string shell_quote(const std::string& s) {
     return r + "'";
 }
 
+double perplexity_of(const std::string& out) {
+    size_t at = out.find("perplexity ", out.find("mean NLL"));
+    if (at == std::string::npos) throw std::runtime_error("no perplexity in: " + out);
+    return std::stod(out.substr(at + 11));
+}
+
 Config tiny_config(int dim, int hidden, int layers, int heads, int kv_heads, bool tied) {
     Config c;
     c.dim = dim;

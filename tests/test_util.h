@@ -30,6 +30,8 @@ struct CommandResult {
 };
 CommandResult run_command(const std::string& cmd);
 std::string shell_quote(const std::string& s);  // one single-quoted shell word
+// The perplexity in `generate --perplexity` output ("... mean NLL x, perplexity y").
+double perplexity_of(const std::string& generate_stdout);
 
 // A small config; vocab 512 matches tok512.model.
 Config tiny_config(int dim, int hidden, int layers, int heads, int kv_heads, bool tied);
