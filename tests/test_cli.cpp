@@ -48,13 +48,6 @@ std::string chomp(std::string s) {
     return s;
 }
 
-// The number after the last "perplexity " in a --perplexity report; NaN when there is none.
-double perplexity_of(const std::string& out) {
-    size_t at = out.rfind("perplexity ");
-    if (at == std::string::npos) return std::nan("");
-    return std::strtod(out.c_str() + at + 11, nullptr);
-}
-
 // Expect a refusal: a normal non-zero exit, the message on stderr, nothing on stdout from generation.
 void check_refused(const Run& r, const std::vector<std::string>& words) {
     CHECK_MESSAGE(r.rc > 0, "exit status " << r.rc << "\nstderr: " << r.err);
