@@ -236,9 +236,6 @@ Config read_hf_config(const std::string& path) {
     if (!j.is_object()) throw Error(fmt("%s: not a JSON object", path.c_str()));
     const char* p = path.c_str();
     // Refuse what the forward pass would silently get wrong rather than convert it.
-    if (const json* e = field(j, "num_local_experts"))
-        throw Error(fmt("%s: mixture-of-experts checkpoints (num_local_experts %s) are not supported yet", p,
-                        e->dump().c_str()));
     if (const json* a = field(j, "hidden_act"); a && *a != "silu")
         throw Error(fmt("%s: hidden_act %s is not supported (only silu)", p, a->dump().c_str()));
     if (const json* r = field(j, "rope_scaling"))
@@ -263,6 +260,11 @@ Config read_hf_config(const std::string& path) {
     c.tie_embeddings = tie && tie->get<bool>();
     c.bos_id = json_token_id(j, "bos_token_id", path).value_or(-1);
     c.eos_id = json_token_id(j, "eos_token_id", path).value_or(-1);
+    // Mixtral: intermediate_size is each expert's width.
+    if (field(j, "num_local_experts")) {
+        c.n_experts = json_int(j, "num_local_experts", path);
+        c.n_experts_per_tok = json_int(j, "num_experts_per_tok", path);
+    }
     c.validate(path);
     return c;
 }
@@ -335,8 +337,17 @@ Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
     take("tok_embeddings.weight", "model.embed_tokens.weight", 0);
     for (int l = 0; l < c.n_layers; l++) {
         for (const auto& n : kLayer) {
+            if (c.n_experts > 0 && ends_with(n.theirs, "proj.weight") && std::strncmp(n.theirs, "mlp.", 4) == 0)
+                continue;  // Mixtral: block_sparse_moe below instead of mlp
             int rope = ends_with(n.ours, "wq.weight") ? c.n_heads : ends_with(n.ours, "wk.weight") ? c.n_kv_heads : 0;
             take(layer_tensor(l, n.ours), fmt("model.layers.%d.%s", l, n.theirs), rope);
+        }
+        if (c.n_experts > 0) {  // HF Mixtral: w1 gate, w2 down, w3 up, as Meta's names
+            take(layer_tensor(l, "feed_forward.gate.weight"), fmt("model.layers.%d.block_sparse_moe.gate.weight", l), 0);
+            for (int e = 0; e < c.n_experts; e++)
+                for (const char* w : {"w1", "w2", "w3"})
+                    take(expert_tensor(l, e, w),
+                         fmt("model.layers.%d.block_sparse_moe.experts.%d.%s.weight", l, e, w), 0);
         }
     }
     take("norm.weight", "model.norm.weight", 0);
@@ -536,7 +547,9 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
         assert(it != ck.tensors.end() && "every reader fills every canonical tensor");
         const SourceTensor src = it->second;
         const bool embedding = e.name == "tok_embeddings.weight" || e.name == "output.weight";
-        if ((int8 || int4) && e.shape.size() == 2 && (!embedding || o.quantize_embeddings)) {
+        // The MoE router stays float: it is tiny and its logits pick the experts.
+        const bool router = ends_with(e.name, "feed_forward.gate.weight");
+        if ((int8 || int4) && e.shape.size() == 2 && !router && (!embedding || o.quantize_embeddings)) {
             auto j = std::make_shared<QuantJob>();
             j->src = src;
             j->shape = e.shape;
@@ -578,15 +591,16 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
             }
             continue;
         }
-        const DType to = is_norm(e.name) ? DType::F32 : dtype;
+        const DType to = is_norm(e.name) || router ? DType::F32 : dtype;
         w.add(e.name, to, e.shape, [src, shape = e.shape, to](uint8_t* dst) { fill_tensor(src, shape, to, dst); });
     }
     w.add_bytes("tokenizer.model", DType::U8, {int64_t(ck.tokenizer_model.size())}, ck.tokenizer_model.data());
 
     if (o.progress)
-        std::fprintf(stderr, "%s: %s checkpoint: dim %d, hidden %d, %d layers, %d heads (%d kv, head_dim %d), "
+        std::fprintf(stderr, "%s: %s checkpoint: dim %d, hidden %d, %d layers, %d heads (%d kv, head_dim %d)%s, "
                              "vocab %d, seq_len %d, %s; writing %s matrices\n", o.input.c_str(), ck.kind.c_str(), c.dim,
-                     c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size,
+                     c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
+                     c.n_experts ? fmt(", %d experts (top %d)", c.n_experts, c.n_experts_per_tok).c_str() : "", c.vocab_size,
                      c.max_seq_len, c.tie_embeddings ? "tied" : "untied",
                      int8 || int4 ? (quantization + " (other matrices " + dtype_name(dtype) + ")").c_str() : dtype_name(dtype));
     w.write(o.output, o.progress);

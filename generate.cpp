@@ -404,10 +404,13 @@ int run(int argc, char** argv, ErrorOut* err) {
         throw Error(fmt("%s: tokenizer has %d tokens but the model's vocab_size is %d", o.checkpoint.c_str(),
                         tok.vocab_size(), c.vocab_size));
     std::fprintf(stderr,
-                 "model %s: dim %d, %d layers, %d heads (%d kv), vocab %d, context %d, %.1f MB of weights (%s)\n"
+                 "model %s: dim %d, %d layers, %d heads (%d kv)%s, vocab %d, context %d, %.1f MB of weights "
+                 "read per token (%s)\n"
                  "device cpu, %s; temperature %g, top-k %d, top-p %g, seed %llu, max new tokens %d\n",
-                 o.checkpoint.c_str(), c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len,
-                 model.weight_bytes_per_token() / 1e6, dtype_name(model.w.layers[0].wq.dtype),
+                 o.checkpoint.c_str(), c.dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                 c.n_experts ? fmt(", %d experts (top %d)", c.n_experts, c.n_experts_per_tok).c_str() : "",
+                 c.vocab_size, c.max_seq_len, model.weight_bytes_per_token() / 1e6,
+                 dtype_name(model.w.layers[0].wq.dtype),
                  o.threads > 0 ? fmt("%d threads", o.threads).c_str() : "all cores",
                  o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed,
                  o.max_new_tokens);

@@ -2,6 +2,7 @@
 // forward pass, written once over the op table (ops.h).
 #include "model.h"
 
+#include <algorithm>
 #include <cassert>
 #include <cmath>
 #include <cstring>
@@ -20,6 +21,10 @@ std::string Config::to_json() const {
               {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim}, {"vocab_size", vocab_size},
               {"max_seq_len", max_seq_len}, {"norm_eps", norm_eps}, {"rope_theta", rope_theta},
               {"tie_embeddings", tie_embeddings}, {"bos_id", bos_id}, {"eos_id", eos_id}};
+    if (n_experts > 0) {
+        j["n_experts"] = n_experts;
+        j["n_experts_per_tok"] = n_experts_per_tok;
+    }
     return j.dump();
 }
 
@@ -52,6 +57,8 @@ Config Config::from_json(const std::string& text, const std::string& where) {
     get_int("max_seq_len", &c.max_seq_len, true);
     get_int("bos_id", &c.bos_id, false);
     get_int("eos_id", &c.eos_id, false);
+    get_int("n_experts", &c.n_experts, false);
+    get_int("n_experts_per_tok", &c.n_experts_per_tok, false);
     if (j.contains("norm_eps")) c.norm_eps = j["norm_eps"].get<float>();
     if (j.contains("rope_theta")) c.rope_theta = j["rope_theta"].get<float>();
     if (j.contains("tie_embeddings")) c.tie_embeddings = j["tie_embeddings"].get<bool>();
@@ -70,6 +77,10 @@ void Config::validate(const std::string& where) const {
     if (n_heads % n_kv_heads != 0)
         throw Error(fmt("%s: config n_heads = %d is not a multiple of n_kv_heads = %d", w, n_heads, n_kv_heads));
     if (head_dim % 2 != 0) throw Error(fmt("%s: config head_dim = %d must be even for RoPE", w, head_dim));
+    if (n_experts < 0 || (n_experts == 0 && n_experts_per_tok != 0) ||
+        (n_experts > 0 && (n_experts_per_tok < 1 || n_experts_per_tok > n_experts)))
+        throw Error(fmt("%s: config n_experts_per_tok = %d must be between 1 and n_experts = %d (0 and 0 for a "
+                        "dense model)", w, n_experts_per_tok, n_experts));
     if (!(norm_eps > 0) || !(rope_theta > 0))
         throw Error(fmt("%s: config norm_eps and rope_theta must be positive", w));
 }
@@ -88,6 +99,10 @@ Config Config::shard(int n, const std::string& where) const {
 
 std::string layer_tensor(int layer, const char* what) { return "layers." + std::to_string(layer) + "." + what; }
 
+std::string expert_tensor(int layer, int expert, const char* w) {
+    return "layers." + std::to_string(layer) + ".feed_forward.experts." + std::to_string(expert) + "." + w + ".weight";
+}
+
 std::vector<TensorSpec> model_tensors(const Config& c) {
     int64_t d = c.dim, h = c.hidden_dim, v = c.vocab_size;
     int64_t q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim;
@@ -99,6 +114,15 @@ std::vector<TensorSpec> model_tensors(const Config& c) {
         t.push_back({layer_tensor(l, "attention.wv.weight"), {kv, d}});
         t.push_back({layer_tensor(l, "attention.wo.weight"), {d, q}});
         t.push_back({layer_tensor(l, "ffn_norm.weight"), {d}});
+        if (c.n_experts > 0) {
+            t.push_back({layer_tensor(l, "feed_forward.gate.weight"), {c.n_experts, d}});
+            for (int e = 0; e < c.n_experts; e++) {
+                t.push_back({expert_tensor(l, e, "w1"), {h, d}});
+                t.push_back({expert_tensor(l, e, "w2"), {d, h}});
+                t.push_back({expert_tensor(l, e, "w3"), {h, d}});
+            }
+            continue;
+        }
         t.push_back({layer_tensor(l, "feed_forward.w1.weight"), {h, d}});
         t.push_back({layer_tensor(l, "feed_forward.w2.weight"), {d, h}});
         t.push_back({layer_tensor(l, "feed_forward.w3.weight"), {h, d}});
@@ -304,10 +328,24 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         L.wo = cols_of(mat(name("attention.wo.weight"), g.dim, q_dim), rank * q_local, q_local,
                        path + ": tensor '" + name("attention.wo.weight") + "'");
         L.ffn_norm = vector_f32(f, name("ffn_norm.weight"), g.dim);
-        L.w1 = rows_of(mat(name("feed_forward.w1.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
-        L.w2 = cols_of(mat(name("feed_forward.w2.weight"), g.dim, g.hidden_dim), rank * h_local, h_local,
-                       path + ": tensor '" + name("feed_forward.w2.weight") + "'");
-        L.w3 = rows_of(mat(name("feed_forward.w3.weight"), g.hidden_dim, g.dim), rank * h_local, h_local);
+        // Each expert splits like the dense FFN (rows of w1/w3, columns of w2); the router is whole.
+        auto ffn = [&](const std::string& w1, const std::string& w2, const std::string& w3) {
+            return LayerWeights::Expert{
+                rows_of(mat(w1, g.hidden_dim, g.dim), rank * h_local, h_local),
+                cols_of(mat(w2, g.dim, g.hidden_dim), rank * h_local, h_local, path + ": tensor '" + w2 + "'"),
+                rows_of(mat(w3, g.hidden_dim, g.dim), rank * h_local, h_local)};
+        };
+        if (g.n_experts > 0) {
+            L.gate = mat(name("feed_forward.gate.weight"), g.n_experts, g.dim);
+            for (int e = 0; e < g.n_experts; e++)
+                L.experts.push_back(ffn(expert_tensor(l, e, "w1"), expert_tensor(l, e, "w2"), expert_tensor(l, e, "w3")));
+        } else {
+            LayerWeights::Expert d = ffn(name("feed_forward.w1.weight"), name("feed_forward.w2.weight"),
+                                         name("feed_forward.w3.weight"));
+            L.w1 = d.w1;
+            L.w2 = d.w2;
+            L.w3 = d.w3;
+        }
         w.layers.push_back(std::move(L));
     }
     w.norm = vector_f32(f, "norm.weight", c.dim);
@@ -333,9 +371,87 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
 size_t Model::weight_bytes_per_token() const {
     const Weight& e = w.tok_embeddings;  // one embedding row
     size_t n = w.output.bytes() + e.bytes() / size_t(e.rows);
-    for (const LayerWeights& L : w.layers)
-        n += L.wq.bytes() + L.wk.bytes() + L.wv.bytes() + L.wo.bytes() + L.w1.bytes() + L.w2.bytes() + L.w3.bytes();
+    for (const LayerWeights& L : w.layers) {
+        n += L.wq.bytes() + L.wk.bytes() + L.wv.bytes() + L.wo.bytes();
+        if (L.experts.empty()) {
+            n += L.w1.bytes() + L.w2.bytes() + L.w3.bytes();
+            continue;
+        }
+        // The router, and k experts (the average expert's bytes, exact when all share a format).
+        size_t all = 0;
+        for (const LayerWeights::Expert& e : L.experts) all += e.w1.bytes() + e.w2.bytes() + e.w3.bytes();
+        n += L.gate.bytes() + all * size_t(cfg.n_experts_per_tok) / L.experts.size();
+    }
     return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// mixture of experts
+
+void moe_route(const float* logits, int n, int k, int* chosen, float* weights) {
+    assert(n > 0 && k >= 1 && k <= n);
+    std::vector<double> p(static_cast<size_t>(n));
+    double mx = logits[0], sum = 0;
+    for (int e = 1; e < n; e++) mx = std::max(mx, double(logits[e]));
+    for (int e = 0; e < n; e++) sum += p[size_t(e)] = std::exp(double(logits[e]) - mx);
+    for (int e = 0; e < n; e++) p[size_t(e)] /= sum;
+    // Selection by repeated maximum: a strictly greater probability wins, so equal ones keep the
+    // lower index (k is 2 for Mixtral; n at most a few dozen).
+    std::vector<bool> taken(static_cast<size_t>(n), false);
+    double chosen_sum = 0;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++)
+            if (!taken[size_t(e)] && (best < 0 || p[size_t(e)] > p[size_t(best)])) best = e;
+        taken[size_t(best)] = true;
+        chosen[j] = best;
+        chosen_sum += p[size_t(best)];
+    }
+    for (int j = 0; j < k; j++) weights[j] = float(p[size_t(chosen[j])] / chosen_sum);
+}
+
+// Routes every token, then runs each expert once over the tokens routed to it: their rows are
+// gathered into a contiguous [m][dim] buffer, one matmul per expert weight, and the outputs are
+// scattered back, weighted, into moe_. Experts no token chose are never read (at batch 1 only k
+// experts' weights are). Under TP each rank holds a slice of every expert's FFN width, so moe_
+// holds this rank's partial sums and the caller's all-reduce completes them.
+void Model::moe_ffn(const LayerWeights& L, int n) {
+    const Config& c = cfg;
+    const int E = c.n_experts, k = c.n_experts_per_tok, d = c.dim;
+    auto grow = [](std::vector<float>& v, size_t size) { if (v.size() < size) v.resize(size); };
+    grow(router_, size_t(n) * E);
+    grow(xg_, size_t(n) * d);
+    grow(yg_, size_t(n) * d);
+    grow(moe_, size_t(n) * d);
+    ops_->matmul(router_.data(), xb_.data(), L.gate, n);  // [n][E]
+
+    // For each expert, the (token, weight) pairs routed to it, in token order.
+    std::vector<std::vector<std::pair<int, float>>> routed(static_cast<size_t>(E));
+    std::vector<int> chosen(static_cast<size_t>(k));
+    std::vector<float> weights(static_cast<size_t>(k));
+    for (int i = 0; i < n; i++) {
+        moe_route(router_.data() + size_t(i) * E, E, k, chosen.data(), weights.data());
+        for (int j = 0; j < k; j++) routed[size_t(chosen[size_t(j)])].push_back({i, weights[size_t(j)]});
+    }
+    std::fill(moe_.begin(), moe_.begin() + ptrdiff_t(n) * d, 0.0f);
+    for (int e = 0; e < E; e++) {
+        const auto& r = routed[size_t(e)];
+        const int m = int(r.size());
+        if (m == 0) continue;
+        for (int j = 0; j < m; j++)
+            std::memcpy(xg_.data() + size_t(j) * d, xb_.data() + size_t(r[size_t(j)].first) * d, sizeof(float) * d);
+        const LayerWeights::Expert& X = L.experts[size_t(e)];
+        ops_->matmul(hb_.data(), xg_.data(), X.w1, m);
+        ops_->matmul(hb2_.data(), xg_.data(), X.w3, m);
+        ops_->silu_mul(hb_.data(), hb2_.data(), size_t(m) * c.hidden_dim);
+        ops_->matmul(yg_.data(), hb_.data(), X.w2, m);
+        for (int j = 0; j < m; j++) {
+            float* out = moe_.data() + size_t(r[size_t(j)].first) * d;
+            const float* y = yg_.data() + size_t(j) * d;
+            const float wt = r[size_t(j)].second;
+            for (int i = 0; i < d; i++) out[i] += wt * y[i];
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -389,14 +505,20 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
         ops_->matmul(xb_.data(), att_.data(), L.wo, n);
         if (comm_) comm_->all_reduce_sum(xb_.data(), size_t(n) * c.dim);  // sum the ranks' heads
         ops_->add(x_.data(), xb_.data(), size_t(n) * c.dim);
-        // SwiGLU feed-forward block
+        // SwiGLU feed-forward block: dense, or a mixture of SwiGLU experts
         ops_->rmsnorm(xb_.data(), x_.data(), L.ffn_norm.data(), n, c.dim, c.norm_eps);
-        ops_->matmul(hb_.data(), xb_.data(), L.w1, n);
-        ops_->matmul(hb2_.data(), xb_.data(), L.w3, n);
-        ops_->silu_mul(hb_.data(), hb2_.data(), size_t(n) * c.hidden_dim);
-        ops_->matmul(xb_.data(), hb_.data(), L.w2, n);
-        if (comm_) comm_->all_reduce_sum(xb_.data(), size_t(n) * c.dim);  // sum the ranks' FFN units
-        ops_->add(x_.data(), xb_.data(), size_t(n) * c.dim);
+        float* ffn_out = xb_.data();
+        if (c.n_experts > 0) {
+            moe_ffn(L, n);
+            ffn_out = moe_.data();
+        } else {
+            ops_->matmul(hb_.data(), xb_.data(), L.w1, n);
+            ops_->matmul(hb2_.data(), xb_.data(), L.w3, n);
+            ops_->silu_mul(hb_.data(), hb2_.data(), size_t(n) * c.hidden_dim);
+            ops_->matmul(xb_.data(), hb_.data(), L.w2, n);
+        }
+        if (comm_) comm_->all_reduce_sum(ffn_out, size_t(n) * c.dim);  // sum the ranks' FFN units
+        ops_->add(x_.data(), ffn_out, size_t(n) * c.dim);
     }
     // Only the rows the caller asked for pay for the final norm and the classifier.
     const int m = int(logit_rows.size());

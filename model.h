@@ -12,7 +12,7 @@
 // The model's blueprint; stored as JSON in model.bin's metadata under "config".
 struct Config {
     int dim = 0;          // residual stream width
-    int hidden_dim = 0;   // FFN inner width
+    int hidden_dim = 0;   // FFN inner width (of each expert in a MoE model)
     int n_layers = 0;
     int n_heads = 0;      // query heads
     int n_kv_heads = 0;   // key/value heads (GQA when < n_heads)
@@ -24,9 +24,15 @@ struct Config {
     bool tie_embeddings = false;  // classifier shares tok_embeddings.weight
     int bos_id = 1;
     int eos_id = 2;
+    // Mixture of experts (Mixtral): every layer's FFN is n_experts SwiGLU experts and a router that
+    // sends each token to n_experts_per_tok of them. 0 = dense. JSON keys "n_experts" and
+    // "n_experts_per_tok", written only when n_experts > 0 (dense files stay as before).
+    int n_experts = 0;
+    int n_experts_per_tok = 0;
 
     std::string to_json() const;
-    // One of n tensor-parallel ranks' share: heads, KV heads and the FFN width divided by n
+    // One of n tensor-parallel ranks' share: heads, KV heads and the FFN width (each expert's in a
+    // MoE model) divided by n
     // (Error naming `where` when they do not divide).
     Config shard(int n, const std::string& where) const;
     // Parses and validates (positive sizes, divisibility); `where` names the source in errors.
@@ -40,6 +46,11 @@ constexpr const char* kFormatVersion = "1";
 
 // Canonical tensor names in model.bin (Meta layout: RoPE rotates adjacent pairs).
 std::string layer_tensor(int layer, const char* what);  // "layers.3.attention.wq.weight"
+// Per layer: attention_norm, attention.wq/wk/wv/wo, ffn_norm, then the FFN:
+//   dense: feed_forward.w1/w2/w3.weight                       [h, d], [d, h], [h, d]
+//   MoE:   feed_forward.gate.weight                           [n_experts, d]  (router, kept float)
+//          feed_forward.experts.{e}.w1/w2/w3.weight, e < n_experts   [h, d], [d, h], [h, d]
+std::string expert_tensor(int layer, int expert, const char* w);  // "layers.3.feed_forward.experts.5.w1.weight"
 
 struct TensorSpec {
     std::string name;
@@ -58,7 +69,16 @@ struct LayerWeights {
     Weight w1;                     // gate [hidden_dim, dim]
     Weight w2;                     // down [dim, hidden_dim]
     Weight w3;                     // up   [hidden_dim, dim]
+    // MoE layers instead of w1/w2/w3 (which stay empty): the router and the experts.
+    Weight gate;                   // router [n_experts, dim], replicated under TP
+    struct Expert { Weight w1, w2, w3; };  // shaped as w1/w2/w3 above
+    std::vector<Expert> experts;   // [n_experts]
 };
+
+// The Mixtral router for one token, as HF's MixtralSparseMoeBlock: softmax over all n expert
+// logits (double), the top k (ties: the lower expert index wins), weights renormalised over those k.
+// Writes chosen[k] (by descending weight) and weights[k].
+void moe_route(const float* logits, int n, int k, int* chosen, float* weights);
 
 struct Weights {
     Weight tok_embeddings;         // [vocab, dim]
@@ -115,7 +135,8 @@ class Model {
     void forward(KVCache& kv, const std::vector<BatchToken>& batch,
                  const std::vector<int>& logit_rows, float* logits);
 
-    // Bytes of weights read by one decode step (for the GB/s figure).
+    // Bytes of weights read by one decode step (for the GB/s figure); MoE layers count the router
+    // and n_experts_per_tok experts, the weights a batch-1 step actually reads.
     size_t weight_bytes_per_token() const;
 
   private:
@@ -124,4 +145,8 @@ class Model {
     Comm* comm_;  // null, or the tensor-parallel ranks
     // Scratch activations, grown to the largest batch seen: [n_tokens][width] each.
     std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_;
+    // MoE scratch: router logits [n][n_experts], gathered rows and expert outputs [n][dim], the
+    // weighted sum [n][dim].
+    std::vector<float> router_, xg_, yg_, moe_;
+    void moe_ffn(const LayerWeights& L, int n);  // xb_ [n][dim] -> moe_ [n][dim] (this rank's part)
 };

@@ -38,6 +38,9 @@ def main():
     ap.add_argument("--head-dim", type=int, default=None, help="default: dim / heads")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--experts", type=int, default=0,
+                    help="Mixtral-style MoE: experts per layer, each of width --hidden (0: dense)")
+    ap.add_argument("--experts-per-tok", type=int, default=2, help="with --experts: experts each token uses")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", choices=modelbin.FLOAT_DTYPES, default="BF16")
     ap.add_argument("--tie", action="store_true", help="share the classifier with the embedding")
@@ -74,11 +77,14 @@ def main():
         except ImportError:
             pass
 
+    moe = {"n_experts": a.experts, "n_experts_per_tok": a.experts_per_tok} if a.experts else {}
+    if a.experts and not 1 <= a.experts_per_tok <= a.experts:
+        sys.exit("--experts-per-tok %d must be between 1 and --experts %d" % (a.experts_per_tok, a.experts))
     config = modelbin.normalize_config({
         "dim": a.dim, "hidden_dim": a.hidden, "n_layers": a.layers, "n_heads": a.heads,
         "n_kv_heads": kv_heads, "head_dim": head_dim, "vocab_size": a.vocab,
         "max_seq_len": a.seq_len, "norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
-        "tie_embeddings": a.tie, "bos_id": bos, "eos_id": eos,
+        "tie_embeddings": a.tie, "bos_id": bos, "eos_id": eos, **moe,
     })
 
     rng = np.random.default_rng(a.seed)

@@ -133,6 +133,15 @@ def expected_shapes(config):
         shapes[p + "attention.wv.weight"] = [kv, d]
         shapes[p + "attention.wo.weight"] = [d, q]
         shapes[p + "ffn_norm.weight"] = [d]
+        n_experts = c.get("n_experts", 0)
+        if n_experts:  # Mixtral: a router and n_experts SwiGLU experts instead of w1/w2/w3
+            shapes[p + "feed_forward.gate.weight"] = [n_experts, d]
+            for e in range(n_experts):
+                q_ = p + "feed_forward.experts.%d." % e
+                shapes[q_ + "w1.weight"] = [hid, d]
+                shapes[q_ + "w2.weight"] = [d, hid]
+                shapes[q_ + "w3.weight"] = [hid, d]
+            continue
         shapes[p + "feed_forward.w1.weight"] = [hid, d]
         shapes[p + "feed_forward.w2.weight"] = [d, hid]
         shapes[p + "feed_forward.w3.weight"] = [hid, d]

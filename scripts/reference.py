@@ -9,7 +9,8 @@
 #
 # The model is written like Meta's llama model.py: RMSNorm, RoPE on adjacent pairs (complex
 # multiply), GQA by repeating each kv head n_heads/n_kv_heads times, causal softmax attention,
-# SwiGLU feed-forward. No KV cache: every step runs the whole sequence again.
+# SwiGLU feed-forward, or (Mixtral, config n_experts > 0) a sparse mixture of SwiGLU experts written
+# like HF's MixtralSparseMoeBlock. No KV cache: every step runs the whole sequence again.
 
 
 import argparse
@@ -99,11 +100,42 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class SparseMoe(nn.Module):
+    """HF MixtralSparseMoeBlock: router softmax over all experts, top-k, weights renormalised over
+    the k, weighted sum of the chosen experts' outputs. Ties go to the lower expert index (a stable
+    descending sort), as fastgen breaks them."""
+
+    def __init__(self, c, device=None):
+        super().__init__()
+        self.top_k = c["n_experts_per_tok"]
+        self.gate = nn.Linear(c["dim"], c["n_experts"], bias=False, dtype=DTYPE, device=device)
+        self.experts = nn.ModuleList(FeedForward(c["dim"], c["hidden_dim"], device)
+                                     for _ in range(c["n_experts"]))
+
+    def forward(self, x):
+        bsz, seqlen, dim = x.shape
+        x = x.reshape(-1, dim)
+        router_logits = self.gate(x)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=DTYPE)
+        routing_weights, selected = torch.sort(routing_weights, dim=-1, descending=True, stable=True)
+        routing_weights, selected = routing_weights[:, :self.top_k], selected[:, :self.top_k]
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(selected == e)
+            if tok.numel():
+                out.index_add_(0, tok, expert(x[tok]) * routing_weights[tok, slot, None])
+        return out.reshape(bsz, seqlen, dim)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, c, device=None):
         super().__init__()
         self.attention = Attention(c, device)
-        self.feed_forward = FeedForward(c["dim"], c["hidden_dim"], device)
+        if c.get("n_experts", 0):
+            self.feed_forward = SparseMoe(c, device)
+        else:
+            self.feed_forward = FeedForward(c["dim"], c["hidden_dim"], device)
         self.attention_norm = RMSNorm(c["dim"], c["norm_eps"], device)
         self.ffn_norm = RMSNorm(c["dim"], c["norm_eps"], device)
 

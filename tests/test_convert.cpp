@@ -133,6 +133,14 @@ void write_hf(const TinyWeights& tw, const std::string& dir, const HfOptions& o 
                 {"max_position_embeddings", c.max_seq_len}, {"rms_norm_eps", c.norm_eps},
                 {"rope_theta", c.rope_theta}, {"tie_word_embeddings", c.tie_embeddings},
                 {"bos_token_id", 1}, {"eos_token_id", 2}, {"torch_dtype", "float32"}};
+    if (c.n_experts > 0) {  // Mixtral: intermediate_size is each expert's width
+        cfg["architectures"] = {"MixtralForCausalLM"};
+        cfg["model_type"] = "mixtral";
+        cfg["num_local_experts"] = c.n_experts;
+        cfg["num_experts_per_tok"] = c.n_experts_per_tok;
+        cfg["sliding_window"] = nullptr;
+        cfg["router_aux_loss_coef"] = 0.02;
+    }
     if (!o.config_patch.empty()) cfg.merge_patch(json::parse(o.config_patch));
     write_bytes(dir + "/config.json", cfg.dump(2));
     write_bytes(dir + "/tokenizer.model", read_file(tok_path()));
@@ -144,10 +152,19 @@ void write_hf(const TinyWeights& tw, const std::string& dir, const HfOptions& o 
                             "self_attn.v_proj.weight", "self_attn.o_proj.weight",
                             "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.down_proj.weight",
                             "mlp.up_proj.weight"};
-    for (int l = 0; l < c.n_layers; l++)
-        for (int k = 0; k < 9; k++)
+    for (int l = 0; l < c.n_layers; l++) {
+        for (int k = 0; k < (c.n_experts > 0 ? 6 : 9); k++)
             items.push_back({fmt("model.layers.%d.%s", l, theirs[k]), layer_tensor(l, kLayerOrder[k]),
                              k == 1 ? c.n_heads : k == 2 ? c.n_kv_heads : 0});
+        if (c.n_experts > 0) {  // HF Mixtral's block_sparse_moe: w1 gate, w2 down, w3 up
+            items.push_back({fmt("model.layers.%d.block_sparse_moe.gate.weight", l),
+                             layer_tensor(l, "feed_forward.gate.weight"), 0});
+            for (int e = 0; e < c.n_experts; e++)
+                for (const char* w : {"w1", "w2", "w3"})
+                    items.push_back({fmt("model.layers.%d.block_sparse_moe.experts.%d.%s.weight", l, e, w),
+                                     expert_tensor(l, e, w), 0});
+        }
+    }
     items.push_back({"model.norm.weight", "norm.weight", 0});
     // Tied HF checkpoints often still carry lm_head.weight (a copy); the converter must ignore it.
     items.push_back({"lm_head.weight", c.tie_embeddings ? "tok_embeddings.weight" : "output.weight", 0});
@@ -354,6 +371,33 @@ TEST_CASE("Hugging Face bf16 checkpoint: auto keeps bf16, q/k un-permuted in bf1
     check_model_bin(d + "/f32.bin", tw, DType::F32, DType::BF16);
 }
 
+TEST_CASE("Hugging Face Mixtral folder converts to the canonical MoE model.bin") {
+    Config c = tiny_config(32, 48, 2, 4, 2, false);
+    c.n_experts = 4;
+    c.n_experts_per_tok = 2;
+    TinyWeights tw = random_weights(c, 11);
+    std::string d = make_dir("hf-mixtral");
+    write_model_bin(tw, d + "/canonical.bin", DType::F32);
+    std::string hf = make_dir("hf-mixtral-src");
+    HfOptions o;
+    o.shards = 2;
+    write_hf(tw, hf, o);
+    convert_checkpoint(options(hf, d + "/from_hf.bin", ""));
+    check_same_tensors(d + "/canonical.bin", d + "/from_hf.bin");
+    std::vector<int> tokens = {1, 7, 99, 300, 5, 42, 17, 256, 511, 3};
+    CHECK(max_abs_diff(all_logits(d + "/from_hf.bin", tokens), all_logits(d + "/canonical.bin", tokens)) == 0);
+
+    // bf16 checkpoint: experts stay bf16, the router is widened to f32.
+    std::string hf16 = make_dir("hf-mixtral-bf16");
+    o.dtype = DType::BF16;
+    write_hf(tw, hf16, o);
+    convert_checkpoint(options(hf16, d + "/bf16.bin", ""));
+    SafetensorsFile f(d + "/bf16.bin");
+    CHECK(f.get("layers.1.feed_forward.gate.weight").dtype == DType::F32);
+    CHECK(f.get("layers.1.feed_forward.experts.3.w2.weight").dtype == DType::BF16);
+    CHECK(Config::from_json(f.metadata.at("config"), "bf16.bin").n_experts == 4);
+}
+
 TEST_CASE("HF config: head_dim and token ids from config.json, defaults from the tokenizer") {
     TinyWeights tw = tiny();
     std::string d = make_dir("hf-config");
@@ -504,12 +548,26 @@ TEST_CASE("bad Hugging Face folders are refused with a message that names the pr
     CHECK_MESSAGE(has(msg, "model.layers.0.self_attn.q_proj.bias"), msg);
     CHECK_MESSAGE(has(msg, "unsupported architecture"), msg);
 
-    d = make_dir("hf-moe");
+    d = make_dir("hf-moe");  // a MoE config over dense tensors: the experts are missing
+    o = HfOptions();
+    o.config_patch = R"({"num_local_experts": 8, "num_experts_per_tok": 2})";
+    write_hf(tw, d, o);
+    msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "model.layers.0.block_sparse_moe.gate.weight"), msg);
+
+    d = make_dir("hf-moe-no-k");
     o = HfOptions();
     o.config_patch = R"({"num_local_experts": 8})";
     write_hf(tw, d, o);
     msg = convert_error(options(d, d + "/out.bin", ""));
-    CHECK_MESSAGE(has(msg, "num_local_experts"), msg);
+    CHECK_MESSAGE(has(msg, "num_experts_per_tok"), msg);
+
+    d = make_dir("hf-moe-bad-k");
+    o = HfOptions();
+    o.config_patch = R"({"num_local_experts": 2, "num_experts_per_tok": 3})";
+    write_hf(tw, d, o);
+    msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "n_experts_per_tok = 3 must be between 1 and n_experts = 2"), msg);
 
     d = make_dir("hf-no-weights");
     write_bytes(d + "/config.json", read_file(make_dir("hf-missing") + "/config.json"));

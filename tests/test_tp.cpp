@@ -43,6 +43,14 @@ std::vector<float> all_logits(Model& m, const std::vector<int>& tokens) {
     return logits;
 }
 
+// Mixtral-style: `experts` experts of FFN width `hidden`, top-2.
+Config moe_config(int dim, int hidden, int heads, int kv_heads, int experts) {
+    Config c = tiny_config(dim, hidden, 2, heads, kv_heads, false);
+    c.n_experts = experts;
+    c.n_experts_per_tok = 2;
+    return c;
+}
+
 std::string mpirun(int ranks) {
     return "OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe -np " + std::to_string(ranks) +
            " build/run_tests -tc='tp worker*' --no-skip --no-colors";
@@ -61,6 +69,9 @@ TEST_CASE("tp worker: sharded forward equals the whole model" * doctest::skip(!l
         // per-rank columns of wo (128/ranks) and w2 (384/ranks) stay multiples of 32 for 2 and 4
         // ranks; 3 ranks do not divide 4 heads
         {"int4 g32, MHA 4/4", tiny_config(128, 384, 2, 4, 4, false), DType::F32, "int4"},
+        // MoE: every expert split along its FFN width, the router replicated
+        {"MoE 4 experts top-2, GQA 8/4, hidden 96", moe_config(64, 96, 8, 4, 4), DType::F32},
+        {"MoE 8 experts top-2, int8, GQA 8/4", moe_config(64, 128, 8, 4, 8), DType::F32, "int8"},
     };
     int idx = 0;
     for (const Case& c : cases) {
