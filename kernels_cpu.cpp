@@ -50,12 +50,50 @@ inline __m512 load_w(const void* w, size_t k, __mmask16 m) {
     }
 }
 
+// The 16 horizontal sums of v[0..15] at once: sum j lands in lane 4 * (j % 4) + j / 4. Each sum is
+// formed in exactly _mm512_reduce_add_ps's order (256-bit halves, then 128, 64, 32), so a dot
+// product is bitwise the same whichever reduction its tile used (batch invariance), while the
+// shuffles are shared by 16 sums: 30 shuffles + 15 adds instead of 16 x (6 shuffles + 4 adds).
+inline __m512 reduce16(const __m512 (&v)[16]) {
+    __m512 c[8], e[4], g[2];
+    for (int j = 0; j < 8; j++)  // lanes: v[2j] halves summed (8), v[2j+1] halves summed (8)
+        c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xee));
+    for (int j = 0; j < 4; j++)  // 128-bit lane k: v[4j + k] reduced to 4
+        e[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xdd));
+    for (int j = 0; j < 2; j++)  // lane k: v[8j + k] reduced to 2, then v[8j + 4 + k]
+        g[j] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * j], e[2 * j + 1], 0x44),
+                             _mm512_shuffle_ps(e[2 * j], e[2 * j + 1], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xdd));
+}
+
+// sums[t][r] = horizontal sum of acc[t][r]; batched 16 at a time for tiles big enough to pay.
+template <int NT, int NR>
+inline void reduce_tile(const __m512 (&acc)[NT][NR], float (&sums)[NT][NR]) {
+    constexpr int n = NT * NR;
+    if constexpr (n < 8) {
+        for (int t = 0; t < NT; t++)
+            for (int r = 0; r < NR; r++) sums[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+    } else {
+        for (int j0 = 0; j0 < n; j0 += 16) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) v[j] = j0 + j < n ? acc[(j0 + j) / NR][(j0 + j) % NR] : _mm512_setzero_ps();
+            alignas(64) float lanes[16];
+            _mm512_store_ps(lanes, reduce16(v));
+            for (int j = 0; j < 16 && j0 + j < n; j++) sums[(j0 + j) / NR][(j0 + j) % NR] = lanes[4 * (j % 4) + j / 4];
+        }
+    }
+}
+
 // One 16-column step of an NT x NR tile: each weight vector feeds NT FMAs.
-template <DType T, int NT, int NR, bool kMasked>
+template <DType T, int NT, int NR, bool kMasked, bool kPrefetch = false>
 inline void tile_step(__m512 (&acc)[NT][NR], const float* x, size_t x_stride, const uint8_t* w, size_t w_stride,
                       int k, __mmask16 m) {
     __m512 wv[NR];
     for (int r = 0; r < NR; r++) wv[r] = load_w<T, kMasked>(w + r * w_stride, size_t(k), m);
+    if constexpr (kPrefetch)
+        for (int r = 0; r < NR; r++) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * w_stride + size_t(k) * dtype_size(T)), _MM_HINT_T0);
     for (int t = 0; t < NT; t++) {
         const float* xp = x + t * x_stride + k;
         __m512 xv = kMasked ? _mm512_maskz_loadu_ps(m, xp) : _mm512_loadu_ps(xp);
@@ -68,7 +106,7 @@ inline void tile_step(__m512 (&acc)[NT][NR], const float* x, size_t x_stride, co
 // f32 and a mask the 16 odd ones. x comes pre-split to match (split_pairs): per 32-column block,
 // its 16 even columns, then its 16 odd ones. Widening with vpmovzxwd instead costs a shuffle per
 // 16 weights, which made bf16 decode compute-bound (measured 36 vs 42 GB/s for f32).
-template <int NT, int NR>
+template <int NT, int NR, bool kPrefetch>
 inline void tile_step_bf16_pairs(__m512 (&acc)[NT][NR], const float* x, size_t x_stride, const uint8_t* w,
                                  size_t w_stride, int k) {
     const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
@@ -78,6 +116,8 @@ inline void tile_step_bf16_pairs(__m512 (&acc)[NT][NR], const float* x, size_t x
         even[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
         odd[r] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
     }
+    if constexpr (kPrefetch)
+        for (int r = 0; r < NR; r++) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * w_stride + size_t(k) * 2), _MM_HINT_T0);
     for (int t = 0; t < NT; t++) {
         __m512 xe = _mm512_loadu_ps(x + t * x_stride + k), xo = _mm512_loadu_ps(x + t * x_stride + k + 16);
         for (int r = 0; r < NR; r++) acc[t][r] = _mm512_fmadd_ps(xo, odd[r], _mm512_fmadd_ps(xe, even[r], acc[t][r]));
@@ -87,7 +127,7 @@ inline void tile_step_bf16_pairs(__m512 (&acc)[NT][NR], const float* x, size_t x
 constexpr bool kSplitPairs = true;  // bf16 matmuls read x in split_pairs layout
 
 // NT tokens x NR rows of dot products over all columns; results to out[t][row r].
-template <DType T, int NT, int NR>
+template <DType T, int NT, int NR, bool kPrefetch>
 inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride, const uint8_t* w,
                  size_t w_stride, int cols) {
     __m512 acc[NT][NR];
@@ -95,11 +135,13 @@ inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride,
         for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
     int k = 0;
     if constexpr (T == DType::BF16)
-        for (; k + 2 * kLanes <= cols; k += 2 * kLanes) tile_step_bf16_pairs<NT, NR>(acc, x, x_stride, w, w_stride, k);
-    for (; k + kLanes <= cols; k += kLanes) tile_step<T, NT, NR, false>(acc, x, x_stride, w, w_stride, k, 0);
+        for (; k + 2 * kLanes <= cols; k += 2 * kLanes) tile_step_bf16_pairs<NT, NR, kPrefetch>(acc, x, x_stride, w, w_stride, k);
+    for (; k + kLanes <= cols; k += kLanes) tile_step<T, NT, NR, false, kPrefetch>(acc, x, x_stride, w, w_stride, k, 0);
     if (k < cols) tile_step<T, NT, NR, true>(acc, x, x_stride, w, w_stride, k, __mmask16((1u << (cols - k)) - 1));
+    float sums[NT][NR];
+    reduce_tile<NT, NR>(acc, sums);
     for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = _mm512_reduce_add_ps(acc[t][r]);
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r];
 }
 // int8: 16 weights per step, widened in registers (vpmovsxbd, vcvtdq2ps); the row's one scale
 // multiplies the finished dot product. Same NT x NR register tiling as the float formats.
@@ -129,8 +171,10 @@ inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stri
     int k = 0;
     for (; k + kLanes <= W.cols; k += kLanes) tile_step_i8<NT, NR, false>(acc, x, x_stride, w, ws, k, 0);
     if (k < W.cols) tile_step_i8<NT, NR, true>(acc, x, x_stride, w, ws, k, __mmask16((1u << (W.cols - k)) - 1));
+    float sums[NT][NR];
+    reduce_tile<NT, NR>(acc, sums);
     for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = _mm512_reduce_add_ps(acc[t][r]) * W.scales[r0 + r];
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r] * W.scales[r0 + r];
 }
 
 // int4: 32 columns per step from 16 bytes. Widening the bytes to 32-bit lanes puts column 2i in
@@ -169,8 +213,10 @@ inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stri
             }
         }
     }
+    float sums[NT][NR];
+    reduce_tile<NT, NR>(acc, sums);
     for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = _mm512_reduce_add_ps(acc[t][r]);
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r];
 }
 #else
 // Portable path: same tiling, scalar conversion; the compiler vectorises what it can.
@@ -183,7 +229,7 @@ inline float load_w1(const void* w, size_t k) {
     else return f16_to_f32(static_cast<const uint16_t*>(w)[k]);
 }
 
-template <DType T, int NT, int NR>
+template <DType T, int NT, int NR, bool kPrefetch>
 inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride, const uint8_t* w,
                  size_t w_stride, int cols) {
     float acc[NT][NR] = {};
@@ -265,7 +311,7 @@ inline float dot(const float* a, const float* b, int n) {
 }
 
 // NT tokens x NR rows starting at row r: the tile for format T.
-template <DType T, int NT, int NR>
+template <DType T, int NT, int NR, bool kPrefetch>
 inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r) {
     float* o = out + size_t(t0) * W.rows + r;
     const float* xt = x + size_t(t0) * W.cols;
@@ -275,16 +321,23 @@ inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r) 
         tile_i4<NT, NR>(o, W.rows, xt, W.cols, W, r);
     } else {
         const size_t ws = size_t(W.stride) * dtype_size(T);
-        tile<T, NT, NR>(o, W.rows, xt, W.cols, static_cast<const uint8_t*>(W.data) + r * ws, ws, W.cols);
+        tile<T, NT, NR, kPrefetch>(o, W.rows, xt, W.cols, static_cast<const uint8_t*>(W.data) + r * ws, ws, W.cols);
     }
 }
 
-// Rows [r0, r1) for tokens [t0, t1): full 4x4 tiles, then the token and row tails.
+// Rows [r0, r1) for tokens [t0, t0 + NT): full NT x 4 tiles, then the row tail one row at a time.
+// The first token tile of a block streams its rows from memory, so it prefetches the next tile's
+// rows; later token tiles find the block in L2, where prefetching into L1 measured much slower
+// (n = 64: 79 -> 155+ ms). Larger tiles (8x2, 8x3, 6x4) measured slower too (BENCHMARKS.md).
 template <DType T, int NT>
 inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1) {
+    constexpr int NR = 4;
     int r = r0;
-    for (; r + 4 <= r1; r += 4) tile_at<T, NT, 4>(out, x, W, t0, r);
-    for (; r < r1; r++) tile_at<T, NT, 1>(out, x, W, t0, r);
+    if (NT > 1 && t0 == 0)
+        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, true>(out, x, W, t0, r);
+    else
+        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, false>(out, x, W, t0, r);
+    for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r);
 }
 
 template <DType T>

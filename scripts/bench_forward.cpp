@@ -13,8 +13,9 @@
 // Build (scripts/bench_speculative.sh does this):
 //   g++ -std=c++17 -O3 -march=native -fopenmp -I. scripts/bench_forward.cpp build/model.o
 //       build/kernels_cpu.o build/safetensors.o build/common.o -lsentencepiece -fopenmp -o build/bench_forward
-// Usage: build/bench_forward MODEL.bin [--threads T] [--prefill P] [--max-n N] [--rounds R]
-//                                      [--min-sample-ms MS]
+// Usage: build/bench_forward MODEL.bin [--threads T] [--prefill P] [--max-n N] [--ns 1,2,4,16]
+//                                      [--rounds R] [--min-sample-ms MS]
+// --ns times only the listed n (e.g. batched prefill sizes) instead of 1..N; n = 1 is always timed.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -38,7 +39,7 @@ double median(std::vector<double> v) {
 int usage() {
     std::fprintf(stderr,
                  "usage: bench_forward MODEL.bin [--threads T (0 = all)] [--prefill P (64)] [--max-n N (9)]\n"
-                 "                     [--rounds R (15)] [--min-sample-ms MS (5)]\n");
+                 "                     [--ns N1,N2,... (1..max-n)] [--rounds R (15)] [--min-sample-ms MS (5)]\n");
     return 2;
 }
 
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
     std::string path;
     int threads = 0, prefill = 64, max_n = 9, rounds = 15;
     double min_sample_ms = 5.0;
+    std::vector<int> ns;  // the n values timed; 1..max_n unless --ns
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto next = [&]() -> const char* {
@@ -58,13 +60,27 @@ int main(int argc, char** argv) {
         if (a == "--threads") threads = std::atoi(next());
         else if (a == "--prefill") prefill = std::atoi(next());
         else if (a == "--max-n") max_n = std::atoi(next());
+        else if (a == "--ns") {
+            for (const char* p = next(); *p;) {
+                char* end;
+                ns.push_back(int(std::strtol(p, &end, 10)));
+                if (end == p || (*end && *end != ',')) { std::fprintf(stderr, "bench_forward: bad --ns list\n"); return usage(); }
+                p = *end ? end + 1 : end;
+            }
+        }
         else if (a == "--rounds") rounds = std::atoi(next());
         else if (a == "--min-sample-ms") min_sample_ms = std::atof(next());
         else if (a == "-h" || a == "--help") return usage(), 0;
         else if (!a.empty() && a[0] == '-') { std::fprintf(stderr, "bench_forward: unknown option %s\n", a.c_str()); return usage(); }
         else path = a;
     }
-    if (path.empty() || prefill < 1 || max_n < 1 || rounds < 1) return usage();
+    if (ns.empty())
+        for (int n = 1; n <= max_n; n++) ns.push_back(n);
+    if (std::find(ns.begin(), ns.end(), 1) == ns.end()) ns.insert(ns.begin(), 1);
+    std::sort(ns.begin(), ns.end());
+    ns.erase(std::unique(ns.begin(), ns.end()), ns.end());
+    max_n = ns.back();
+    if (path.empty() || prefill < 1 || ns.front() < 1 || rounds < 1) return usage();
 
     try {
         Model m(path, cpu_ops(threads));
@@ -97,7 +113,7 @@ int main(int argc, char** argv) {
         };
 
         // Warm up (pages the weights in, grows the scratch buffers), then pick the calls per sample.
-        for (int n = 1; n <= max_n; n++) call(n);
+        for (int n : ns) call(n);
         double t0 = now_seconds();
         int warm = 0;
         while (now_seconds() - t0 < 0.2 || warm < 3) { call(1); warm++; }
@@ -106,8 +122,8 @@ int main(int argc, char** argv) {
 
         std::vector<std::vector<double>> ms(max_n + 1);
         for (int r = 0; r < rounds; r++) {
-            for (int j = 0; j < max_n; j++) {
-                const int n = 1 + (j + r) % max_n;  // rotate the order so no n always runs first
+            for (size_t j = 0; j < ns.size(); j++) {
+                const int n = ns[(j + size_t(r)) % ns.size()];  // rotate the order so no n always runs first
                 double s = now_seconds();
                 for (int i = 0; i < inner; i++) call(n);
                 ms[n].push_back(1e3 * (now_seconds() - s) / inner);
@@ -122,7 +138,7 @@ int main(int argc, char** argv) {
         const double min1 = *std::min_element(ms[1].begin(), ms[1].end());
         std::printf("%3s %10s %10s %10s %8s %10s %10s\n", "n", "ms", "min ms", "max ms", "ratio", "min ratio",
                     "ms/token");
-        for (int n = 1; n <= max_n; n++) {
+        for (int n : ns) {
             const double med = median(ms[n]);
             const double mn = *std::min_element(ms[n].begin(), ms[n].end());
             std::vector<double> ratios;
