@@ -238,6 +238,12 @@ Config read_hf_config(const std::string& path) {
     // Refuse what the forward pass would silently get wrong rather than convert it.
     if (const json* a = field(j, "hidden_act"); a && *a != "silu")
         throw Error(fmt("%s: hidden_act %s is not supported (only silu)", p, a->dump().c_str()));
+    // Mistral v0.1 attends within a sliding window; without it the model would be wrong past it.
+    if (const json* sw = field(j, "sliding_window");
+        sw && sw->is_number_integer() && field(j, "max_position_embeddings") &&
+        sw->get<int64_t>() < (*field(j, "max_position_embeddings")).get<int64_t>())
+        throw Error(fmt("%s: sliding_window %s (attention limited to a window) is not supported yet", p,
+                        sw->dump().c_str()));
     if (const json* r = field(j, "rope_scaling"))
         throw Error(fmt("%s: rope_scaling %s is not supported yet", p, r->dump().c_str()));
 

@@ -47,6 +47,7 @@ struct Options {
     // many prompts: --prompts-file
     std::string prompts_file, output;
     bool resume = false;
+    bool write_results = true;  // false on tensor-parallel ranks other than 0
     bool ignore_eos = false;
     int max_batch_tokens = 512;
     int max_seqs = 32;
@@ -195,7 +196,7 @@ std::set<std::string> finished_ids(const std::string& path) {
     return ids;
 }
 
-int generate_batch(Model& model, const Tokenizer& tok, const Options& o) {
+int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* comm) {
     const Config& c = model.cfg;
     Request defaults;
     defaults.max_new_tokens = o.max_new_tokens;
@@ -230,7 +231,13 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o) {
     }
 
     // Results are appended and flushed one line at a time, so an interrupted run keeps them.
-    FILE* out = std::fopen(o.output.c_str(), o.resume ? "a+" : "w");
+    if (comm) {
+        // Every rank must run the same requests in the same order, or their collectives mismatch.
+        std::string ids;
+        for (const Request& r : reqs) ids += r.id + '\n';
+        check_same_on_all_ranks(*comm, ids, "requests (--prompts-file and the --resume state of --output)");
+    }
+    FILE* out = o.write_results ? std::fopen(o.output.c_str(), o.resume ? "a+" : "w") : std::fopen("/dev/null", "w");
     if (!out) throw Error(fmt("--output %s: cannot open the file for writing", o.output.c_str()));
     if (o.resume && std::fseek(out, -1, SEEK_END) == 0 && std::fgetc(out) != '\n') std::fputc('\n', out);  // a cut line
 
@@ -310,7 +317,7 @@ Comm* join_ranks(int argc, char** argv, Options& o, ErrorOut* err) {
         if (err->fd < 0 || null < 0 || dup2(null, STDOUT_FILENO) < 0 || dup2(null, STDERR_FILENO) < 0)
             throw Error("cannot silence the output of a rank other than 0");
         close(null);
-        if (!o.output.empty()) o.output = "/dev/null";  // rank 0 writes the results file
+        o.write_results = false;  // rank 0 writes the results file; every rank reads it for --resume
     }
     return &world;
 }
@@ -415,7 +422,7 @@ int run(int argc, char** argv, ErrorOut* err) {
                  o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed,
                  o.max_new_tokens);
 
-    if (batch_mode) return generate_batch(model, tok, o);
+    if (batch_mode) return generate_batch(model, tok, o, comm);
     KVCache kv(c, c.max_seq_len);
     if (!o.perplexity_file.empty()) {
         perplexity(model, kv, tok, o.perplexity_file);
@@ -456,9 +463,12 @@ int main(int argc, char** argv) {
     ErrorOut err;
     try {
         return run(argc, argv, &err);
-    } catch (const Error& e) {
-        if (err.rank > 0) dprintf(err.fd, "rank %d: error: %s\n", err.rank, e.what());
-        else dprintf(err.fd, "error: %s\n", e.what());
+    } catch (const std::exception& e) {
+        // Error is bad input; anything else (out of memory, a library's exception) is reported the
+        // same way rather than ending in std::terminate.
+        const char* kind = dynamic_cast<const Error*>(&e) ? "" : "internal: ";
+        if (err.rank > 0) dprintf(err.fd, "rank %d: error: %s%s\n", err.rank, kind, e.what());
+        else dprintf(err.fd, "error: %s%s\n", kind, e.what());
         // Other ranks may be waiting in a collective for this one: end them all.
         if (launched_by_mpirun()) abort_all_ranks(1);
         return 1;

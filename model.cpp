@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -42,8 +43,14 @@ Config Config::from_json(const std::string& text, const std::string& where) {
             if (required) throw Error(fmt("%s: config is missing '%s'", where.c_str(), key));
             return;
         }
-        if (!j[key].is_number_integer()) throw Error(fmt("%s: config '%s' must be an integer", where.c_str(), key));
-        *out = j[key].get<int>();
+        if (!j[key].is_number_integer() || j[key].get<int64_t>() < INT_MIN || j[key].get<int64_t>() > INT_MAX)
+            throw Error(fmt("%s: config '%s' must be an integer", where.c_str(), key));
+        *out = int(j[key].get<int64_t>());
+    };
+    auto get_number = [&](const char* key, float* out) {
+        if (!j.contains(key)) return;
+        if (!j[key].is_number()) throw Error(fmt("%s: config '%s' must be a number", where.c_str(), key));
+        *out = j[key].get<float>();
     };
     get_int("dim", &c.dim, true);
     get_int("hidden_dim", &c.hidden_dim, true);
@@ -59,10 +66,18 @@ Config Config::from_json(const std::string& text, const std::string& where) {
     get_int("eos_id", &c.eos_id, false);
     get_int("n_experts", &c.n_experts, false);
     get_int("n_experts_per_tok", &c.n_experts_per_tok, false);
-    if (j.contains("norm_eps")) c.norm_eps = j["norm_eps"].get<float>();
-    if (j.contains("rope_theta")) c.rope_theta = j["rope_theta"].get<float>();
-    if (j.contains("tie_embeddings")) c.tie_embeddings = j["tie_embeddings"].get<bool>();
+    get_number("norm_eps", &c.norm_eps);
+    get_number("rope_theta", &c.rope_theta);
+    if (j.contains("tie_embeddings")) {
+        if (!j["tie_embeddings"].is_boolean())
+            throw Error(fmt("%s: config 'tie_embeddings' must be true or false", where.c_str()));
+        c.tie_embeddings = j["tie_embeddings"].get<bool>();
+    }
     c.validate(where);
+    // (Not in validate(): converters fill these in from the tokenizer after validating.)
+    if (c.bos_id < 0 || c.bos_id >= c.vocab_size || c.eos_id < 0 || c.eos_id >= c.vocab_size)
+        throw Error(fmt("%s: config bos_id = %d and eos_id = %d must be token ids below vocab_size = %d",
+                        where.c_str(), c.bos_id, c.eos_id, c.vocab_size));
     return c;
 }
 
@@ -74,6 +89,14 @@ void Config::validate(const std::string& where) const {
         {"max_seq_len", max_seq_len}};
     for (auto& s : sizes)
         if (s.value <= 0) throw Error(fmt("%s: config %s = %d must be positive", w, s.name, s.value));
+    // Matrix sizes are computed in int across the code: keep every product of two sizes in range.
+    struct { const char* what; int64_t value; } products[] = {
+        {"n_heads x head_dim", int64_t(n_heads) * head_dim}, {"vocab_size x dim", int64_t(vocab_size) * dim},
+        {"hidden_dim x dim", int64_t(hidden_dim) * dim}, {"max_seq_len x n_kv_heads x head_dim",
+                                                          int64_t(max_seq_len) * n_kv_heads * head_dim}};
+    for (auto& p : products)
+        if (p.value > INT_MAX) throw Error(fmt("%s: config %s = %lld is too large", w, p.what, (long long)p.value));
+    if (max_seq_len < 2) throw Error(fmt("%s: config max_seq_len = %d must be at least 2", w, max_seq_len));
     if (n_heads % n_kv_heads != 0)
         throw Error(fmt("%s: config n_heads = %d is not a multiple of n_kv_heads = %d", w, n_heads, n_kv_heads));
     if (head_dim % 2 != 0) throw Error(fmt("%s: config head_dim = %d must be even for RoPE", w, head_dim));

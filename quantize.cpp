@@ -80,6 +80,9 @@ int main(int argc, char** argv) {
     } catch (const Error& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
+    } catch (const std::exception& e) {  // out of memory, a library's exception: still no terminate
+        std::fprintf(stderr, "error: internal: %s\n", e.what());
+        return 1;
     }
     return 0;
 }

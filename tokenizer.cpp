@@ -47,8 +47,8 @@ std::string Tokenizer::decode(const std::vector<int>& ids) const {
 }
 
 std::string Tokenizer::token_bytes(int prev, int id) const {
-    if (id < 0 || id >= vocab_size())
-        throw Error(fmt("tokenizer: token id %d outside the vocabulary [0, %d)", id, vocab_size()));
+    if (id < 0) throw Error(fmt("tokenizer: negative token id %d", id));
+    if (id >= vocab_size()) return "";  // a model's padded vocabulary: ids the tokenizer has no piece for
     if (sp_->IsControl(id)) return "";                         // <s>, </s>: invisible
     if (sp_->IsUnknown(id)) return sp_->DecodeIds({id});       // the model's unk surface (" ⁇ ")
     const std::string& piece = sp_->IdToPiece(id);

@@ -6,6 +6,7 @@
 #define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <functional>
 #include <vector>
@@ -48,14 +49,21 @@ class MpiComm final : public Comm {
     }
     int rank() const override { return rank_; }
     int size() const override { return size_; }
+    // MPI counts are int: large buffers go in chunks (a 32k-context perplexity window of logits is
+    // over 2^31 bytes).
     void all_reduce_sum(float* x, size_t n) override {
-        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x, int(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+        for (size_t done = 0; done < n; done += kChunk)
+            MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, x + done, int(std::min(kChunk, n - done)), MPI_FLOAT, MPI_SUM,
+                                    MPI_COMM_WORLD));
     }
     void broadcast(void* data, size_t bytes, int root) override {
-        MPI_CHECK(MPI_Bcast(data, int(bytes), MPI_BYTE, root, MPI_COMM_WORLD));
+        for (size_t done = 0; done < bytes; done += kChunk)
+            MPI_CHECK(MPI_Bcast(static_cast<char*>(data) + done, int(std::min(kChunk, bytes - done)), MPI_BYTE, root,
+                                MPI_COMM_WORLD));
     }
 
   private:
+    static constexpr size_t kChunk = size_t(1) << 30;
     int rank_ = 0, size_ = 1;
 };
 

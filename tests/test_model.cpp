@@ -194,6 +194,35 @@ TEST_CASE("model.bin loader refuses files that do not match their config") {
         CHECK_THROWS_WITH_AS(Model(dir + "/dtype.bin", cpu_ops(0)),
                              doctest::Contains("'tok_embeddings.weight': dtype I32 is not a float format"), Error);
     }
+    SUBCASE("config values of the wrong type or out of range") {
+        auto with_config = [&](const std::string& json) {
+            SafetensorsWriter w;
+            w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", json},
+                          {"quantization", "none"}};
+            for (auto& [name, v] : tw.tensors) w.add_bytes(name, DType::F32, tw.shape_of(name), v.data());
+            w.write(dir + "/cfg.bin");
+            return dir + "/cfg.bin";
+        };
+        std::string good = c.to_json();
+        auto patched = [&](const std::string& key, const std::string& value) {  // replace one "key": value
+            std::string s = good;
+            size_t at = s.find("\"" + key + "\":");
+            REQUIRE(at != std::string::npos);
+            size_t from = s.find(':', at) + 1, to = s.find_first_of(",}", from);
+            return s.replace(from, to - from, value);
+        };
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("norm_eps", "\"tiny\"")), cpu_ops(0)),
+                             doctest::Contains("config 'norm_eps' must be a number"), Error);
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("bos_id", "600")), cpu_ops(0)),
+                             doctest::Contains("bos_id = 600 and eos_id = 2 must be token ids below vocab_size = 512"),
+                             Error);
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("max_seq_len", "1")), cpu_ops(0)),
+                             doctest::Contains("max_seq_len = 1 must be at least 2"), Error);
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("head_dim", "600000000")), cpu_ops(0)),
+                             doctest::Contains("n_heads x head_dim = 2400000000 is too large"), Error);
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("dim", "99999999999")), cpu_ops(0)),
+                             doctest::Contains("config 'dim' must be an integer"), Error);
+    }
     SUBCASE("not a fastgen file") {
         SafetensorsWriter w;
         float x = 1;
