@@ -179,12 +179,18 @@ inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stri
 
 // int4: 32 columns per step from 16 bytes. Widening the bytes to 32-bit lanes puts column 2i in
 // the low nibble and 2i+1 in the high nibble of lane i, so a mask gives the 16 even columns and a
-// shift the 16 odd ones; x comes in the same split_pairs layout as for bf16. Dequantized in
-// registers as q * s + (-zero * s) (one FMA), with s and -zero*s broadcast once per group.
-// cols is a multiple of the group (>= 32), so there is no column tail.
+// shift the 16 odd ones; x comes in the same split_pairs layout as for bf16. Per group,
+// sum x*w = s * sum x*q - s*z * sum x: the inner loop only converts q to f32 and accumulates x*q
+// into a per-group sum (no per-weight dequantization), which is scaled into the row's accumulator
+// once per group; the zero points' s*z*sum(x) terms (xsum: per token, the sum of x over each group,
+// computed once per matmul) go in 16 groups at a time at the end. Every token's dot product is the
+// same operation sequence whatever NT (batch invariance). cols is a multiple of the group (>= 32),
+// so there is no column tail.
 template <int NT, int NR>
-inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
+inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0,
+                    const float* xsum, size_t xsum_stride) {
     const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;  // bytes, groups per row
+    const int ng = W.cols / W.group;
     const uint8_t* w = static_cast<const uint8_t*>(W.data) + r0 * ws;
     const float* sc = W.scales + r0 * gs;
     const uint8_t* zp = W.zeros + r0 * gs;
@@ -192,25 +198,35 @@ inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stri
     __m512 acc[NT][NR];
     for (int t = 0; t < NT; t++)
         for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
-    for (int g = 0; g < W.cols / W.group; g++) {
-        __m512 s[NR], zs[NR];
-        for (int r = 0; r < NR; r++) {
-            float sv = sc[r * gs + g];
-            s[r] = _mm512_set1_ps(sv);
-            zs[r] = _mm512_set1_ps(-float(zp[r * gs + g]) * sv);
-        }
+    for (int g = 0; g < ng; g++) {
+        __m512 gacc[NT][NR];
+        for (int t = 0; t < NT; t++)
+            for (int r = 0; r < NR; r++) gacc[t][r] = _mm512_setzero_ps();
         for (int k = g * W.group; k < (g + 1) * W.group; k += 2 * kLanes) {
             __m512 even[NR], odd[NR];
             for (int r = 0; r < NR; r++) {
                 __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ws + k / 2)));
-                even[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nib)), s[r], zs[r]);
-                odd[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s[r], zs[r]);
+                even[r] = _mm512_cvtepi32_ps(_mm512_and_si512(v, nib));
+                odd[r] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
             }
             for (int t = 0; t < NT; t++) {
                 __m512 xe = _mm512_loadu_ps(x + t * x_stride + k), xo = _mm512_loadu_ps(x + t * x_stride + k + 16);
                 for (int r = 0; r < NR; r++)
-                    acc[t][r] = _mm512_fmadd_ps(xo, odd[r], _mm512_fmadd_ps(xe, even[r], acc[t][r]));
+                    gacc[t][r] = _mm512_fmadd_ps(xo, odd[r], _mm512_fmadd_ps(xe, even[r], gacc[t][r]));
             }
+        }
+        for (int r = 0; r < NR; r++) {
+            const __m512 s = _mm512_set1_ps(sc[r * gs + g]);
+            for (int t = 0; t < NT; t++) acc[t][r] = _mm512_fmadd_ps(gacc[t][r], s, acc[t][r]);
+        }
+    }
+    for (int g = 0; g < ng; g += kLanes) {  // acc -= s * z * xsum, 16 groups per step
+        const __mmask16 m = ng - g >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+        for (int r = 0; r < NR; r++) {
+            __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + r * gs + g),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zp + r * gs + g))));
+            for (int t = 0; t < NT; t++)
+                acc[t][r] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, xsum + t * xsum_stride + g), acc[t][r]);
         }
     }
     float sums[NT][NR];
@@ -258,7 +274,8 @@ inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stri
 }
 
 template <int NT, int NR>
-inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
+inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0,
+                    const float*, size_t) {
     const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;
     float acc[NT][NR] = {};
     for (int r = 0; r < NR; r++) {
@@ -292,6 +309,26 @@ void split_pairs(const float* x, int n, int cols, std::vector<float>& out) {
     }
 }
 
+// xsum[t][g] = sum of x[t] over columns [g * group, (g + 1) * group), for tile_i4's zero points;
+// per token, always in the same order (batch invariance).
+void group_sums(const float* x, int n, int cols, int group, std::vector<float>& out) {
+    const int ng = cols / group;
+    out.resize(size_t(n) * ng + 1);
+    for (int t = 0; t < n; t++)
+        for (int g = 0; g < ng; g++) {
+            const float* p = x + size_t(t) * cols + size_t(g) * group;
+#ifdef FASTGEN_AVX512
+            __m512 a = _mm512_loadu_ps(p);
+            for (int k = kLanes; k < group; k += kLanes) a = _mm512_add_ps(a, _mm512_loadu_ps(p + k));
+            out[size_t(t) * ng + g] = _mm512_reduce_add_ps(a);
+#else
+            float a = 0.0f;
+            for (int k = 0; k < group; k++) a += p[k];
+            out[size_t(t) * ng + g] = a;
+#endif
+        }
+}
+
 // sum a[i] * b[i]; explicit lanes because the compiler may not reorder a float reduction.
 inline float dot(const float* a, const float* b, int n) {
 #ifdef FASTGEN_AVX512
@@ -312,13 +349,14 @@ inline float dot(const float* a, const float* b, int n) {
 
 // NT tokens x NR rows starting at row r: the tile for format T.
 template <DType T, int NT, int NR, bool kPrefetch>
-inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r) {
+inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, const float* xsum) {
     float* o = out + size_t(t0) * W.rows + r;
     const float* xt = x + size_t(t0) * W.cols;
     if constexpr (T == DType::I8) {
         tile_i8<NT, NR>(o, W.rows, xt, W.cols, W, r);
     } else if constexpr (T == DType::U8) {
-        tile_i4<NT, NR>(o, W.rows, xt, W.cols, W, r);
+        const size_t ng = size_t(W.cols / W.group);
+        tile_i4<NT, NR>(o, W.rows, xt, W.cols, W, r, xsum + size_t(t0) * ng, ng);
     } else {
         const size_t ws = size_t(W.stride) * dtype_size(T);
         tile<T, NT, NR, kPrefetch>(o, W.rows, xt, W.cols, static_cast<const uint8_t*>(W.data) + r * ws, ws, W.cols);
@@ -330,18 +368,18 @@ inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r) 
 // rows; later token tiles find the block in L2, where prefetching into L1 measured much slower
 // (n = 64: 79 -> 155+ ms). Larger tiles (8x2, 8x3, 6x4) measured slower too (BENCHMARKS.md).
 template <DType T, int NT>
-inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1) {
+inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1, const float* xsum) {
     constexpr int NR = 4;
     int r = r0;
     if (NT > 1 && t0 == 0)
-        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, true>(out, x, W, t0, r);
+        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, true>(out, x, W, t0, r, xsum);
     else
-        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, false>(out, x, W, t0, r);
-    for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r);
+        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, false>(out, x, W, t0, r, xsum);
+    for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r, xsum);
 }
 
 template <DType T>
-void matmul_typed(float* out, const float* x, const Weight& W, int n) {
+void matmul_typed(float* out, const float* x, const Weight& W, int n, const float* xsum = nullptr) {
     // Row blocks small enough that a block of weights stays in L2 while every token tile uses it.
     const size_t row_bytes = T == DType::U8 ? size_t(W.cols) / 2 : size_t(W.cols) * dtype_size(T);
     const int block = n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
@@ -350,11 +388,11 @@ void matmul_typed(float* out, const float* x, const Weight& W, int n) {
     for (int b = 0; b < n_blocks; b++) {
         int r0 = b * block, r1 = std::min(W.rows, r0 + block);
         int t = 0;
-        for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1);
+        for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, xsum);
         switch (n - t) {
-            case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1); break;
-            case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1); break;
-            case 1: rows_for_tokens<T, 1>(out, x, W, t, r0, r1); break;
+            case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1, xsum); break;
+            case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1, xsum); break;
+            case 1: rows_for_tokens<T, 1>(out, x, W, t, r0, r1, xsum); break;
             default: break;
         }
     }
@@ -378,11 +416,12 @@ struct CpuOps final : Ops {
             case DType::I8: matmul_typed<DType::I8>(out, x, w, n); break;
             case DType::U8:  // int4, packed
                 assert(w.group >= 32 && w.cols % w.group == 0 && w.stride % w.group == 0);
+                group_sums(x, n, w.cols, w.group, x_gsum_);
                 if (kSplitPairs) {
                     split_pairs(x, n, w.cols, x_split_);
                     x = x_split_.data();
                 }
-                matmul_typed<DType::U8>(out, x, w, n);
+                matmul_typed<DType::U8>(out, x, w, n, x_gsum_.data());
                 break;
             default: assert(false && "matmul: unsupported weight dtype");
         }
@@ -477,6 +516,7 @@ struct CpuOps final : Ops {
     }
 
     std::vector<float> x_split_;  // scratch: x in split_pairs layout for bf16 weights
+    std::vector<float> x_gsum_;   // scratch: per token, the sum of x over each int4 group
 
     void add(float* x, const float* y, size_t n) override {
         for (size_t i = 0; i < n; i++) x[i] += y[i];
