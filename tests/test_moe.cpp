@@ -15,20 +15,6 @@
 
 namespace {
 
-// Logits for every position of `tokens` from scripts/reference.py (float64 PyTorch).
-std::vector<float> reference_logits(const std::string& model, const std::vector<int>& tokens, int vocab) {
-    std::string ids;
-    for (int t : tokens) ids += (ids.empty() ? "" : ",") + std::to_string(t);
-    std::string out = model + ".ref";
-    std::string cmd = "/usr/bin/python3 scripts/reference.py " + model + " --tokens " + ids + " --out " + out;
-    REQUIRE_MESSAGE(std::system(cmd.c_str()) == 0, cmd);
-    std::string bytes = read_file(out);
-    REQUIRE(bytes.size() == tokens.size() * size_t(vocab) * sizeof(float));
-    std::vector<float> v(bytes.size() / sizeof(float));
-    std::memcpy(v.data(), bytes.data(), bytes.size());
-    return v;
-}
-
 // Worst over positions of max |a - b| / max |b| within each position's logits.
 double worst_rel_error(const std::vector<float>& a, const std::vector<float>& b, int vocab) {
     REQUIRE(a.size() == b.size());
@@ -42,24 +28,6 @@ double worst_rel_error(const std::vector<float>& a, const std::vector<float>& b,
         worst = std::max(worst, diff / scale);
     }
     return worst;
-}
-
-std::vector<int> random_tokens(int n, int vocab, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::vector<int> t{1};
-    while (int(t.size()) < n) t.push_back(int(rng() % unsigned(vocab)));
-    return t;
-}
-
-// One token per forward through the KV cache, as decoding does.
-std::vector<float> decode_logits(Model& m, const std::vector<int>& tokens) {
-    KVCache kv(m.cfg, int(tokens.size()));
-    std::vector<float> logits(tokens.size() * size_t(m.cfg.vocab_size));
-    for (int i = 0; i < int(tokens.size()); i++) {
-        REQUIRE(kv.reserve(0, i + 1));
-        m.forward(kv, {{0, i, tokens[size_t(i)]}}, {0}, logits.data() + size_t(i) * m.cfg.vocab_size);
-    }
-    return logits;
 }
 
 Config moe_config(int dim, int hidden, int layers, int heads, int kv_heads, int experts, int top_k) {

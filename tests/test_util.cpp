@@ -50,6 +50,38 @@ std::vector<float> prefill_logits(Model& m, const std::vector<int>& tokens) {
     return logits;
 }
 
+// Logits for every position of `tokens` from scripts/reference.py (float64 PyTorch).
+std::vector<float> reference_logits(const std::string& model, const std::vector<int>& tokens, int vocab) {
+    std::string ids;
+    for (int t : tokens) ids += (ids.empty() ? "" : ",") + std::to_string(t);
+    std::string out = model + ".ref";
+    std::string cmd = "/usr/bin/python3 scripts/reference.py " + model + " --tokens " + ids + " --out " + out;
+    if (std::system(cmd.c_str()) != 0) throw std::runtime_error("failed: " + cmd);
+    std::string bytes = read_file(out);
+    if (bytes.size() != tokens.size() * size_t(vocab) * sizeof(float)) throw std::runtime_error("bad size: " + out);
+    std::vector<float> v(bytes.size() / sizeof(float));
+    std::memcpy(v.data(), bytes.data(), bytes.size());
+    return v;
+}
+
+std::vector<int> random_tokens(int n, int vocab, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::vector<int> t{1};
+    while (int(t.size()) < n) t.push_back(int(rng() % unsigned(vocab)));
+    return t;
+}
+
+// One token per forward through the KV cache, as decoding does.
+std::vector<float> decode_logits(Model& m, const std::vector<int>& tokens) {
+    KVCache kv(m.cfg, int(tokens.size()));
+    std::vector<float> logits(tokens.size() * size_t(m.cfg.vocab_size));
+    for (int i = 0; i < int(tokens.size()); i++) {
+        if (!kv.reserve(0, i + 1)) throw std::runtime_error("decode_logits: KV cache full");
+        m.forward(kv, {{0, i, tokens[i]}}, {0}, logits.data() + size_t(i) * m.cfg.vocab_size);
+    }
+    return logits;
+}
+
 CommandResult run_command(const std::string& cmd) {
     static int n = 0;
     const std::string base = temp_dir() + "/cmd-" + std::to_string(n++);

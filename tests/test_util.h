@@ -19,6 +19,12 @@ struct TinyWeights {
 TinyWeights random_weights(const Config& c, unsigned seed);
 // Writes them as model.bin (tokenizer: ../shared/models/tok512.model) stored in `dtype`.
 void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype);
+// Logits for every position of `tokens` from scripts/reference.py (float64 PyTorch), [n][vocab].
+std::vector<float> reference_logits(const std::string& model_bin, const std::vector<int>& tokens, int vocab);
+// BOS, then n - 1 random ids below vocab, deterministic in seed.
+std::vector<int> random_tokens(int n, int vocab, unsigned seed);
+// Logits at every position, one token per forward through the KV cache, as decoding does.
+std::vector<float> decode_logits(Model& m, const std::vector<int>& tokens);
 // Logits at every position of `tokens`: the whole sequence as one prefill batch (sequence 0).
 std::vector<float> prefill_logits(Model& m, const std::vector<int>& tokens);
 
