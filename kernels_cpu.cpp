@@ -439,15 +439,13 @@ struct CpuOps final : Ops {
         }
     }
 
-    void rope(float* x, const int* positions, int n, int n_heads, int head_dim, float theta) override {
+    void rope(float* x, const float* cos_sin, int n, int n_heads, int head_dim) override {
 #pragma omp parallel for schedule(static) if (n > 1)
         for (int t = 0; t < n; t++) {
             float* xt = x + size_t(t) * n_heads * head_dim;
+            const float* cs = cos_sin + size_t(t) * head_dim;  // [head_dim / 2][2]
             for (int i = 0; i < head_dim / 2; i++) {
-                // angle in double: positions times small frequencies lose digits in f32
-                double freq = std::pow(double(theta), -2.0 * i / head_dim);
-                double angle = positions[t] * freq;
-                float c = float(std::cos(angle)), s = float(std::sin(angle));
+                const float c = cs[2 * i], s = cs[2 * i + 1];
                 for (int h = 0; h < n_heads; h++) {
                     float* p = xt + h * head_dim + 2 * i;
                     float a = p[0], b = p[1];

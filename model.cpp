@@ -511,6 +511,15 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
         slots[i] = it->second[t.pos / kv.block_size] * kv.block_size + t.pos % kv.block_size;
         tables[i] = it->second.data();
     }
+    // RoPE angles, once for every layer: pos * theta^(-2i/head_dim) in double (positions times
+    // small frequencies lose digits in f32), then cos and sin.
+    rope_.resize(size_t(n) * c.head_dim);
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < c.head_dim / 2; i++) {
+            const double angle = positions[t] * std::pow(double(c.rope_theta), -2.0 * i / c.head_dim);
+            rope_[size_t(t) * c.head_dim + 2 * i] = float(std::cos(angle));
+            rope_[size_t(t) * c.head_dim + 2 * i + 1] = float(std::sin(angle));
+        }
     AttentionBatch ab{positions.data(), tables.data(), kv.block_size, c.n_heads, c.n_kv_heads, c.head_dim};
 
     ops_->embed(x_.data(), w.tok_embeddings, tokens.data(), n);
@@ -521,8 +530,8 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
         ops_->matmul(q_.data(), xb_.data(), L.wq, n);
         ops_->matmul(k_.data(), xb_.data(), L.wk, n);
         ops_->matmul(v_.data(), xb_.data(), L.wv, n);
-        ops_->rope(q_.data(), positions.data(), n, c.n_heads, c.head_dim, c.rope_theta);
-        ops_->rope(k_.data(), positions.data(), n, c.n_kv_heads, c.head_dim, c.rope_theta);
+        ops_->rope(q_.data(), rope_.data(), n, c.n_heads, c.head_dim);
+        ops_->rope(k_.data(), rope_.data(), n, c.n_kv_heads, c.head_dim);
         ops_->kv_write(kv.k_layer(l), kv.v_layer(l), k_.data(), v_.data(), slots.data(), n, kv_dim);
         ops_->attention(att_.data(), q_.data(), kv.k_layer(l), kv.v_layer(l), ab, n);
         ops_->matmul(xb_.data(), att_.data(), L.wo, n);

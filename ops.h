@@ -59,9 +59,10 @@ struct Ops {
     // out[n][dim] = x / rms(x) * weight
     virtual void rmsnorm(float* out, const float* x, const float* weight, int n, int dim,
                          float eps) = 0;
-    // Rotate adjacent pairs (2i, 2i+1) of each head by pos * theta^(-2i/head_dim), in place.
-    virtual void rope(float* x, const int* positions, int n, int n_heads, int head_dim,
-                      float theta) = 0;
+    // Rotate adjacent pairs (2i, 2i+1) of each head of token t, in place, by the angle whose cosine
+    // and sine are cos_sin[t][i][0..1] (model.cpp builds the table once per forward: every layer
+    // and both q and k use the same angles).
+    virtual void rope(float* x, const float* cos_sin, int n, int n_heads, int head_dim) = 0;
     // Write k/v rows [n][kv_dim] to cache slots (slot = block * block_size + offset).
     virtual void kv_write(float* k_cache, float* v_cache, const float* k, const float* v,
                           const int* slots, int n, int kv_dim) = 0;
