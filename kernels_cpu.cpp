@@ -464,41 +464,50 @@ struct CpuOps final : Ops {
         }
     }
 
-    // One (token, query head) pair per iteration: scores over positions 0..pos read through the
-    // block table, a max-subtracted softmax, then the weighted sum of values.
+    // One (token, KV head) pair per iteration, for the `group` query heads that share it (GQA):
+    // each cached K and V row is read once for the whole group. Per query head: scores over
+    // positions 0..pos read through the block table, a max-subtracted softmax, then the weighted
+    // sum of values, in the same order of operations whatever the batch.
     void attention(float* out, const float* q, const float* k_cache, const float* v_cache, const AttentionBatch& b,
                    int n) override {
         const int hd = b.head_dim, kv_dim = b.n_kv_heads * hd, group = b.n_heads / b.n_kv_heads;
         const float scale = 1.0f / std::sqrt(float(hd));
 #pragma omp parallel
         {
-            std::vector<float> scores;
+            std::vector<float> scores, sums;  // per thread: [group][len] and [group]
 #pragma omp for schedule(dynamic) collapse(2)
             for (int t = 0; t < n; t++) {
-                for (int h = 0; h < b.n_heads; h++) {
-                    const int len = b.positions[t] + 1, kvh = h / group;
+                for (int kvh = 0; kvh < b.n_kv_heads; kvh++) {
+                    const int len = b.positions[t] + 1;
                     const int* table = b.block_tables[t];
-                    const float* qh = q + (size_t(t) * b.n_heads + h) * hd;
-                    if (scores.size() < size_t(len)) scores.resize(size_t(len));
-                    float mx = -INFINITY;
+                    const float* qg = q + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;  // [group][hd]
+                    float* og = out + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;
+                    if (scores.size() < size_t(group) * len) scores.resize(size_t(group) * len);
                     for (int p = 0; p < len; p++) {
                         size_t slot = size_t(table[p / b.block_size]) * b.block_size + p % b.block_size;
                         const float* kp = k_cache + slot * kv_dim + kvh * hd;
-                        scores[p] = dot(qh, kp, hd) * scale;
-                        mx = std::max(mx, scores[p]);
+                        for (int g = 0; g < group; g++) scores[size_t(g) * len + p] = dot(qg + g * hd, kp, hd) * scale;
                     }
-                    float sum = 0.0f;
-                    for (int p = 0; p < len; p++) {
-                        scores[p] = std::exp(scores[p] - mx);
-                        sum += scores[p];
+                    sums.resize(size_t(group));
+                    for (int g = 0; g < group; g++) {
+                        float* sg = scores.data() + size_t(g) * len;
+                        const float mx = *std::max_element(sg, sg + len);
+                        float sum = 0.0f;
+                        for (int p = 0; p < len; p++) {
+                            sg[p] = std::exp(sg[p] - mx);
+                            sum += sg[p];
+                        }
+                        sums[size_t(g)] = sum;
                     }
-                    float* oh = out + (size_t(t) * b.n_heads + h) * hd;
-                    std::fill(oh, oh + hd, 0.0f);
+                    std::fill(og, og + size_t(group) * hd, 0.0f);
                     for (int p = 0; p < len; p++) {
                         size_t slot = size_t(table[p / b.block_size]) * b.block_size + p % b.block_size;
                         const float* vp = v_cache + slot * kv_dim + kvh * hd;
-                        float a = scores[p] / sum;
-                        for (int i = 0; i < hd; i++) oh[i] += a * vp[i];
+                        for (int g = 0; g < group; g++) {
+                            const float a = scores[size_t(g) * len + p] / sums[size_t(g)];
+                            float* oh = og + g * hd;
+                            for (int i = 0; i < hd; i++) oh[i] += a * vp[i];
+                        }
                     }
                 }
             }
