@@ -16,16 +16,6 @@
 
 namespace {
 
-// max |a - b| / max |b| over one row: the relative error the issue bounds.
-double rel_error(const float* a, const float* b, int n) {
-    double diff = 0, scale = 0;
-    for (int i = 0; i < n; i++) {
-        diff = std::max(diff, std::fabs(double(a[i]) - b[i]));
-        scale = std::max(scale, std::fabs(double(b[i])));
-    }
-    return diff / scale;
-}
-
 void check_close(const std::vector<float>& ours, const std::vector<float>& ref, int vocab, double tol) {
     int n = int(ref.size() / vocab);
     double worst = 0;

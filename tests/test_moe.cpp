@@ -15,21 +15,6 @@
 
 namespace {
 
-// Worst over positions of max |a - b| / max |b| within each position's logits.
-double worst_rel_error(const std::vector<float>& a, const std::vector<float>& b, int vocab) {
-    REQUIRE(a.size() == b.size());
-    double worst = 0;
-    for (size_t p = 0; p < b.size() / size_t(vocab); p++) {
-        double diff = 0, scale = 0;
-        for (size_t i = p * vocab; i < (p + 1) * vocab; i++) {
-            diff = std::max(diff, std::fabs(double(a[i]) - b[i]));
-            scale = std::max(scale, std::fabs(double(b[i])));
-        }
-        worst = std::max(worst, diff / scale);
-    }
-    return worst;
-}
-
 Config moe_config(int dim, int hidden, int layers, int heads, int kv_heads, int experts, int top_k) {
     Config c = tiny_config(dim, hidden, layers, heads, kv_heads, false);
     c.n_experts = experts;

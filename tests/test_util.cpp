@@ -1,6 +1,7 @@
 // tests/test_util.cpp: shared test helpers (paths, temp dirs, tiny random models).
 #include "test_util.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <sys/wait.h>
@@ -80,6 +81,24 @@ std::vector<float> decode_logits(Model& m, const std::vector<int>& tokens) {
         m.forward(kv, {{0, i, tokens[i]}}, {0}, logits.data() + size_t(i) * m.cfg.vocab_size);
     }
     return logits;
+}
+
+// max |a - b| / max |b| over one row: the relative error the issue bounds.
+double rel_error(const float* a, const float* b, int n) {
+    double diff = 0, scale = 0;
+    for (int i = 0; i < n; i++) {
+        diff = std::max(diff, std::fabs(double(a[i]) - b[i]));
+        scale = std::max(scale, std::fabs(double(b[i])));
+    }
+    return diff / scale;
+}
+
+double worst_rel_error(const std::vector<float>& a, const std::vector<float>& b, int vocab) {
+    if (a.size() != b.size()) throw std::runtime_error("worst_rel_error: sizes differ");
+    double worst = 0;
+    for (size_t p = 0; p < b.size() / size_t(vocab); p++)
+        worst = std::max(worst, rel_error(a.data() + p * vocab, b.data() + p * vocab, vocab));
+    return worst;
 }
 
 CommandResult run_command(const std::string& cmd) {

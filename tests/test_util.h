@@ -25,6 +25,10 @@ std::vector<float> reference_logits(const std::string& model_bin, const std::vec
 std::vector<int> random_tokens(int n, int vocab, unsigned seed);
 // Logits at every position, one token per forward through the KV cache, as decoding does.
 std::vector<float> decode_logits(Model& m, const std::vector<int>& tokens);
+// max |a - b| / max |b| over one row of n logits: the relative error the tests bound.
+double rel_error(const float* a, const float* b, int n);
+// The worst rel_error over the rows of two [positions][vocab] logit arrays.
+double worst_rel_error(const std::vector<float>& a, const std::vector<float>& b, int vocab);
 // Logits at every position of `tokens`: the whole sequence as one prefill batch (sequence 0).
 std::vector<float> prefill_logits(Model& m, const std::vector<int>& tokens);
 
