@@ -411,6 +411,13 @@ size_t Model::weight_bytes_per_token() const {
 // ---------------------------------------------------------------------------------------------
 // mixture of experts
 
+namespace {
+// Scratch buffers only grow: after the largest batch, no forward allocates them again.
+void grow(std::vector<float>& v, size_t size) {
+    if (v.size() < size) v.resize(size);
+}
+}  // namespace
+
 void moe_route(const float* logits, int n, int k, int* chosen, float* weights) {
     assert(n > 0 && k >= 1 && k <= n);
     std::vector<double> p(static_cast<size_t>(n));
@@ -441,7 +448,6 @@ void moe_route(const float* logits, int n, int k, int* chosen, float* weights) {
 void Model::moe_ffn(const LayerWeights& L, int n) {
     const Config& c = cfg;
     const int E = c.n_experts, k = c.n_experts_per_tok, d = c.dim;
-    auto grow = [](std::vector<float>& v, size_t size) { if (v.size() < size) v.resize(size); };
     grow(router_, size_t(n) * E);
     grow(xg_, size_t(n) * d);
     grow(yg_, size_t(n) * d);
@@ -486,7 +492,6 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
     const int n = int(batch.size());
     const int q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
     assert(kv.kv_dim == kv_dim && kv.n_layers == c.n_layers);
-    auto grow = [](std::vector<float>& v, size_t size) { if (v.size() < size) v.resize(size); };
     grow(x_, size_t(n) * c.dim);       // residual stream      [n][dim]
     grow(xb_, size_t(n) * c.dim);      // normed / projected   [n][dim]
     grow(q_, size_t(n) * q_dim);       // queries              [n][q_dim]
