@@ -503,31 +503,33 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
     grow(xlast_, logit_rows.size() * c.dim);
 
     // Where each token's K/V go and which block table its attention reads.
-    std::vector<int> tokens(n), positions(n), slots(n);
-    std::vector<const int*> tables(n);
+    tokens_.resize(size_t(n));
+    positions_.resize(size_t(n));
+    slots_.resize(size_t(n));
+    tables_.resize(size_t(n));
     for (int i = 0; i < n; i++) {
         const BatchToken& t = batch[i];
         auto it = kv.tables.find(t.seq);
         assert(it != kv.tables.end() && size_t(t.pos / kv.block_size) < it->second.size() &&
                "forward: positions must be reserved in the KV cache first");
         assert(t.token >= 0 && t.token < c.vocab_size && t.pos >= 0);
-        tokens[i] = t.token;
-        positions[i] = t.pos;
-        slots[i] = it->second[t.pos / kv.block_size] * kv.block_size + t.pos % kv.block_size;
-        tables[i] = it->second.data();
+        tokens_[i] = t.token;
+        positions_[i] = t.pos;
+        slots_[i] = it->second[t.pos / kv.block_size] * kv.block_size + t.pos % kv.block_size;
+        tables_[i] = it->second.data();
     }
     // RoPE angles, once for every layer: pos * theta^(-2i/head_dim) in double (positions times
     // small frequencies lose digits in f32), then cos and sin.
     rope_.resize(size_t(n) * c.head_dim);
     for (int t = 0; t < n; t++)
         for (int i = 0; i < c.head_dim / 2; i++) {
-            const double angle = positions[t] * std::pow(double(c.rope_theta), -2.0 * i / c.head_dim);
+            const double angle = positions_[t] * std::pow(double(c.rope_theta), -2.0 * i / c.head_dim);
             rope_[size_t(t) * c.head_dim + 2 * i] = float(std::cos(angle));
             rope_[size_t(t) * c.head_dim + 2 * i + 1] = float(std::sin(angle));
         }
-    AttentionBatch ab{positions.data(), tables.data(), kv.block_size, c.n_heads, c.n_kv_heads, c.head_dim};
+    AttentionBatch ab{positions_.data(), tables_.data(), kv.block_size, c.n_heads, c.n_kv_heads, c.head_dim};
 
-    ops_->embed(x_.data(), w.tok_embeddings, tokens.data(), n);
+    ops_->embed(x_.data(), w.tok_embeddings, tokens_.data(), n);
     for (int l = 0; l < c.n_layers; l++) {
         const LayerWeights& L = w.layers[l];
         // attention block
@@ -537,7 +539,7 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
         ops_->matmul(v_.data(), xb_.data(), L.wv, n);
         ops_->rope(q_.data(), rope_.data(), n, c.n_heads, c.head_dim);
         ops_->rope(k_.data(), rope_.data(), n, c.n_kv_heads, c.head_dim);
-        ops_->kv_write(kv.k_layer(l), kv.v_layer(l), k_.data(), v_.data(), slots.data(), n, kv_dim);
+        ops_->kv_write(kv.k_layer(l), kv.v_layer(l), k_.data(), v_.data(), slots_.data(), n, kv_dim);
         ops_->attention(att_.data(), q_.data(), kv.k_layer(l), kv.v_layer(l), ab, n);
         ops_->matmul(xb_.data(), att_.data(), L.wo, n);
         if (comm_) comm_->all_reduce_sum(xb_.data(), size_t(n) * c.dim);  // sum the ranks' heads

@@ -146,6 +146,8 @@ class Model {
     // Scratch activations, grown to the largest batch seen: [n_tokens][width] each.
     std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_;
     std::vector<float> rope_;  // [n][head_dim / 2][cos, sin] of this forward's positions
+    std::vector<int> tokens_, positions_, slots_;  // [n] per batch entry; slot = KV cache row
+    std::vector<const int*> tables_;               // [n] each entry's block table
     // MoE scratch: router logits [n][n_experts], gathered rows and expert outputs [n][dim], the
     // weighted sum [n][dim].
     std::vector<float> router_, xg_, yg_, moe_;
