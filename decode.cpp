@@ -127,15 +127,20 @@ DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, i
             batch.push_back({0, pos + 1 + i, drafts[size_t(i)]});
             rows.push_back(i + 1);
         }
-        logits.resize(size_t(n) * c.vocab_size);
-        target.forward(kv, batch, rows, logits.data());
-        p.resize(size_t(n));
-        for (int i = 0; i < n; i++) sampler.distribution(logits.data() + size_t(i) * c.vocab_size, c.vocab_size, p[size_t(i)]);
+        int next, m = 0;
+        // Plain decoding on a backend that samples where the logits are (CUDA) reads back one
+        // token; otherwise the logits come back and the host samples (the same draws either way).
+        const bool sampled = n == 1 && target.forward_sample(kv, batch, rows, sampler, &next);
+        if (!sampled) {
+            logits.resize(size_t(n) * c.vocab_size);
+            target.forward(kv, batch, rows, logits.data());
+            p.resize(size_t(n));
+            for (int i = 0; i < n; i++)
+                sampler.distribution(logits.data() + size_t(i) * c.vocab_size, c.vocab_size, p[size_t(i)]);
+        }
         st.t_target += now_seconds() - tt;
         st.target_forwards++;
-
-        int next;
-        const int m = verify_drafts(p, q, drafts, sampler, &next);
+        if (!sampled) m = verify_drafts(p, q, drafts, sampler, &next);
         st.drafted += n - 1;
         st.accepted += m;
         // Keep the newest token and the accepted drafts in both caches; `next` is processed next round.

@@ -55,28 +55,33 @@ struct Options {
     std::string batching = "continuous";  // continuous | static
 };
 
-// Picks the backend; --device cuda without a usable GPU or CUDA build is a user error.
+// Picks the backend: --device auto takes CUDA when a GPU is usable, else the CPU; --device cuda
+// without a usable GPU (or in a build without CUDA) is a user error.
 Ops* choose_backend(const Options& o) {
-#ifdef FASTGEN_CUDA
+    if (o.device == "cpu") return cpu_ops(o.threads);
     std::string why;
-    int gpus = cuda_device_count(&why);
-    if (o.device == "cuda") {
-        if (gpus == 0) throw Error(fmt("--device cuda: no CUDA device found (%s); use --device cpu", why.c_str()));
-        throw Error("--device cuda: the CUDA backend is not implemented yet in this build; use --device cpu");
-    }
-    if (o.device == "auto" && gpus > 0)
-        std::fprintf(stderr, "note: a GPU is present but the CUDA backend is not implemented yet; using the CPU\n");
-#else
-    if (o.device == "cuda")
-        throw Error("--device cuda: this build has no CUDA backend (nvcc was not found when it was built); use --device cpu");
-#endif
+    if (cuda_device_count(&why) > 0) return cuda_ops();
+    if (o.device == "cuda") throw Error(fmt("--device cuda: no CUDA device found (%s); use --device cpu", why.c_str()));
     return cpu_ops(o.threads);
+}
+
+// What a backend with its own memory holds, printed once the KV cache is allocated.
+void print_memory_plan(const Model& model, KVCache& kv) {
+    Ops* ops = model.ops();
+    if (ops->host_memory()) return;
+    kv.allocate(ops);
+    std::fprintf(stderr,
+                 "memory plan (%s): weights %.2f GB, KV cache %.2f GB (%d tokens, %s), workspace %.1f MB; "
+                 "%.2f GB free after\n",
+                 ops->name(), model.device_weight_bytes() / 1e9, kv.bytes() / 1e9, kv.capacity_tokens(),
+                 dtype_name(kv.dtype), model.scratch_bytes() / 1e6, ops->free_memory() / 1e9);
 }
 
 // Bytes one decode step reads: all weights plus the KV cache up to `context` positions.
 double bytes_per_token(const Model& m, double context) {
     const Config& c = m.cfg;
-    return double(m.weight_bytes_per_token()) + 2.0 * c.n_layers * context * c.n_kv_heads * c.head_dim * sizeof(float);
+    return double(m.weight_bytes_per_token()) +
+           2.0 * c.n_layers * context * c.n_kv_heads * c.head_dim * dtype_size(m.ops()->kv_dtype());
 }
 
 // Seconds per single-token target forward at about `pos` (median of 5), for the speculative
@@ -244,11 +249,18 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
     const int context = c.max_seq_len;
     int capacity = o.kv_capacity;
     if (capacity == 0) {
-        const double bytes_per_token = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * sizeof(float);
-        const int bound = std::max(context, int((1ull << 30) / bytes_per_token));
+        // max_seqs full contexts, within ~1 GiB on the CPU, or within 90% of the GPU memory left
+        // after the weights and the scratch of the largest step (less 512 MB for the backend's own
+        // workspaces).
+        model.reserve_scratch(o.max_batch_tokens, o.max_seqs);
+        const double bytes_per_token = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * dtype_size(model.ops()->kv_dtype());
+        const double free = double(model.ops()->free_memory());
+        const double budget = free > 0 ? std::max(0.0, 0.9 * free - 512e6) : double(1ull << 30);
+        const int bound = std::max(context, int(std::min(budget / bytes_per_token, 1e9)));
         capacity = int(std::min<long long>((long long)o.max_seqs * context, bound));
     }
     KVCache kv(c, capacity);
+    print_memory_plan(model, kv);
     BatchOptions bo;
     bo.max_batch_tokens = o.max_batch_tokens;
     bo.max_seqs = o.max_seqs;
@@ -258,7 +270,7 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
                  "max %d tokens per step; KV cache %d tokens (%d blocks of %d, %.1f MB)\n",
                  reqs.size(), o.prompts_file.c_str(), bad, skipped_done, o.output.c_str(), o.batching.c_str(),
                  o.max_seqs, o.max_batch_tokens, kv.capacity_tokens(), kv.num_blocks, kv.block_size,
-                 (kv.k.size() + kv.v.size()) * sizeof(float) / 1e6);
+                 2.0 * c.n_layers * kv.capacity_tokens() * kv.kv_dim * dtype_size(model.ops()->kv_dtype()) / 1e6);
 
     std::vector<double> ttft, tpot;
     std::map<std::string, int> reasons;
@@ -358,7 +370,7 @@ int run(int argc, char** argv, ErrorOut* err) {
     app.add_option("--max-batch-tokens", o.max_batch_tokens, "tokens per forward step: decodes + prefill chunks")
         ->check(CLI::Range(1, 1 << 20));
     app.add_option("--max-seqs", o.max_seqs, "sequences running at once")->check(CLI::Range(1, 1 << 16));
-    app.add_option("--kv-capacity", o.kv_capacity, "KV cache size in tokens (default: max-seqs full contexts, ~1 GiB at most)")
+    app.add_option("--kv-capacity", o.kv_capacity, "KV cache size in tokens (default: max-seqs full contexts, within ~1 GiB on the CPU or 90% of free GPU memory)")
         ->check(CLI::Range(16, 1 << 28));
     app.add_option("--batching", o.batching, "continuous, or static (groups of max-seqs that wait for their longest member)")
         ->check(CLI::IsMember({"continuous", "static"}));
@@ -413,17 +425,19 @@ int run(int argc, char** argv, ErrorOut* err) {
     std::fprintf(stderr,
                  "model %s: dim %d, %d layers, %d heads (%d kv)%s, vocab %d, context %d, %.1f MB of weights "
                  "read per token (%s)\n"
-                 "device cpu, %s; temperature %g, top-k %d, top-p %g, seed %llu, max new tokens %d\n",
+                 "device %s, %s; temperature %g, top-k %d, top-p %g, seed %llu, max new tokens %d\n",
                  o.checkpoint.c_str(), c.dim, c.n_layers, c.n_heads, c.n_kv_heads,
                  c.n_experts ? fmt(", %d experts (top %d)", c.n_experts, c.n_experts_per_tok).c_str() : "",
                  c.vocab_size, c.max_seq_len, model.weight_bytes_per_token() / 1e6,
                  dtype_name(model.w.layers[0].wq.dtype),
-                 o.threads > 0 ? fmt("%d threads", o.threads).c_str() : "all cores",
+                 ops->name(),
+                 !ops->host_memory() ? "GPU 0" : o.threads > 0 ? fmt("%d threads", o.threads).c_str() : "all cores",
                  o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed,
                  o.max_new_tokens);
 
     if (batch_mode) return generate_batch(model, tok, o, comm);
     KVCache kv(c, c.max_seq_len);
+    print_memory_plan(model, kv);
     if (!o.perplexity_file.empty()) {
         perplexity(model, kv, tok, o.perplexity_file);
         return 0;

@@ -15,3 +15,7 @@ int cuda_device_count(std::string* why) {
     }
     return n;
 }
+
+#include "common.h"
+// (transitional: the op table follows in the next commit)
+Ops* cuda_ops() { throw Error("--device cuda: the CUDA op table is not implemented yet in this build; use --device cpu"); }

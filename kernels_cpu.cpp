@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "common.h"
 #include "ops.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -402,6 +404,19 @@ void matmul_typed(float* out, const float* x, const Weight& W, int n, const floa
 // the op table
 
 struct CpuOps final : Ops {
+    const char* name() const override { return "cpu"; }
+    // Memory is host memory: calloc (large blocks come as fresh zero pages, as std::vector's did).
+    void* alloc(size_t bytes) override {
+        void* p = std::calloc(1, bytes);
+        if (!p) throw Error(fmt("out of host memory allocating %.1f MB", bytes / 1e6));
+        return p;
+    }
+    void free(void* p) override { std::free(p); }
+    void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+    void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+    void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+    void zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
+
     void matmul(float* out, const float* x, const Weight& w, int n) override {
         switch (w.dtype) {
             case DType::F32: matmul_typed<DType::F32>(out, x, w, n); break;
@@ -439,7 +454,21 @@ struct CpuOps final : Ops {
         }
     }
 
-    void rope(float* x, const float* cos_sin, int n, int n_heads, int head_dim) override {
+    // Rotations, then the copies into the cache (f32 on the CPU).
+    void rope_kv_write(float* q, float* k, const float* v, void* k_cache, void* v_cache, const float* cos_sin,
+                       const int* slots, int n, int n_heads, int n_kv_heads, int head_dim) override {
+        rope(q, cos_sin, n, n_heads, head_dim);
+        rope(k, cos_sin, n, n_kv_heads, head_dim);
+        const int kv_dim = n_kv_heads * head_dim;
+        for (int t = 0; t < n; t++) {
+            std::memcpy(static_cast<float*>(k_cache) + size_t(slots[t]) * kv_dim, k + size_t(t) * kv_dim,
+                        sizeof(float) * kv_dim);
+            std::memcpy(static_cast<float*>(v_cache) + size_t(slots[t]) * kv_dim, v + size_t(t) * kv_dim,
+                        sizeof(float) * kv_dim);
+        }
+    }
+
+    static void rope(float* x, const float* cos_sin, int n, int n_heads, int head_dim) {
 #pragma omp parallel for schedule(static) if (n > 1)
         for (int t = 0; t < n; t++) {
             float* xt = x + size_t(t) * n_heads * head_dim;
@@ -456,20 +485,14 @@ struct CpuOps final : Ops {
         }
     }
 
-    void kv_write(float* k_cache, float* v_cache, const float* k, const float* v, const int* slots, int n,
-                  int kv_dim) override {
-        for (int t = 0; t < n; t++) {
-            std::memcpy(k_cache + size_t(slots[t]) * kv_dim, k + size_t(t) * kv_dim, sizeof(float) * kv_dim);
-            std::memcpy(v_cache + size_t(slots[t]) * kv_dim, v + size_t(t) * kv_dim, sizeof(float) * kv_dim);
-        }
-    }
-
     // One (token, KV head) pair per iteration, for the `group` query heads that share it (GQA):
     // each cached K and V row is read once for the whole group. Per query head: scores over
     // positions 0..pos read through the block table, a max-subtracted softmax, then the weighted
     // sum of values, in the same order of operations whatever the batch.
-    void attention(float* out, const float* q, const float* k_cache, const float* v_cache, const AttentionBatch& b,
+    void attention(float* out, const float* q, const void* k_cache_, const void* v_cache_, const AttentionBatch& b,
                    int n) override {
+        const float* k_cache = static_cast<const float*>(k_cache_);
+        const float* v_cache = static_cast<const float*>(v_cache_);
         const int hd = b.head_dim, kv_dim = b.n_kv_heads * hd, group = b.n_heads / b.n_kv_heads;
         const float scale = 1.0f / std::sqrt(float(hd));
 #pragma omp parallel
@@ -479,7 +502,7 @@ struct CpuOps final : Ops {
             for (int t = 0; t < n; t++) {
                 for (int kvh = 0; kvh < b.n_kv_heads; kvh++) {
                     const int len = b.positions[t] + 1;
-                    const int* table = b.block_tables[t];
+                    const int* table = b.block_tables + b.table_offsets[t];
                     const float* qg = q + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;  // [group][hd]
                     float* og = out + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;
                     if (scores.size() < size_t(group) * len) scores.resize(size_t(group) * len);
@@ -514,11 +537,14 @@ struct CpuOps final : Ops {
         }
     }
 
-    void silu_mul(float* gate, const float* up, size_t n) override {
-#pragma omp parallel for schedule(static) if (n > 65536)
-        for (size_t i = 0; i < n; i++) {
-            float g = gate[i];
-            gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) override {
+        matmul(h, x, w1, n);
+        matmul(up, x, w3, n);
+        const size_t count = size_t(n) * w1.rows;
+#pragma omp parallel for schedule(static) if (count > 65536)
+        for (size_t i = 0; i < count; i++) {
+            float g = h[i];
+            h[i] = g / (1.0f + std::exp(-g)) * up[i];
         }
     }
 
@@ -527,6 +553,10 @@ struct CpuOps final : Ops {
 
     void add(float* x, const float* y, size_t n) override {
         for (size_t i = 0; i < n; i++) x[i] += y[i];
+    }
+
+    void add_scaled(float* x, const float* y, float a, size_t n) override {
+        for (size_t i = 0; i < n; i++) x[i] += a * y[i];
     }
 
     void embed(float* out, const Weight& table, const int* tokens, int n) override {
@@ -600,3 +630,15 @@ Ops* cpu_ops(int threads) {
     static CpuOps ops;
     return &ops;
 }
+
+#ifndef FASTGEN_CUDA
+// A CPU-only build (no nvcc): --device cuda reports this, --device auto picks the CPU.
+int cuda_device_count(std::string* why) {
+    if (why) *why = "this build has no CUDA backend (nvcc was not found when it was built)";
+    return 0;
+}
+Ops* cuda_ops() {
+    throw Error("--device cuda: this build has no CUDA backend (nvcc was not found when it was built); "
+                "use --device cpu");
+}
+#endif

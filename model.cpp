@@ -161,9 +161,6 @@ std::vector<TensorSpec> model_tensors(const Config& c) {
 KVCache::KVCache(const Config& c, int capacity_tokens, int bs)
     : block_size(bs), num_blocks((capacity_tokens + bs - 1) / bs), n_layers(c.n_layers),
       kv_dim(c.n_kv_heads * c.head_dim) {
-    size_t n = size_t(n_layers) * num_blocks * block_size * kv_dim;
-    k.assign(n, 0.0f);
-    v.assign(n, 0.0f);
     for (int b = num_blocks - 1; b >= 0; b--) free_blocks.push_back(b);  // pop gives block 0 first
 }
 
@@ -192,6 +189,15 @@ void KVCache::truncate(int seq, int n_tokens) {
 void KVCache::release(int seq) {
     truncate(seq, 0);
     tables.erase(seq);
+}
+
+void KVCache::allocate(Ops* ops) {
+    if (ops_ == ops) return;
+    assert(!ops_ && "KVCache: one cache serves one backend");
+    ops_ = ops;
+    dtype = ops->kv_dtype();
+    k = Buffer(ops, size_t(n_layers) * layer_bytes());
+    v = Buffer(ops, size_t(n_layers) * layer_bytes());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -303,15 +309,47 @@ Weight cols_of(Weight w, int c0, int n, const std::string& where) {
     return w;
 }
 
-// Norm weights are tiny; keep them as f32 copies so the kernels see one format.
-std::vector<float> vector_f32(const SafetensorsFile& f, const std::string& name, int n) {
+// Norm weights are tiny; keep them as f32 copies so the kernels see one format. Appends to `out`.
+void vector_f32(const SafetensorsFile& f, const std::string& name, int n, std::vector<float>& out) {
     const TensorView& t = f.get(name, {n});
     if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
         throw Error(fmt("%s: tensor '%s': dtype %s is not a float format", f.path.c_str(), name.c_str(),
                         dtype_name(t.dtype)));
-    std::vector<float> v(static_cast<size_t>(n));
-    convert_floats(t.data, t.dtype, v.data(), DType::F32, size_t(n));
-    return v;
+    out.resize(out.size() + size_t(n));
+    convert_floats(t.data, t.dtype, out.data() + out.size() - size_t(n), DType::F32, size_t(n));
+}
+
+// The pieces of a matrix a backend without host memory needs a copy of: its values, scales and
+// zero points, each [rows][per_row bytes], row r starting `pitch` bytes after row r - 1 in the file
+// (pitch > per_row for a tensor-parallel column slice).
+struct Piece {
+    const void** ptr;  // the Weight's pointer, moved to the copy
+    size_t per_row, pitch;
+    int rows;
+};
+
+std::vector<Piece> pieces_of(Weight& w, const std::string& name) {
+    const size_t rows = size_t(w.rows);
+    switch (w.dtype) {
+        case DType::F32:
+        case DType::BF16:
+        case DType::F16: {
+            const size_t e = dtype_size(w.dtype);
+            return {{&w.data, size_t(w.cols) * e, size_t(w.stride) * e, w.rows}};
+        }
+        case DType::I8:
+            return {{&w.data, size_t(w.cols), size_t(w.stride), w.rows},
+                    {reinterpret_cast<const void**>(&w.scales), sizeof(float), sizeof(float), w.rows}};
+        case DType::U8: {
+            const size_t groups = size_t(w.cols / w.group), row_groups = size_t(w.stride / w.group);
+            return {{&w.data, size_t(w.cols) / 2, size_t(w.stride) / 2, w.rows},
+                    {reinterpret_cast<const void**>(&w.scales), groups * sizeof(float), row_groups * sizeof(float), w.rows},
+                    {reinterpret_cast<const void**>(&w.zeros), groups, row_groups, w.rows}};
+        }
+        default:
+            (void)rows;
+            throw Error(fmt("tensor '%s': dtype %s is not supported by this backend", name.c_str(), dtype_name(w.dtype)));
+    }
 }
 
 }  // namespace
@@ -331,6 +369,9 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     if (meta("version") != kFormatVersion)
         throw Error(fmt("%s: format version %s, this build reads version %s", fp, meta("version").c_str(), kFormatVersion));
     const Quant quant = parse_quantization(meta("quantization"), path + ": metadata");
+    if (comm_ && !ops_->host_memory())
+        throw Error(fmt("tensor parallel runs on the CPU backend only for now (--device cpu); the CUDA backend "
+                        "has no NCCL path yet"));
     size_t extra = 0;  // scale and zero-point tensors
     const Config g = Config::from_json(meta("config"), path + ": metadata config");  // the whole model
     const int ranks = comm_ ? comm_->size() : 1, rank = comm_ ? comm_->rank() : 0;
@@ -340,17 +381,18 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     const int q_dim = g.n_heads * g.head_dim, kv_dim = g.n_kv_heads * g.head_dim;
     const int q_local = c.n_heads * c.head_dim, kv_local = c.n_kv_heads * c.head_dim, h_local = c.hidden_dim;
     auto mat = [&](const std::string& name, int rows, int cols) { return matrix(f, name, rows, cols, quant, &extra); };
+    std::vector<float> norms;  // [2 * n_layers + 1][dim], moved to the backend below
     w.tok_embeddings = mat("tok_embeddings.weight", g.vocab_size, g.dim);
     for (int l = 0; l < g.n_layers; l++) {
         auto name = [&](const char* s) { return layer_tensor(l, s); };
         LayerWeights L;
-        L.attn_norm = vector_f32(f, name("attention_norm.weight"), g.dim);
+        vector_f32(f, name("attention_norm.weight"), g.dim, norms);
         L.wq = rows_of(mat(name("attention.wq.weight"), q_dim, g.dim), rank * q_local, q_local);
         L.wk = rows_of(mat(name("attention.wk.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
         L.wv = rows_of(mat(name("attention.wv.weight"), kv_dim, g.dim), rank * kv_local, kv_local);
         L.wo = cols_of(mat(name("attention.wo.weight"), g.dim, q_dim), rank * q_local, q_local,
                        path + ": tensor '" + name("attention.wo.weight") + "'");
-        L.ffn_norm = vector_f32(f, name("ffn_norm.weight"), g.dim);
+        vector_f32(f, name("ffn_norm.weight"), g.dim, norms);
         // Each expert splits like the dense FFN (rows of w1/w3, columns of w2); the router is whole.
         auto ffn = [&](const std::string& w1, const std::string& w2, const std::string& w3) {
             return LayerWeights::Expert{
@@ -371,7 +413,7 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         }
         w.layers.push_back(std::move(L));
     }
-    w.norm = vector_f32(f, "norm.weight", c.dim);
+    vector_f32(f, "norm.weight", c.dim, norms);
     if (c.tie_embeddings) {
         if (f.find("output.weight"))
             throw Error(fmt("%s: config says tie_embeddings but the file has 'output.weight'", fp));
@@ -389,6 +431,80 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     size_t expected = model_tensors(g).size() + 1 + extra;  // + tokenizer.model, scales, zero points
     if (f.tensors.size() != expected)
         throw Error(fmt("%s: has %zu tensors, a model with this config has %zu", fp, f.tensors.size(), expected));
+
+    norms_ = Buffer(ops_, norms.size() * sizeof(float));
+    ops_->upload(norms_.data(), norms.data(), norms_.bytes());
+    for (int l = 0; l < c.n_layers; l++) {
+        w.layers[size_t(l)].attn_norm = norms_.f32() + size_t(2 * l) * c.dim;
+        w.layers[size_t(l)].ffn_norm = norms_.f32() + size_t(2 * l + 1) * c.dim;
+    }
+    w.norm = norms_.f32() + size_t(2 * c.n_layers) * c.dim;
+    upload_weights();
+}
+
+Model::~Model() { drop_graphs(); }
+
+// The CPU reads the matrices in place from the mapped file. A backend with memory of its own gets
+// one allocation holding a copy of every matrix piece (column slices made contiguous), and the
+// Weights are pointed at it.
+void Model::upload_weights() {
+    if (ops_->host_memory()) return;
+    std::vector<std::pair<Weight*, std::string>> all = {{&w.tok_embeddings, "tok_embeddings.weight"}};
+    for (size_t l = 0; l < w.layers.size(); l++) {
+        LayerWeights& L = w.layers[l];
+        auto name = [&](const char* s) { return layer_tensor(int(l), s); };
+        for (auto [m, s] : {std::pair<Weight*, const char*>{&L.wq, "attention.wq.weight"}, {&L.wk, "attention.wk.weight"},
+                            {&L.wv, "attention.wv.weight"}, {&L.wo, "attention.wo.weight"}})
+            all.push_back({m, name(s)});
+        if (L.experts.empty()) {
+            for (auto [m, s] : {std::pair<Weight*, const char*>{&L.w1, "feed_forward.w1.weight"},
+                                {&L.w2, "feed_forward.w2.weight"}, {&L.w3, "feed_forward.w3.weight"}})
+                all.push_back({m, name(s)});
+            continue;
+        }
+        all.push_back({&L.gate, name("feed_forward.gate.weight")});
+        for (size_t e = 0; e < L.experts.size(); e++) {
+            all.push_back({&L.experts[e].w1, expert_tensor(int(l), int(e), "w1")});
+            all.push_back({&L.experts[e].w2, expert_tensor(int(l), int(e), "w2")});
+            all.push_back({&L.experts[e].w3, expert_tensor(int(l), int(e), "w3")});
+        }
+    }
+    const bool tied = cfg.tie_embeddings;
+    if (!tied) all.push_back({&w.output, "output.weight"});
+
+    // Offsets first (each piece 256-byte aligned, for 16-byte vector loads), then the copies.
+    std::vector<std::pair<Piece, size_t>> plan;
+    size_t total = 0;
+    for (auto& [m, name] : all)
+        for (const Piece& p : pieces_of(*m, path + ": tensor '" + name + "'")) {
+            plan.push_back({p, total});
+            total += (p.per_row * size_t(p.rows) + 255) / 256 * 256;
+        }
+    weights_ = Buffer(ops_, total);
+    std::vector<uint8_t> packed;  // a column slice made contiguous
+    for (auto& [p, offset] : plan) {
+        uint8_t* dst = static_cast<uint8_t*>(weights_.data()) + offset;
+        const uint8_t* src = static_cast<const uint8_t*>(*p.ptr);
+        const size_t bytes = p.per_row * size_t(p.rows);
+        if (p.pitch == p.per_row) {
+            ops_->upload(dst, src, bytes);
+        } else {
+            packed.resize(bytes);
+            for (int r = 0; r < p.rows; r++)
+                std::memcpy(packed.data() + size_t(r) * p.per_row, src + size_t(r) * p.pitch, p.per_row);
+            ops_->upload(dst, packed.data(), bytes);
+        }
+        *p.ptr = dst;
+    }
+    for (auto& [m, name] : all) m->stride = m->cols;  // every copy is contiguous
+    if (tied) w.output = w.tok_embeddings;
+}
+
+size_t Model::scratch_bytes() const {
+    size_t n = meta_dev_.bytes();
+    for (const Buffer* b : {&x_, &xb_, &q_, &k_, &v_, &att_, &hb_, &hb2_, &xlast_, &logits_, &router_, &xg_, &yg_, &moe_})
+        n += b->bytes();
+    return n;
 }
 
 size_t Model::weight_bytes_per_token() const {
@@ -410,13 +526,6 @@ size_t Model::weight_bytes_per_token() const {
 
 // ---------------------------------------------------------------------------------------------
 // mixture of experts
-
-namespace {
-// Scratch buffers only grow: after the largest batch, no forward allocates them again.
-void grow(std::vector<float>& v, size_t size) {
-    if (v.size() < size) v.resize(size);
-}
-}  // namespace
 
 void moe_route(const float* logits, int n, int k, int* chosen, float* weights) {
     assert(n > 0 && k >= 1 && k <= n);
@@ -440,83 +549,136 @@ void moe_route(const float* logits, int n, int k, int* chosen, float* weights) {
     for (int j = 0; j < k; j++) weights[j] = float(p[size_t(chosen[j])] / chosen_sum);
 }
 
-// Routes every token, then runs each expert once over the tokens routed to it: their rows are
-// gathered into a contiguous [m][dim] buffer, one matmul per expert weight, and the outputs are
-// scattered back, weighted, into moe_. Experts no token chose are never read (at batch 1 only k
-// experts' weights are). Under TP each rank holds a slice of every expert's FFN width, so moe_
-// holds this rank's partial sums and the caller's all-reduce completes them.
+// Routes every token (on the host: the router logits come back first), then runs each expert once
+// over the tokens routed to it: their rows are gathered into a contiguous [m][dim] buffer, one
+// matmul per expert weight, and the outputs are added back, weighted, into moe_. Experts no token
+// chose are never read (at batch 1 only k experts' weights are). Under TP each rank holds a slice
+// of every expert's FFN width, so moe_ holds this rank's partial sums and the caller's all-reduce
+// completes them.
 void Model::moe_ffn(const LayerWeights& L, int n) {
     const Config& c = cfg;
     const int E = c.n_experts, k = c.n_experts_per_tok, d = c.dim;
-    grow(router_, size_t(n) * E);
-    grow(xg_, size_t(n) * d);
-    grow(yg_, size_t(n) * d);
-    grow(moe_, size_t(n) * d);
-    ops_->matmul(router_.data(), xb_.data(), L.gate, n);  // [n][E]
+    const size_t row = sizeof(float) * size_t(d);
+    grow(router_, sizeof(float) * size_t(n) * E);
+    grow(xg_, row * size_t(n));
+    grow(yg_, row * size_t(n));
+    grow(moe_, row * size_t(n));
+    ops_->matmul(router_.f32(), xb_.f32(), L.gate, n);  // [n][E]
+    router_host_.resize(size_t(n) * E);
+    ops_->download(router_host_.data(), router_.f32(), sizeof(float) * size_t(n) * E);
 
     // For each expert, the (token, weight) pairs routed to it, in token order.
     std::vector<std::vector<std::pair<int, float>>> routed(static_cast<size_t>(E));
     std::vector<int> chosen(static_cast<size_t>(k));
     std::vector<float> weights(static_cast<size_t>(k));
     for (int i = 0; i < n; i++) {
-        moe_route(router_.data() + size_t(i) * E, E, k, chosen.data(), weights.data());
+        moe_route(router_host_.data() + size_t(i) * E, E, k, chosen.data(), weights.data());
         for (int j = 0; j < k; j++) routed[size_t(chosen[size_t(j)])].push_back({i, weights[size_t(j)]});
     }
-    std::fill(moe_.begin(), moe_.begin() + ptrdiff_t(n) * d, 0.0f);
+    ops_->zero(moe_.data(), row * size_t(n));
     for (int e = 0; e < E; e++) {
         const auto& r = routed[size_t(e)];
         const int m = int(r.size());
         if (m == 0) continue;
-        for (int j = 0; j < m; j++)
-            std::memcpy(xg_.data() + size_t(j) * d, xb_.data() + size_t(r[size_t(j)].first) * d, sizeof(float) * d);
+        for (int j = 0; j < m; j++) ops_->copy(xg_.f32() + size_t(j) * d, xb_.f32() + size_t(r[size_t(j)].first) * d, row);
         const LayerWeights::Expert& X = L.experts[size_t(e)];
-        ops_->matmul(hb_.data(), xg_.data(), X.w1, m);
-        ops_->matmul(hb2_.data(), xg_.data(), X.w3, m);
-        ops_->silu_mul(hb_.data(), hb2_.data(), size_t(m) * c.hidden_dim);
-        ops_->matmul(yg_.data(), hb_.data(), X.w2, m);
-        for (int j = 0; j < m; j++) {
-            float* out = moe_.data() + size_t(r[size_t(j)].first) * d;
-            const float* y = yg_.data() + size_t(j) * d;
-            const float wt = r[size_t(j)].second;
-            for (int i = 0; i < d; i++) out[i] += wt * y[i];
-        }
+        ops_->ffn_gate_up(hb_.f32(), hb2_.f32(), xg_.f32(), X.w1, X.w3, m);
+        ops_->matmul(yg_.f32(), hb_.f32(), X.w2, m);
+        for (int j = 0; j < m; j++)
+            ops_->add_scaled(moe_.f32() + size_t(r[size_t(j)].first) * d, yg_.f32() + size_t(j) * d, r[size_t(j)].second,
+                             size_t(d));
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // forward
 
-void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
-                    float* logits) {
-    const Config& c = cfg;
-    const int n = int(batch.size());
-    const int q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
-    assert(kv.kv_dim == kv_dim && kv.n_layers == c.n_layers);
-    grow(x_, size_t(n) * c.dim);       // residual stream      [n][dim]
-    grow(xb_, size_t(n) * c.dim);      // normed / projected   [n][dim]
-    grow(q_, size_t(n) * q_dim);       // queries              [n][q_dim]
-    grow(k_, size_t(n) * kv_dim);      // new keys             [n][kv_dim]
-    grow(v_, size_t(n) * kv_dim);      // new values           [n][kv_dim]
-    grow(att_, size_t(n) * q_dim);     // attention output     [n][q_dim]
-    grow(hb_, size_t(n) * c.hidden_dim);   // FFN gate         [n][hidden]
-    grow(hb2_, size_t(n) * c.hidden_dim);  // FFN up           [n][hidden]
-    grow(xlast_, logit_rows.size() * c.dim);
+namespace {
+// Where each array sits in the per-forward metadata (16-byte aligned sections): token ids,
+// positions, cache slots and table offsets [n] each, the RoPE table [n][head_dim], then the block
+// tables, sized for the longest context so the layout depends on n alone (a captured graph keeps
+// reading the same addresses).
+struct MetaLayout {
+    size_t tokens, positions, slots, offsets, rope, tables, end;
+    MetaLayout(int n, int head_dim, int max_blocks) {
+        auto up = [](size_t b) { return (b + 15) / 16 * 16; };
+        const size_t ints = up(sizeof(int) * size_t(n));
+        tokens = 0;
+        positions = tokens + ints;
+        slots = positions + ints;
+        offsets = slots + ints;
+        rope = offsets + ints;
+        tables = rope + up(sizeof(float) * size_t(n) * head_dim);
+        end = tables + sizeof(int) * size_t(n) * max_blocks;
+    }
+};
+}  // namespace
 
-    // Where each token's K/V go and which block table its attention reads.
+bool Model::grow(Buffer& b, size_t bytes) {
+    if (b.bytes() >= bytes) return false;
+    b = Buffer(ops_, bytes);
+    drop_graphs();  // they read the old address
+    return true;
+}
+
+void Model::drop_graphs() {
+    for (auto& [key, g] : graphs_) ops_->graph_destroy(g);
+    graphs_.clear();
+    graph_seen_.clear();
+}
+
+void Model::reserve_scratch(int n, int m) {
+    const Config& c = cfg;
+    const size_t f = sizeof(float), q_dim = size_t(c.n_heads) * c.head_dim, kv_dim = size_t(c.n_kv_heads) * c.head_dim;
+    grow(x_, f * n * c.dim);            // residual stream      [n][dim]
+    grow(xb_, f * n * c.dim);           // normed / projected   [n][dim]
+    grow(q_, f * n * q_dim);            // queries              [n][q_dim]
+    grow(k_, f * n * kv_dim);           // new keys             [n][kv_dim]
+    grow(v_, f * n * kv_dim);           // new values           [n][kv_dim]
+    grow(att_, f * n * q_dim);          // attention output     [n][q_dim]
+    grow(hb_, f * n * c.hidden_dim);    // FFN gate             [n][hidden]
+    grow(hb2_, f * n * c.hidden_dim);   // FFN up               [n][hidden]
+    grow(xlast_, f * m * c.dim);        // rows for the logits  [m][dim]
+    if (!ops_->host_memory()) grow(logits_, f * m * c.vocab_size);  // [m][vocab]
+}
+
+// Builds this batch's metadata on the host and makes it visible to the backend, then runs it.
+// Returns where the logits are: `host_logits` on a host-memory backend, else logits_.
+float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
+                        float* host_logits) {
+    const Config& c = cfg;
+    const int n = int(batch.size()), m = int(logit_rows.size());
+    assert(kv.kv_dim == c.n_kv_heads * c.head_dim && kv.n_layers == c.n_layers);
+    kv.allocate(ops_);
+    reserve_scratch(n, m);
+
+    // Where each token's K/V go, and its block table: each sequence's table once, as far as the
+    // batch's furthest position in it needs.
     tokens_.resize(size_t(n));
     positions_.resize(size_t(n));
     slots_.resize(size_t(n));
-    tables_.resize(size_t(n));
+    table_offsets_.resize(size_t(n));
+    tables_.clear();
     for (int i = 0; i < n; i++) {
         const BatchToken& t = batch[i];
         auto it = kv.tables.find(t.seq);
         assert(it != kv.tables.end() && size_t(t.pos / kv.block_size) < it->second.size() &&
                "forward: positions must be reserved in the KV cache first");
-        assert(t.token >= 0 && t.token < c.vocab_size && t.pos >= 0);
+        assert(t.token >= 0 && t.token < c.vocab_size && t.pos >= 0 && t.pos < c.max_seq_len);
         tokens_[i] = t.token;
         positions_[i] = t.pos;
         slots_[i] = it->second[t.pos / kv.block_size] * kv.block_size + t.pos % kv.block_size;
-        tables_[i] = it->second.data();
+        int j = 0;  // an earlier token of the same sequence shares its table
+        while (j < i && batch[j].seq != t.seq) j++;
+        if (j < i) {
+            table_offsets_[i] = table_offsets_[j];
+            continue;
+        }
+        int last = t.pos;
+        for (int k = i + 1; k < n; k++)
+            if (batch[k].seq == t.seq) last = std::max(last, batch[k].pos);
+        table_offsets_[i] = int(tables_.size());
+        tables_.insert(tables_.end(), it->second.begin(), it->second.begin() + (last / kv.block_size + 1));
     }
     // RoPE angles, once for every layer: pos * theta^(-2i/head_dim) in double (positions times
     // small frequencies lose digits in f32), then cos and sin.
@@ -527,49 +689,115 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
             rope_[size_t(t) * c.head_dim + 2 * i] = float(std::cos(angle));
             rope_[size_t(t) * c.head_dim + 2 * i + 1] = float(std::sin(angle));
         }
-    AttentionBatch ab{positions_.data(), tables_.data(), kv.block_size, c.n_heads, c.n_kv_heads, c.head_dim};
+    const int max_blocks = (c.max_seq_len + kv.block_size - 1) / kv.block_size;
+    const MetaLayout L(n, c.head_dim, max_blocks);
+    const size_t used = L.tables + sizeof(int) * tables_.size();
+    assert(used <= L.end);
+    meta_.resize(used);
+    std::memcpy(meta_.data() + L.tokens, tokens_.data(), sizeof(int) * size_t(n));
+    std::memcpy(meta_.data() + L.positions, positions_.data(), sizeof(int) * size_t(n));
+    std::memcpy(meta_.data() + L.slots, slots_.data(), sizeof(int) * size_t(n));
+    std::memcpy(meta_.data() + L.offsets, table_offsets_.data(), sizeof(int) * size_t(n));
+    std::memcpy(meta_.data() + L.rope, rope_.data(), sizeof(float) * rope_.size());
+    std::memcpy(meta_.data() + L.tables, tables_.data(), sizeof(int) * tables_.size());
+    const uint8_t* meta = meta_.data();  // the CPU reads the host bytes in place
+    if (!ops_->host_memory()) {
+        grow(meta_dev_, L.end);
+        ops_->upload(meta_dev_.data(), meta_.data(), used);
+        meta = static_cast<const uint8_t*>(meta_dev_.data());
+    }
+    auto ints = [&](size_t at) { return reinterpret_cast<const int*>(meta + at); };
+    const AttentionBatch ab{ints(L.positions), ints(L.tables), ints(L.offsets), kv.block_size,
+                            c.n_heads, c.n_kv_heads, c.head_dim, c.max_seq_len};
+    float* out = ops_->host_memory() ? host_logits : logits_.f32();
+    const float* rope = reinterpret_cast<const float*>(meta + L.rope);
 
-    ops_->embed(x_.data(), w.tok_embeddings, tokens_.data(), n);
+    // Small dense batches on a backend with graphs: the first step of each shape runs the ops,
+    // the second captures them, every later one replays the capture (the metadata above is all
+    // that changes between steps).
+    const bool graph = ops_->graphs() && !comm_ && c.n_experts == 0 && n <= 8;
+    if (!graph) {
+        run_ops(kv, n, logit_rows, out, ab, ints(L.tokens), rope, ints(L.slots));
+        return out;
+    }
+    std::string key = fmt("%d %p %d:", n, kv.k.data(), kv.block_size);
+    for (int r : logit_rows) key += fmt(" %d", r);
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) {
+        if (graph_seen_[key]++ == 0) {
+            run_ops(kv, n, logit_rows, out, ab, ints(L.tokens), rope, ints(L.slots));
+            return out;
+        }
+        ops_->capture_begin();
+        try {
+            run_ops(kv, n, logit_rows, out, ab, ints(L.tokens), rope, ints(L.slots));
+        } catch (...) {
+            ops_->graph_destroy(ops_->capture_end());
+            throw;
+        }
+        it = graphs_.emplace(key, ops_->capture_end()).first;
+    }
+    ops_->graph_launch(it->second);
+    (void)m;
+    return out;
+}
+
+// The model proper, as PyTorch's Llama reads: embed, then per layer attention and the FFN, each a
+// residual branch; the final norm and the classifier only for the rows the caller asked for.
+void Model::run_ops(KVCache& kv, int n, const std::vector<int>& logit_rows, float* out, const AttentionBatch& ab,
+                    const int* tokens, const float* rope, const int* slots) {
+    const Config& c = cfg;
+    float *x = x_.f32(), *xb = xb_.f32(), *q = q_.f32(), *k = k_.f32(), *v = v_.f32(), *att = att_.f32();
+    ops_->embed(x, w.tok_embeddings, tokens, n);
     for (int l = 0; l < c.n_layers; l++) {
         const LayerWeights& L = w.layers[l];
         // attention block
-        ops_->rmsnorm(xb_.data(), x_.data(), L.attn_norm.data(), n, c.dim, c.norm_eps);
-        ops_->matmul(q_.data(), xb_.data(), L.wq, n);
-        ops_->matmul(k_.data(), xb_.data(), L.wk, n);
-        ops_->matmul(v_.data(), xb_.data(), L.wv, n);
-        ops_->rope(q_.data(), rope_.data(), n, c.n_heads, c.head_dim);
-        ops_->rope(k_.data(), rope_.data(), n, c.n_kv_heads, c.head_dim);
-        ops_->kv_write(kv.k_layer(l), kv.v_layer(l), k_.data(), v_.data(), slots_.data(), n, kv_dim);
-        ops_->attention(att_.data(), q_.data(), kv.k_layer(l), kv.v_layer(l), ab, n);
-        ops_->matmul(xb_.data(), att_.data(), L.wo, n);
-        if (comm_) comm_->all_reduce_sum(xb_.data(), size_t(n) * c.dim);  // sum the ranks' heads
-        ops_->add(x_.data(), xb_.data(), size_t(n) * c.dim);
+        ops_->rmsnorm(xb, x, L.attn_norm, n, c.dim, c.norm_eps);
+        ops_->matmul_qkv(q, k, v, xb, L.wq, L.wk, L.wv, n);
+        ops_->rope_kv_write(q, k, v, kv.k_layer(l), kv.v_layer(l), rope, slots, n, c.n_heads, c.n_kv_heads, c.head_dim);
+        ops_->attention(att, q, kv.k_layer(l), kv.v_layer(l), ab, n);
+        ops_->matmul(xb, att, L.wo, n);
+        if (comm_) comm_->all_reduce_sum(xb, size_t(n) * c.dim);  // sum the ranks' heads
+        ops_->add(x, xb, size_t(n) * c.dim);
         // SwiGLU feed-forward block: dense, or a mixture of SwiGLU experts
-        ops_->rmsnorm(xb_.data(), x_.data(), L.ffn_norm.data(), n, c.dim, c.norm_eps);
-        float* ffn_out = xb_.data();
+        ops_->rmsnorm(xb, x, L.ffn_norm, n, c.dim, c.norm_eps);
+        float* ffn_out = xb;
         if (c.n_experts > 0) {
             moe_ffn(L, n);
-            ffn_out = moe_.data();
+            ffn_out = moe_.f32();
         } else {
-            ops_->matmul(hb_.data(), xb_.data(), L.w1, n);
-            ops_->matmul(hb2_.data(), xb_.data(), L.w3, n);
-            ops_->silu_mul(hb_.data(), hb2_.data(), size_t(n) * c.hidden_dim);
-            ops_->matmul(xb_.data(), hb_.data(), L.w2, n);
+            ops_->ffn_gate_up(hb_.f32(), hb2_.f32(), xb, L.w1, L.w3, n);
+            ops_->matmul(xb, hb_.f32(), L.w2, n);
         }
         if (comm_) comm_->all_reduce_sum(ffn_out, size_t(n) * c.dim);  // sum the ranks' FFN units
-        ops_->add(x_.data(), ffn_out, size_t(n) * c.dim);
+        ops_->add(x, ffn_out, size_t(n) * c.dim);
     }
-    // Only the rows the caller asked for pay for the final norm and the classifier.
     const int m = int(logit_rows.size());
     if (m == 0) return;
     for (int r = 0; r < m; r++) {
         assert(logit_rows[r] >= 0 && logit_rows[r] < n);
-        std::memcpy(xlast_.data() + size_t(r) * c.dim, x_.data() + size_t(logit_rows[r]) * c.dim,
-                    sizeof(float) * c.dim);
+        ops_->copy(xlast_.f32() + size_t(r) * c.dim, x + size_t(logit_rows[r]) * c.dim, sizeof(float) * c.dim);
     }
-    ops_->rmsnorm(xlast_.data(), xlast_.data(), w.norm.data(), m, c.dim, c.norm_eps);
-    ops_->matmul(logits, xlast_.data(), w.output, m);
+    ops_->rmsnorm(xlast_.f32(), xlast_.f32(), w.norm, m, c.dim, c.norm_eps);
+    ops_->matmul(out, xlast_.f32(), w.output, m);
+}
+
+void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
+                    float* logits) {
+    const size_t m = logit_rows.size();
+    float* out = run_batch(kv, batch, logit_rows, logits);
+    if (m > 0 && out != logits) ops_->download(logits, out, sizeof(float) * m * cfg.vocab_size);
     // The classifier is replicated, so ranks agree already if the all-reduces gave every rank the
     // same bits; rank 0's logits make sure of it, since every rank samples from them.
-    if (comm_) comm_->broadcast(logits, size_t(m) * c.vocab_size * sizeof(float), 0);
+    if (comm_ && m > 0) comm_->broadcast(logits, m * cfg.vocab_size * sizeof(float), 0);
+}
+
+bool Model::forward_sample(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
+                           Sampler& sampler, int* tokens) {
+    if (!ops_->can_sample() || comm_ || logit_rows.empty()) return false;
+    std::vector<float> u(logit_rows.size());
+    for (float& x : u) x = sampler.uniform();
+    const float* out = run_batch(kv, batch, logit_rows, nullptr);
+    ops_->sample(tokens, out, int(logit_rows.size()), cfg.vocab_size, sampler.params(), u.data());
+    return true;
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "sampler.h"
 #include "safetensors.h"
 #include "tp.h"
 
@@ -60,12 +61,12 @@ struct TensorSpec {
 std::vector<TensorSpec> model_tensors(const Config& c);
 
 struct LayerWeights {
-    std::vector<float> attn_norm;  // [dim]
+    const float* attn_norm = nullptr;  // [dim] f32, in the backend's memory (Model::norms_)
     Weight wq;                     // [n_heads*head_dim, dim]
     Weight wk;                     // [n_kv_heads*head_dim, dim]
     Weight wv;                     // [n_kv_heads*head_dim, dim]
     Weight wo;                     // [dim, n_heads*head_dim]
-    std::vector<float> ffn_norm;   // [dim]
+    const float* ffn_norm = nullptr;   // [dim] f32, likewise
     Weight w1;                     // gate [hidden_dim, dim]
     Weight w2;                     // down [dim, hidden_dim]
     Weight w3;                     // up   [hidden_dim, dim]
@@ -83,18 +84,21 @@ void moe_route(const float* logits, int n, int k, int* chosen, float* weights);
 struct Weights {
     Weight tok_embeddings;         // [vocab, dim]
     std::vector<LayerWeights> layers;
-    std::vector<float> norm;       // [dim]
+    const float* norm = nullptr;   // [dim] f32, in the backend's memory
     Weight output;                 // [vocab, dim]; the embedding when tied
 };
 
 // Paged KV cache: fixed-size blocks of positions, a block table per sequence, a free list.
-// Storage per layer: [num_blocks][block_size][n_kv_heads * head_dim] for K and for V (f32 on CPU).
+// Storage per layer: [num_blocks][block_size][n_kv_heads * head_dim] for K and for V, in the
+// backend's memory and its kv_dtype() (f32 on the CPU, bf16 on CUDA). The block bookkeeping is
+// host-side; the storage is allocated by the first forward that uses the cache (or allocate()).
 struct KVCache {
     int block_size = 16;
     int num_blocks = 0;
     int n_layers = 0;
     int kv_dim = 0;  // n_kv_heads * head_dim
-    std::vector<float> k, v;                   // [n_layers][num_blocks][block_size][kv_dim]
+    DType dtype = DType::F32;                  // of k and v, once allocated
+    Buffer k, v;                               // [n_layers][num_blocks][block_size][kv_dim]
     std::vector<int> free_blocks;              // stack of unused block ids
     std::map<int, std::vector<int>> tables;    // sequence id -> its blocks, in position order
 
@@ -106,8 +110,15 @@ struct KVCache {
     void release(int seq);
     int capacity_tokens() const { return num_blocks * block_size; }
     int free_tokens() const { return int(free_blocks.size()) * block_size; }
-    float* k_layer(int l) { return k.data() + size_t(l) * num_blocks * block_size * kv_dim; }
-    float* v_layer(int l) { return v.data() + size_t(l) * num_blocks * block_size * kv_dim; }
+    // Storage in `ops`'s memory (once; later calls with the same backend do nothing).
+    void allocate(Ops* ops);
+    size_t layer_bytes() const { return size_t(num_blocks) * block_size * kv_dim * dtype_size(dtype); }
+    size_t bytes() const { return k.bytes() + v.bytes(); }  // 0 until allocated
+    void* k_layer(int l) { return static_cast<uint8_t*>(k.data()) + size_t(l) * layer_bytes(); }
+    void* v_layer(int l) { return static_cast<uint8_t*>(v.data()) + size_t(l) * layer_bytes(); }
+
+  private:
+    Ops* ops_ = nullptr;  // whose memory k and v are in
 };
 
 // One entry of a forward batch: the Orca/vLLM shape (prefill, decode, verify all use it).
@@ -120,36 +131,71 @@ struct BatchToken {
 class Model {
   public:
     Config cfg;  // this rank's share under tensor parallelism (see Config::shard), else the model's
-    Weights w;
+    Weights w;   // in the backend's memory: views into the mapped file on the CPU, copies on CUDA
     std::string tokenizer_model;  // sentencepiece model bytes embedded in model.bin
     std::string path;
 
     // Maps model.bin, checks format/version/config and every tensor's name, dtype and shape.
     // With a communicator of n > 1 ranks, this rank keeps views of its slices only: wq/wk/wv/w1/w3
     // split by output rows (heads, FFN width), wo/w2 by input columns; forward() all-reduces after
-    // each of those two.
+    // each of those two. A backend without host memory (CUDA) gets the weights copied to it.
     Model(const std::string& path, Ops* ops, Comm* comm = nullptr);
+    ~Model();
+    Model(const Model&) = delete;
+    Model& operator=(const Model&) = delete;
 
     // Runs the batch through the model, writing K/V for every token into `kv`, then logits for the
-    // batch entries listed in `logit_rows` to logits[logit_rows.size()][vocab_size].
+    // batch entries listed in `logit_rows` to logits[logit_rows.size()][vocab_size] (host memory).
     void forward(KVCache& kv, const std::vector<BatchToken>& batch,
                  const std::vector<int>& logit_rows, float* logits);
+    // The same forward, then one token sampled on the backend per logit row (Ops::sample, with
+    // sampler's settings and one uniform draw of it per row), into tokens[logit_rows.size()].
+    // False, having done nothing, when the backend samples on the host (the CPU).
+    bool forward_sample(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
+                        Sampler& sampler, int* tokens);
+
+    // Scratch for batches of up to n_tokens tokens and n_rows logit rows, allocated now rather
+    // than by the first forward that needs it (for the memory plan; a CUDA graph captured before
+    // buffers grow is captured again after).
+    void reserve_scratch(int n_tokens, int n_rows);
+    Ops* ops() const { return ops_; }
 
     // Bytes of weights read by one decode step (for the GB/s figure); MoE layers count the router
     // and n_experts_per_tok experts, the weights a batch-1 step actually reads.
     size_t weight_bytes_per_token() const;
+    size_t device_weight_bytes() const { return weights_.bytes() + norms_.bytes(); }  // copies on the backend
+    size_t scratch_bytes() const;  // activation buffers now allocated
 
   private:
     std::unique_ptr<SafetensorsFile> file_;
     Ops* ops_;
     Comm* comm_;  // null, or the tensor-parallel ranks
-    // Scratch activations, grown to the largest batch seen: [n_tokens][width] each.
-    std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_;
+    Buffer weights_;  // the matrices' copies on a backend without host memory (else empty)
+    Buffer norms_;    // every norm weight as f32: [2 * n_layers + 1][dim]
+    void upload_weights();
+    // Scratch activations in the backend's memory, grown to the largest batch seen: [n_tokens][width] each.
+    Buffer x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_, logits_;
+    // This forward's token ids, positions, cache slots, block tables and RoPE table, built on the
+    // host in meta_ and seen by the backend at meta_dev_ (the same bytes on the CPU; an upload on CUDA).
+    std::vector<int> tokens_, positions_, slots_, table_offsets_, tables_;
     std::vector<float> rope_;  // [n][head_dim / 2][cos, sin] of this forward's positions
-    std::vector<int> tokens_, positions_, slots_;  // [n] per batch entry; slot = KV cache row
-    std::vector<const int*> tables_;               // [n] each entry's block table
-    // MoE scratch: router logits [n][n_experts], gathered rows and expert outputs [n][dim], the
-    // weighted sum [n][dim].
-    std::vector<float> router_, xg_, yg_, moe_;
+    std::vector<uint8_t> meta_;
+    Buffer meta_dev_;
+    // MoE scratch: router logits [n][n_experts] (and their host copy), gathered rows and expert
+    // outputs [n][dim], the weighted sum [n][dim].
+    Buffer router_, xg_, yg_, moe_;
+    std::vector<float> router_host_;
     void moe_ffn(const LayerWeights& L, int n);  // xb_ [n][dim] -> moe_ [n][dim] (this rank's part)
+    // The layers, the final norm and the classifier into logits_ (or `out` on a host-memory
+    // backend), for a batch whose meta_dev_ is in place; replays a captured graph where it can.
+    void run(KVCache& kv, int n, const std::vector<int>& logit_rows, float* out);
+    void run_ops(KVCache& kv, int n, const std::vector<int>& logit_rows, float* out, const AttentionBatch& ab,
+                 const int* tokens, const float* rope, const int* slots);
+    float* run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
+                     float* host_logits);
+    // Captured decode steps by (batch size, logit rows, cache); dropped when scratch buffers move.
+    std::map<std::string, void*> graphs_;
+    std::map<std::string, int> graph_seen_;  // eager runs of each key before its capture
+    void drop_graphs();
+    bool grow(Buffer& b, size_t bytes);  // true when b was reallocated
 };

@@ -1,8 +1,10 @@
 // ops.h: the op table both backends implement. The forward pass in model.cpp is written once
 // over it; kernels_cpu.cpp implements it (and is the reference twin for kernels.cu).
 #pragma once
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "safetensors.h"
@@ -44,44 +46,132 @@ void quantize_row_int4(const float* w, int n, int group, uint8_t* packed, float*
 // Row r of any Weight as f32 (cols values): the dequantize reference for tests and embeddings.
 void dequantize_row(const Weight& w, int r, float* out);
 
-// What attention needs to find a token's keys and values in the paged cache.
+// What attention needs to find a token's keys and values in the paged cache. Every array is in
+// the backend's memory (ops.h's Buffer): the CUDA kernels read them on the device, so a captured
+// decode step replays with new positions without being captured again.
 struct AttentionBatch {
-    const int* positions;               // [n] position of each token (it attends to 0..pos)
-    const int* const* block_tables;     // [n] block table of each token's sequence
+    const int* positions;      // [n] position of each token (it attends to 0..pos)
+    const int* block_tables;   // the batch's block tables, one after another
+    const int* table_offsets;  // [n] where each token's table starts in block_tables
     int block_size;
     int n_heads, n_kv_heads, head_dim;
+    int max_len;               // no token attends to more than this many positions (launch sizes)
 };
 
+struct SamplingParams;
+
+// The op table. Pointers to activations, the KV cache and weights are in the backend's memory:
+// host memory on the CPU (weights are views into the mapped file), device memory on CUDA.
+// Activations are f32 on both backends (at batch 1 they are a tiny share of the bytes moved);
+// the KV cache is kv_dtype(): f32 on the CPU, bf16 on CUDA.
 struct Ops {
     virtual ~Ops() = default;
+    virtual const char* name() const = 0;  // "cpu", "cuda"
+
+    // ---- memory
+    // True when the backend's pointers are host pointers (no uploads needed: the CPU).
+    virtual bool host_memory() const { return true; }
+    // Zero-filled; throws Error naming the size when memory runs out.
+    virtual void* alloc(size_t bytes) = 0;
+    virtual void free(void* p) = 0;  // never throws (it runs in destructors)
+    virtual void upload(void* dst, const void* src, size_t bytes) = 0;    // host -> backend
+    virtual void download(void* dst, const void* src, size_t bytes) = 0;  // backend -> host, after the ops before it
+    virtual void copy(void* dst, const void* src, size_t bytes) = 0;      // backend -> backend
+    virtual void zero(void* p, size_t bytes) = 0;
+    virtual DType kv_dtype() const { return DType::F32; }
+    // Bytes the backend could still allocate (for sizing the KV cache); 0 when there is no such limit.
+    virtual size_t free_memory() const { return 0; }
+
+    // ---- the decode step as a graph (CUDA graphs: launch gaps vanish); the CPU has none.
+    // Ops issued between capture_begin and capture_end are recorded, not run; graph_launch runs them.
+    virtual bool graphs() const { return false; }
+    virtual void capture_begin() {}
+    virtual void* capture_end() { return nullptr; }
+    virtual void graph_launch(void*) {}
+    virtual void graph_destroy(void*) {}
+
+    // ---- compute
     // out[n][w.rows] = x[n][w.cols] . w^T
     virtual void matmul(float* out, const float* x, const Weight& w, int n) = 0;
+    // The attention projections of one input: q = x . wq^T, k = x . wk^T, v = x . wv^T (CUDA: one
+    // launch for all three at small n).
+    virtual void matmul_qkv(float* q, float* k, float* v, const float* x, const Weight& wq, const Weight& wk,
+                            const Weight& wv, int n) {
+        matmul(q, x, wq, n);
+        matmul(k, x, wk, n);
+        matmul(v, x, wv, n);
+    }
+    // SwiGLU's first half: h[n][w1.rows] = silu(x . w1^T) * (x . w3^T); up [n][w3.rows] is scratch.
+    virtual void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) = 0;
     // out[n][dim] = x / rms(x) * weight
     virtual void rmsnorm(float* out, const float* x, const float* weight, int n, int dim,
                          float eps) = 0;
-    // Rotate adjacent pairs (2i, 2i+1) of each head of token t, in place, by the angle whose cosine
-    // and sine are cos_sin[t][i][0..1] (model.cpp builds the table once per forward: every layer
-    // and both q and k use the same angles).
-    virtual void rope(float* x, const float* cos_sin, int n, int n_heads, int head_dim) = 0;
-    // Write k/v rows [n][kv_dim] to cache slots (slot = block * block_size + offset).
-    virtual void kv_write(float* k_cache, float* v_cache, const float* k, const float* v,
-                          const int* slots, int n, int kv_dim) = 0;
+    // RoPE on q [n][n_heads][head_dim] and k [n][n_kv_heads][head_dim] in place, rotating adjacent
+    // pairs (2i, 2i+1) of each head of token t by the angle whose cosine and sine are
+    // cos_sin[t][i][0..1] (model.cpp builds the table once per forward: every layer and both q and
+    // k use the same angles); then k and v rows [n][kv_dim] go to the cache slots of kv_dtype()
+    // (slot = block * block_size + offset).
+    virtual void rope_kv_write(float* q, float* k, const float* v, void* k_cache, void* v_cache,
+                               const float* cos_sin, const int* slots, int n, int n_heads, int n_kv_heads,
+                               int head_dim) = 0;
     // out[n][n_heads*head_dim]: causal softmax attention of q over the cached keys/values.
-    virtual void attention(float* out, const float* q, const float* k_cache,
-                           const float* v_cache, const AttentionBatch& b, int n) = 0;
-    // gate[i] = silu(gate[i]) * up[i]
-    virtual void silu_mul(float* gate, const float* up, size_t n) = 0;
+    virtual void attention(float* out, const float* q, const void* k_cache, const void* v_cache,
+                           const AttentionBatch& b, int n) = 0;
     // x[i] += y[i]
     virtual void add(float* x, const float* y, size_t n) = 0;
+    // x[i] += a * y[i] (a mixture of experts' weighted sum)
+    virtual void add_scaled(float* x, const float* y, float a, size_t n) = 0;
     // out[n][w.cols] = rows tokens[i] of the table
     virtual void embed(float* out, const Weight& table, const int* tokens, int n) = 0;
+    // Sampling where the logits are (CUDA; the CPU samples on the host with Sampler, the twin):
+    // tokens[r] (host) for each of m rows of logits [m][vocab], as Sampler::sample draws them with
+    // uniform draws u[r] (host): argmax at temperature 0 (the first maximum), else softmax at
+    // temperature, top-k (ties to the lower id), top-p, and the token where u[r] falls in the kept
+    // mass in id order.
+    virtual bool can_sample() const { return false; }
+    virtual void sample(int* tokens, const float* logits, int m, int vocab, const SamplingParams& p, const float* u) {
+        (void)tokens, (void)logits, (void)m, (void)vocab, (void)p, (void)u;
+        assert(false && "Ops::sample: this backend samples on the host");
+    }
+};
+
+// Memory of a backend (device memory on CUDA, host memory on the CPU), owned: freed on
+// destruction. Move-only.
+class Buffer {
+  public:
+    Buffer() = default;
+    Buffer(Ops* ops, size_t bytes) : ops_(ops), p_(bytes ? ops->alloc(bytes) : nullptr), bytes_(bytes) {}
+    ~Buffer() { reset(); }
+    Buffer(Buffer&& o) noexcept : ops_(o.ops_), p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+    Buffer& operator=(Buffer&& o) noexcept {
+        if (this != &o) {
+            reset();
+            ops_ = o.ops_, p_ = o.p_, bytes_ = o.bytes_;
+            o.p_ = nullptr, o.bytes_ = 0;
+        }
+        return *this;
+    }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    void reset() {
+        if (p_) ops_->free(p_);
+        p_ = nullptr, bytes_ = 0;
+    }
+    void* data() const { return p_; }
+    float* f32() const { return static_cast<float*>(p_); }
+    size_t bytes() const { return bytes_; }
+
+  private:
+    Ops* ops_ = nullptr;
+    void* p_ = nullptr;
+    size_t bytes_ = 0;
 };
 
 // The CPU backend (kernels_cpu.cpp). threads <= 0: OpenMP's default.
 Ops* cpu_ops(int threads);
 
-#ifdef FASTGEN_CUDA
-#include <string>
-// Number of usable CUDA devices; 0 with the reason in *why when none (kernels.cu).
+// The CUDA backend (kernels.cu), one per process, on device 0; throws Error saying why when this
+// build has no CUDA or no device is usable.
+Ops* cuda_ops();
+// Number of usable CUDA devices; 0 with the reason in *why when none (also in a CPU-only build).
 int cuda_device_count(std::string* why);
-#endif
