@@ -1,10 +1,979 @@
-// kernels.cu: the CUDA backend. For now: finding a device, so --device auto/cuda can decide.
-// The op table's CUDA kernels come with the CUDA backend issue.
+// kernels.cu: the CUDA backend of the op table (ops.h). Weights bf16/f16/f32 (and int8 per row,
+// int4 groups), activations f32, f32 accumulation everywhere, a bf16 paged KV cache.
+//   decode matmuls (n <= 8 tokens): own matrix-vector kernels, 16-byte streaming weight loads,
+//     several loads in flight per lane, one warp per output row, Q/K/V in one launch and the
+//     SwiGLU gate/up pair fused with the SiLU-multiply;
+//   prefill and larger batches: cuBLAS (bf16/f16 operands, f32 accumulation and output);
+//   attention: flash-decoding over the paged cache (splits along the sequence, then a combine);
+//   rmsnorm, RoPE fused with the cache write, residual adds, embedding, argmax and top-k/top-p
+//   sampling on the device; CUDA graphs for the decode step (model.cpp decides when).
+// Every kernel's CPU twin is the same op in kernels_cpu.cpp; tests/test_gpu.cpp compares them.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <string>
+#include <type_traits>
+#include <vector>
 
+#include "common.h"
 #include "ops.h"
+#include "sampler.h"
+
+// ---------------------------------------------------------------------------------------------
+// checks: every CUDA and cuBLAS call, and every launch
+
+namespace {
+
+void cuda_check(cudaError_t e, const char* call, const char* file, int line) {
+    if (e != cudaSuccess) throw Error(fmt("CUDA: %s failed at %s:%d: %s", call, file, line, cudaGetErrorString(e)));
+}
+void cublas_check(cublasStatus_t s, const char* call, const char* file, int line) {
+    if (s != CUBLAS_STATUS_SUCCESS)
+        throw Error(fmt("cuBLAS: %s failed at %s:%d: %s", call, file, line, cublasGetStatusString(s)));
+}
+#define CUDA_CHECK(call) cuda_check((call), #call, __FILE__, __LINE__)
+#define CUBLAS_CHECK(call) cublas_check((call), #call, __FILE__, __LINE__)
+#define LAUNCH_CHECK(name) cuda_check(cudaGetLastError(), "launch of " name, __FILE__, __LINE__)
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// The sum over the block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    __syncthreads();  // part may still be read by a previous call
+    v = warp_sum(v);
+    const int w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, nw = blockDim.x / kWarp;
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    v = lane < nw ? part[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float bf16_bits_to_f32(uint32_t h) { return __uint_as_float(h << 16); }
+__device__ __forceinline__ float f16_bits_to_f32(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
+
+// ---------------------------------------------------------------------------------------------
+// matrix-vector products (decode): out[t][r] = sum_k x[t][k] * W[r][k] for up to 8 tokens
+//
+// One warp per output row (4 rows per 128-thread block, so even a 1024-row K projection spreads
+// over 256 blocks). Each lane streams 16-byte chunks of the row (__ldcs: weights are read once, so
+// they should not evict x from the caches), U chunks loaded before any is used so each lane keeps
+// U * 16 bytes in flight; x comes through L1, where every warp of the SM reuses it. Quantized
+// weights are dequantized in registers. The warp's partial sums meet in a shuffle reduction.
+
+enum Fmt { kF32, kBF16, kF16, kI8, kI4 };
+
+int fmt_of(DType t) {
+    switch (t) {
+        case DType::F32: return kF32;
+        case DType::BF16: return kBF16;
+        case DType::F16: return kF16;
+        case DType::I8: return kI8;
+        case DType::U8: return kI4;
+        default: throw Error(fmt("CUDA matmul: weight dtype %s is not supported", dtype_name(t)));
+    }
+}
+// Elements in one 16-byte chunk.
+__host__ __device__ constexpr int chunk_elems(int f) { return f == kF32 ? 4 : f == kI8 ? 16 : f == kI4 ? 32 : 8; }
+// Bytes of one row of `cols` logical columns (stride for a strided view).
+size_t row_bytes(const Weight& w, int cols) {
+    return w.dtype == DType::U8 ? size_t(cols) / 2 : size_t(cols) * dtype_size(w.dtype);
+}
+
+// sum_j w_j * x[j] over one chunk; for int4, (q - z) * s per weight, folded as s * (sum q x - z sum x).
+template <int F>
+__device__ __forceinline__ float chunk_dot(const uint4& c, const float* x, float s, float z) {
+    const float4* xv = reinterpret_cast<const float4*>(x);
+    const uint32_t wd[4] = {c.x, c.y, c.z, c.w};
+    float acc = 0.0f;
+    if constexpr (F == kF32) {
+        const float4 a = __ldg(xv);
+        acc = a.x * __uint_as_float(wd[0]) + a.y * __uint_as_float(wd[1]) + a.z * __uint_as_float(wd[2]) +
+              a.w * __uint_as_float(wd[3]);
+    } else if constexpr (F == kBF16 || F == kF16) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const float4 a = __ldg(xv + i);
+            const uint32_t lo = wd[2 * i], hi = wd[2 * i + 1];
+            if constexpr (F == kBF16) {
+                acc += a.x * bf16_bits_to_f32(lo & 0xffff) + a.y * __uint_as_float(lo & 0xffff0000u) +
+                       a.z * bf16_bits_to_f32(hi & 0xffff) + a.w * __uint_as_float(hi & 0xffff0000u);
+            } else {
+                acc += a.x * f16_bits_to_f32(lo & 0xffff) + a.y * f16_bits_to_f32(lo >> 16) +
+                       a.z * f16_bits_to_f32(hi & 0xffff) + a.w * f16_bits_to_f32(hi >> 16);
+            }
+        }
+    } else if constexpr (F == kI8) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float4 a = __ldg(xv + i);
+            const uint32_t v = wd[i];
+            acc += a.x * float(int8_t(v & 0xff)) + a.y * float(int8_t((v >> 8) & 0xff)) +
+                   a.z * float(int8_t((v >> 16) & 0xff)) + a.w * float(int8_t(v >> 24));
+        }
+    } else {  // kI4: byte b holds column 2b (low nibble) and 2b + 1 (high nibble)
+        float qx = 0.0f, sx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float4 a = __ldg(xv + i);
+            const uint32_t v = wd[i / 2] >> (16 * (i % 2));
+            qx += a.x * float(v & 0xf) + a.y * float((v >> 4) & 0xf) + a.z * float((v >> 8) & 0xf) +
+                  a.w * float((v >> 12) & 0xf);
+            sx += (a.x + a.y) + (a.z + a.w);
+        }
+        acc = s * (qx - z * sx);
+    }
+    return acc;
+}
+
+// One weight, as a float (int8: q, scaled after the sum; int4: (q - z) * s).
+template <int F>
+__device__ __forceinline__ float weight_at(const uint8_t* row, int k, const float* scales, const uint8_t* zeros, int group) {
+    if constexpr (F == kF32) return reinterpret_cast<const float*>(row)[k];
+    if constexpr (F == kBF16) return bf16_bits_to_f32(reinterpret_cast<const uint16_t*>(row)[k]);
+    if constexpr (F == kF16) return f16_bits_to_f32(reinterpret_cast<const uint16_t*>(row)[k]);
+    if constexpr (F == kI8) return float(reinterpret_cast<const int8_t*>(row)[k]);
+    const int q = k % 2 ? row[k / 2] >> 4 : row[k / 2] & 0xf;
+    return float(q - int(zeros[k / group])) * scales[k / group];
+}
+
+struct Seg {
+    const uint8_t* w;       // [rows] rows of row_bytes
+    const float* scales;    // int8: [rows]; int4: [rows][cols / group]
+    const uint8_t* zeros;   // int4: [rows][cols / group]
+    float* out;             // [n][rows]
+    int rows;
+};
+struct GemvArgs {
+    Seg seg[3];
+    int nseg;         // segments (Q, K, V) stacked along the rows; gate_up: w1 and w3
+    int cols, group;  // group: int4 columns per scale
+    size_t row_bytes;
+    const float* x;   // [n][cols]
+    int n;
+    bool vec;         // 16-byte chunks: rows, x and cols are aligned for them
+};
+
+constexpr int kGemvWarps = 4;
+
+template <int F, int NT, bool kGateUp>
+__global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs a) {
+    constexpr int E = chunk_elems(F), U = F == kI4 ? 2 : 4;
+    const int lane = threadIdx.x % kWarp;
+    int r = blockIdx.x * kGemvWarps + threadIdx.x / kWarp, s = 0;
+    if (!kGateUp)
+        while (s + 1 < a.nseg && r >= a.seg[s].rows) r -= a.seg[s].rows, s++;
+    const Seg S = a.seg[s];
+    if (r >= S.rows) return;
+    const Seg S2 = a.seg[kGateUp ? 1 : s];
+    const uint8_t* row = S.w + size_t(r) * a.row_bytes;
+    const uint8_t* row2 = S2.w + size_t(r) * a.row_bytes;
+    const int ngroups = F == kI4 ? a.cols / a.group : 1;
+    float acc[NT], acc2[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = acc2[t] = 0.0f;
+
+    if (a.vec) {
+        const int nchunks = a.cols / E;
+        const uint4* w1 = reinterpret_cast<const uint4*>(row);
+        const uint4* w2 = reinterpret_cast<const uint4*>(row2);
+        for (int c0 = lane; c0 < nchunks; c0 += kWarp * U) {
+            uint4 v1[U], v2[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int c = c0 + u * kWarp;
+                if (c < nchunks) {
+                    v1[u] = __ldcs(w1 + c);
+                    if (kGateUp) v2[u] = __ldcs(w2 + c);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int c = c0 + u * kWarp;
+                if (c >= nchunks) continue;
+                float s1 = 0, z1 = 0, s2 = 0, z2 = 0;
+                if (F == kI4) {
+                    const size_t g = size_t(r) * ngroups + size_t(c) * E / a.group;
+                    s1 = S.scales[g], z1 = float(S.zeros[g]);
+                    if (kGateUp) s2 = S2.scales[g], z2 = float(S2.zeros[g]);
+                }
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    if (t >= a.n) break;
+                    const float* xt = a.x + size_t(t) * a.cols + size_t(c) * E;
+                    acc[t] += chunk_dot<F>(v1[u], xt, s1, z1);
+                    if (kGateUp) acc2[t] += chunk_dot<F>(v2[u], xt, s2, z2);
+                }
+            }
+        }
+    } else {  // unaligned or odd sizes: one weight at a time
+        const float* sc1 = F == kI4 ? S.scales + size_t(r) * ngroups : nullptr;
+        const float* sc2 = F == kI4 ? S2.scales + size_t(r) * ngroups : nullptr;
+        const uint8_t* zp1 = F == kI4 ? S.zeros + size_t(r) * ngroups : nullptr;
+        const uint8_t* zp2 = F == kI4 ? S2.zeros + size_t(r) * ngroups : nullptr;
+        for (int k = lane; k < a.cols; k += kWarp) {
+            const float wv = weight_at<F>(row, k, sc1, zp1, a.group);
+            const float wv2 = kGateUp ? weight_at<F>(row2, k, sc2, zp2, a.group) : 0.0f;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t >= a.n) break;
+                const float xv = a.x[size_t(t) * a.cols + k];
+                acc[t] += wv * xv;
+                if (kGateUp) acc2[t] += wv2 * xv;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        acc[t] = warp_sum(acc[t]);
+        if (kGateUp) acc2[t] = warp_sum(acc2[t]);
+    }
+    if (lane != 0) return;
+    const float scale1 = F == kI8 ? S.scales[r] : 1.0f, scale2 = F == kI8 ? S2.scales[r] : 1.0f;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        if (t >= a.n) break;
+        const float g = acc[t] * scale1;
+        if (kGateUp) S.out[size_t(t) * S.rows + r] = g / (1.0f + expf(-g)) * (acc2[t] * scale2);
+        else S.out[size_t(t) * S.rows + r] = g;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise and row kernels
+
+// out[t] = x[t] / rms(x[t]) * weight; one block per token (out may be x).
+__global__ void rmsnorm_kernel(float* out, const float* x, const float* weight, int dim, float eps) {
+    const float* xt = x + size_t(blockIdx.x) * dim;
+    float* ot = out + size_t(blockIdx.x) * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xt[i] * xt[i];
+    const float scale = rsqrtf(block_sum(ss) / float(dim) + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ot[i] = xt[i] * scale * weight[i];
+}
+
+// The cache is bf16 (kv_dtype()); the kernels are templates over its element type.
+__device__ __forceinline__ void store_kv(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float load_kv(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+// One block per token: rotate its q and k pairs, then write k and v into the cache slot.
+template <typename KV>
+__global__ void rope_kv_write_kernel(float* q, float* k, const float* v, KV* k_cache, KV* v_cache,
+                                     const float* cos_sin, const int* slots, int n_heads, int n_kv_heads, int head_dim) {
+    const int t = blockIdx.x, half = head_dim / 2, kv_dim = n_kv_heads * head_dim;
+    const float* cs = cos_sin + size_t(t) * head_dim;
+    float* qt = q + size_t(t) * n_heads * head_dim;
+    float* kt = k + size_t(t) * kv_dim;
+    const float* vt = v + size_t(t) * kv_dim;
+    KV* kc = k_cache + size_t(slots[t]) * kv_dim;
+    KV* vc = v_cache + size_t(slots[t]) * kv_dim;
+    for (int p = threadIdx.x; p < (n_heads + n_kv_heads) * half; p += blockDim.x) {
+        const bool is_q = p < n_heads * half;
+        const int pp = is_q ? p : p - n_heads * half, h = pp / half, i = pp % half;
+        float* x = (is_q ? qt : kt) + h * head_dim + 2 * i;
+        const float c = cs[2 * i], s = cs[2 * i + 1], a = x[0], b = x[1];
+        const float r0 = a * c - b * s, r1 = a * s + b * c;
+        x[0] = r0, x[1] = r1;
+        if (!is_q) store_kv(kc + h * head_dim + 2 * i, r0), store_kv(kc + h * head_dim + 2 * i + 1, r1);
+    }
+    for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) store_kv(vc + j, vt[j]);
+}
+
+__global__ void silu_mul_kernel(float* gate, const float* up, size_t n) {
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+        const float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+__global__ void add_scaled_kernel(float* x, const float* y, float a, size_t n, bool plain) {
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+        x[i] = plain ? x[i] + y[i] : x[i] + a * y[i];
+}
+
+// One block per token: its embedding row as f32.
+template <int F>
+__global__ void embed_kernel(float* out, const uint8_t* table, const float* scales, const uint8_t* zeros, int cols,
+                             size_t row_bytes, int group, const int* tokens) {
+    const int row = tokens[blockIdx.x];
+    const uint8_t* r = table + size_t(row) * row_bytes;
+    const int ngroups = F == kI4 ? cols / group : 1;
+    const float* sc = F == kI4 ? scales + size_t(row) * ngroups : nullptr;
+    const uint8_t* zp = F == kI4 ? zeros + size_t(row) * ngroups : nullptr;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = weight_at<F>(r, i, sc, zp, group);
+        if (F == kI8) v *= scales[row];
+        out[size_t(blockIdx.x) * cols + i] = v;
+    }
+}
+
+// f32 -> bf16 / f16 operands for cuBLAS, and a quantized matrix dequantized to bf16.
+template <typename T>
+__global__ void convert_kernel(T* out, const float* x, size_t n) {
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+        if constexpr (std::is_same<T, __half>::value) out[i] = __float2half_rn(x[i]);
+        else out[i] = __float2bfloat16_rn(x[i]);
+    }
+}
+template <int F>
+__global__ void dequantize_kernel(__nv_bfloat16* out, const uint8_t* w, const float* scales, const uint8_t* zeros, int rows,
+                                  int cols, size_t row_bytes, int group) {
+    const size_t n = size_t(rows) * cols;
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+        const int r = int(i / cols), k = int(i % cols);
+        const int ngroups = F == kI4 ? cols / group : 1;
+        float v = weight_at<F>(w + size_t(r) * row_bytes, k, F == kI4 ? scales + size_t(r) * ngroups : nullptr,
+                               F == kI4 ? zeros + size_t(r) * ngroups : nullptr, group);
+        if (F == kI8) v *= scales[r];
+        out[i] = __float2bfloat16_rn(v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention over the paged cache (flash-decoding)
+//
+// Block (split s, KV head, token t) takes positions [s * split_len, (s + 1) * split_len) of the
+// token's 0..pos and all `group` query heads that share the KV head, so each cached K/V row is
+// read once per group. Keys go in chunks of 32: one warp per key computes the group's scores
+// (lanes split head_dim), then an online softmax (running max and sum per head) rescales the
+// accumulators, which threads hold as (head, dim) pairs. Each block writes its unnormalised
+// output with its max and sum; attention_combine_kernel merges a token's splits. The number of
+// splits depends only on the batch size and the context length, never on the positions, so a
+// captured step stays valid; blocks past a token's position exit at once.
+
+constexpr int kAttnThreads = 256, kAttnChunk = 32, kAttnMaxAcc = 16;  // group * head_dim <= 4096
+
+template <typename KV>
+__global__ void __launch_bounds__(kAttnThreads)
+attention_split_kernel(float* o_part, float* ml_part, const float* q, const KV* k_cache, const KV* v_cache,
+                       const AttentionBatch b, int splits, int split_len) {
+    extern __shared__ float smem[];
+    const int s = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+    const int hd = b.head_dim, group = b.n_heads / b.n_kv_heads, kv_dim = b.n_kv_heads * hd;
+    const int len = b.positions[t] + 1, start = s * split_len, end = min(len, start + split_len);
+    if (start >= len) return;
+    float* qs = smem;                              // [group][hd], pre-scaled
+    float* sc = qs + group * hd;                   // [group][kAttnChunk] scores, then weights
+    float* corr = sc + group * kAttnChunk;         // [group] rescale of the accumulators
+    float* run_m = corr + group;                   // [group] running max
+    float* run_l = run_m + group;                  // [group] running sum
+    int* slot = reinterpret_cast<int*>(run_l + group);  // [kAttnChunk] cache slots of the chunk
+    const float scale = rsqrtf(float(hd));
+    const float* qt = q + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = qt[i] * scale;
+    for (int g = threadIdx.x; g < group; g += blockDim.x) run_m[g] = -INFINITY, run_l[g] = 0.0f;
+    const int* table = b.block_tables + b.table_offsets[t];
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, nwarps = blockDim.x / kWarp;
+    float acc[kAttnMaxAcc];
+#pragma unroll
+    for (int j = 0; j < kAttnMaxAcc; j++) acc[j] = 0.0f;
+
+    for (int c0 = start; c0 < end; c0 += kAttnChunk) {
+        const int nk = min(kAttnChunk, end - c0);
+        if (threadIdx.x < kAttnChunk) {
+            const int p = c0 + threadIdx.x;
+            slot[threadIdx.x] = threadIdx.x < nk ? table[p / b.block_size] * b.block_size + p % b.block_size : 0;
+        }
+        __syncthreads();
+        for (int j = warp; j < kAttnChunk; j += nwarps) {
+            const KV* kp = k_cache + size_t(slot[j]) * kv_dim + size_t(kvh) * hd;
+            for (int g = 0; g < group; g++) {
+                float d = 0.0f;
+                if (j < nk)
+                    for (int i = lane; i < hd; i += kWarp) d += qs[g * hd + i] * load_kv(kp + i);
+                d = warp_sum(d);
+                if (lane == 0) sc[g * kAttnChunk + j] = j < nk ? d : -INFINITY;
+            }
+        }
+        __syncthreads();
+        for (int g = warp; g < group; g += nwarps) {  // one lane per key of the chunk
+            const float v = sc[g * kAttnChunk + lane];
+            const float m_new = fmaxf(run_m[g], warp_max(v));
+            const float p = lane < nk ? expf(v - m_new) : 0.0f;
+            const float sum = warp_sum(p);
+            sc[g * kAttnChunk + lane] = p;
+            __syncwarp();
+            if (lane == 0) {
+                corr[g] = expf(run_m[g] - m_new);  // 0 on the first chunk (run_m = -inf)
+                run_l[g] = run_l[g] * corr[g] + sum;
+                run_m[g] = m_new;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < kAttnMaxAcc; j++) {
+            const int idx = threadIdx.x + j * kAttnThreads;
+            if (idx >= group * hd) break;
+            const int g = idx / hd, d = idx % hd;
+            float a = acc[j] * corr[g];
+            for (int p = 0; p < nk; p++) a += sc[g * kAttnChunk + p] * load_kv(v_cache + size_t(slot[p]) * kv_dim + size_t(kvh) * hd + d);
+            acc[j] = a;
+        }
+        __syncthreads();
+    }
+    const size_t head0 = size_t(t) * b.n_heads + size_t(kvh) * group;
+#pragma unroll
+    for (int j = 0; j < kAttnMaxAcc; j++) {
+        const int idx = threadIdx.x + j * kAttnThreads;
+        if (idx >= group * hd) break;
+        const int g = idx / hd, d = idx % hd;
+        o_part[((head0 + g) * splits + s) * hd + d] = acc[j];
+    }
+    for (int g = threadIdx.x; g < group; g += blockDim.x) {
+        ml_part[((head0 + g) * splits + s) * 2] = run_m[g];
+        ml_part[((head0 + g) * splits + s) * 2 + 1] = run_l[g];
+    }
+}
+
+// One block per (head, token): out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the
+// splits that hold any of the token's positions.
+__global__ void attention_combine_kernel(float* out, const float* o_part, const float* ml_part, const int* positions,
+                                         int n_heads, int hd, int splits, int split_len) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int used = (positions[t] + 1 + split_len - 1) / split_len;
+    const size_t base = size_t(t) * n_heads + h;
+    float M = -INFINITY;
+    for (int s = 0; s < used; s++) M = fmaxf(M, ml_part[(base * splits + s) * 2]);
+    float L = 0.0f;
+    for (int s = 0; s < used; s++) L += expf(ml_part[(base * splits + s) * 2] - M) * ml_part[(base * splits + s) * 2 + 1];
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < used; s++) o += expf(ml_part[(base * splits + s) * 2] - M) * o_part[(base * splits + s) * hd + d];
+        out[base * hd + d] = o / L;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sampling (one 1024-thread block per row; thread i owns ids [i * per, (i + 1) * per), so
+// block-wide prefix sums follow id order, which the host's tie rules and draw walk use)
+
+constexpr int kSampleThreads = 1024;
+
+// Exclusive prefix sum over the block in thread order; *total gets the block's sum.
+__device__ double block_scan(double v, double* total) {
+    __shared__ double warp_sums[32];
+    __shared__ double tot;
+    const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+    __syncthreads();  // a previous call's readers are done
+    double incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const double y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_sums[w] = incl;
+    __syncthreads();
+    if (w == 0) {
+        const double x = lane < nw ? warp_sums[lane] : 0.0;
+        double xi = x;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const double y = __shfl_up_sync(0xffffffffu, xi, o);
+            if (lane >= o) xi += y;
+        }
+        if (lane < nw) warp_sums[lane] = xi - x;
+        if (lane == 31) tot = xi;
+    }
+    __syncthreads();
+    *total = tot;
+    return warp_sums[w] + incl - v;
+}
+
+__device__ double block_total(double v) {
+    double t;
+    block_scan(v, &t);
+    return t;
+}
+
+// Which elements of a (sub)set pass a threshold: the largest bit pattern `cut` (non-negative
+// floats order as their bits) such that weight(elements >= cut) >= need, by bisection on the bits.
+// count_mode: weight 1 per element (top-k), else the element's value (top-p).
+__device__ uint32_t threshold_bits(const float* e, int lo, int hi, double need, bool count_mode) {
+    uint32_t prefix = 0;
+    for (int bit = 30; bit >= 0; bit--) {  // bit 31 (sign) is 0 for every kept value
+        const uint32_t cand = prefix | (1u << bit);
+        double w = 0.0;
+        for (int i = lo; i < hi; i++)
+            if (e[i] >= 0.0f && __float_as_uint(e[i]) >= cand) w += count_mode ? 1.0 : double(e[i]);
+        if (block_total(w) >= need) prefix = cand;
+    }
+    return prefix;
+}
+
+// Keeps (e >= 0) the elements above bits `cut`, and of those equal to it the first `ties` by id;
+// the rest become -1.
+__device__ void keep_ties(float* e, int lo, int hi, uint32_t cut, double ties) {
+    double mine = 0.0, total;
+    for (int i = lo; i < hi; i++)
+        if (e[i] >= 0.0f && __float_as_uint(e[i]) == cut) mine += 1.0;
+    double rank = block_scan(mine, &total);
+    for (int i = lo; i < hi; i++) {
+        if (e[i] < 0.0f) continue;
+        const uint32_t bits = __float_as_uint(e[i]);
+        if (bits > cut) continue;
+        if (bits == cut && rank < ties) {
+            rank += 1.0;
+            continue;
+        }
+        e[i] = -1.0f;
+    }
+    __syncthreads();
+}
+
+// tokens[row]: Sampler::sample's token for logits[row] and uniform u[row] (see Ops::sample).
+// work [m][vocab]: e = exp((logit - max) / T) of kept tokens, -1 for dropped ones.
+__global__ void __launch_bounds__(kSampleThreads)
+sample_kernel(int* tokens, const float* logits, float* work, const float* u, int vocab, float temperature, int top_k,
+              float top_p) {
+    const int row = blockIdx.x;
+    const float* l = logits + size_t(row) * vocab;
+    float* e = work + size_t(row) * vocab;
+    const int per = (vocab + blockDim.x - 1) / blockDim.x;
+    const int lo = min(vocab, int(threadIdx.x) * per), hi = min(vocab, lo + per);
+
+    // the first maximum
+    float best = -INFINITY;
+    int best_i = INT_MAX;
+    for (int i = lo; i < hi; i++)
+        if (best_i == INT_MAX || l[i] > best) best = l[i], best_i = i;
+    __shared__ float wb[32];
+    __shared__ int wi[32];
+    __shared__ int result;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (ov > best || (ov == best && oi < best_i) || best_i == INT_MAX) best = ov, best_i = oi;
+    }
+    const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp;
+    if (lane == 0) wb[w] = best, wi[w] = best_i;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int j = 1; j < int(blockDim.x / kWarp); j++)
+            if (wi[j] != INT_MAX && (wb[j] > wb[0] || (wb[j] == wb[0] && wi[j] < wi[0]) || wi[0] == INT_MAX))
+                wb[0] = wb[j], wi[0] = wi[j];
+        result = wi[0];
+    }
+    __syncthreads();
+    if (temperature <= 0.0f) {
+        if (threadIdx.x == 0) tokens[row] = result;
+        return;
+    }
+    const float mx = wb[0];
+    for (int i = lo; i < hi; i++) e[i] = expf((l[i] - mx) / temperature);
+    __syncthreads();
+
+    // top-k: the k largest (ties to the lower id)
+    const int keep = top_k > 0 ? min(top_k, vocab) : vocab;
+    if (keep < vocab) {
+        const uint32_t cut = threshold_bits(e, lo, hi, double(keep), true);
+        double above = 0.0;
+        for (int i = lo; i < hi; i++) above += __float_as_uint(e[i]) > cut ? 1.0 : 0.0;
+        keep_ties(e, lo, hi, cut, double(keep) - block_total(above));
+    }
+    // top-p: the smallest prefix (by probability, then id) whose mass reaches top_p of the kept mass
+    if (top_p < 1.0f) {
+        double mass = 0.0;
+        for (int i = lo; i < hi; i++) mass += e[i] >= 0.0f ? double(e[i]) : 0.0;
+        const double target = double(top_p) * block_total(mass);
+        const uint32_t cut = threshold_bits(e, lo, hi, target, false);
+        double above = 0.0, ties = 0.0;
+        for (int i = lo; i < hi; i++) {
+            if (e[i] < 0.0f) continue;
+            if (__float_as_uint(e[i]) > cut) above += double(e[i]);
+            else if (__float_as_uint(e[i]) == cut) ties += 1.0;
+        }
+        above = block_total(above);
+        ties = block_total(ties);
+        const double v = double(__uint_as_float(cut));
+        double need = v > 0.0 ? ceil((target - above) / v) : ties;
+        need = fmin(fmax(need, above > 0.0 ? 0.0 : 1.0), ties);
+        keep_ties(e, lo, hi, cut, need);
+    }
+    // the draw: the first id, in id order, where the kept mass passes u * total
+    double mine = 0.0, total;
+    int last = -1;
+    for (int i = lo; i < hi; i++)
+        if (e[i] > 0.0f) mine += double(e[i]), last = i;
+    const double before = block_scan(mine, &total);
+    if (threadIdx.x == 0) result = -1;
+    __syncthreads();
+    if (last >= 0) atomicMax(&result, last);  // the fallback when u * total rounds past the end
+    __syncthreads();
+    const double r = double(u[row]) * total;
+    if (mine > 0.0 && before <= r && r < before + mine) {
+        double cdf = before;
+        int pick = last;
+        for (int i = lo; i < hi; i++) {
+            if (e[i] <= 0.0f) continue;
+            cdf += double(e[i]);
+            if (r < cdf) {
+                pick = i;
+                break;
+            }
+        }
+        result = pick;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) tokens[row] = result;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// the backend
+
+namespace {
+
+int grid_for(size_t n, int threads) { return int(std::min<size_t>((n + threads - 1) / threads, 65536)); }
+
+class CudaOps final : public Ops {
+  public:
+    CudaOps() {
+        CUDA_CHECK(cudaSetDevice(0));
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        sms_ = prop.multiProcessorCount;
+        CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+        CUBLAS_CHECK(cublasCreate(&blas_));
+        CUBLAS_CHECK(cublasSetStream(blas_, stream_));
+        // cuBLAS gets its workspace from us, so it never allocates inside a stream capture.
+        CUDA_CHECK(cudaMalloc(&blas_ws_, kBlasWorkspace));
+        CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kBlasWorkspace));
+        for (int i = 0; i < 2; i++) {
+            CUDA_CHECK(cudaMallocHost(&staging_[i], kStaging));
+            CUDA_CHECK(cudaEventCreateWithFlags(&staged_[i], cudaEventDisableTiming));
+        }
+        CUDA_CHECK(cudaFuncSetAttribute(attention_split_kernel<__nv_bfloat16>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+        std::fprintf(stderr, "cuda: %s, %d SMs, %.1f GB, compute capability %d.%d\n", prop.name, sms_,
+                     prop.totalGlobalMem / 1e9, prop.major, prop.minor);
+    }
+    // One per process, never destroyed (see cuda_ops()): the driver releases everything at exit.
+
+    const char* name() const override { return "cuda"; }
+    bool host_memory() const override { return false; }
+    DType kv_dtype() const override { return DType::BF16; }
+    bool graphs() const override { return true; }
+    bool can_sample() const override { return true; }
+
+    // ---- memory
+    void* alloc(size_t bytes) override {
+        void* p = nullptr;
+        cudaError_t e = cudaMalloc(&p, bytes);
+        if (e != cudaSuccess) {
+            cudaGetLastError();  // clear it
+            throw Error(fmt("CUDA: out of device memory allocating %.2f GB (%.2f GB free); use a smaller --kv-capacity "
+                            "or --max-batch-tokens, or a quantized model",
+                            bytes / 1e9, free_memory() / 1e9));
+        }
+        CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+        return p;
+    }
+    void free(void* p) override {
+        cudaError_t e = cudaFree(p);
+        if (e != cudaSuccess) std::fprintf(stderr, "warning: cudaFree: %s\n", cudaGetErrorString(e));
+    }
+    // Small uploads (a step's metadata) go straight from pageable memory: the driver stages them
+    // at once without waiting for the GPU. Large ones (weights) go through two pinned buffers, so
+    // reading the next chunk from the mapped file overlaps the copy of the last.
+    void upload(void* dst, const void* src, size_t bytes) override {
+        if (bytes <= (1u << 20)) {
+            CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+            return;
+        }
+        for (size_t off = 0, i = 0; off < bytes; off += kStaging, i++) {
+            const size_t n = std::min(kStaging, bytes - off);
+            const int b = int(i % 2);
+            CUDA_CHECK(cudaEventSynchronize(staged_[b]));  // its previous copy is done
+            std::memcpy(staging_[b], static_cast<const uint8_t*>(src) + off, n);
+            CUDA_CHECK(cudaMemcpyAsync(static_cast<uint8_t*>(dst) + off, staging_[b], n, cudaMemcpyHostToDevice, stream_));
+            CUDA_CHECK(cudaEventRecord(staged_[b], stream_));
+        }
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+    void download(void* dst, const void* src, size_t bytes) override {
+        for (size_t off = 0; off < bytes; off += kStaging) {
+            const size_t n = std::min(kStaging, bytes - off);
+            CUDA_CHECK(cudaMemcpyAsync(staging_[0], static_cast<const uint8_t*>(src) + off, n, cudaMemcpyDeviceToHost, stream_));
+            CUDA_CHECK(cudaStreamSynchronize(stream_));
+            std::memcpy(static_cast<uint8_t*>(dst) + off, staging_[0], n);
+        }
+    }
+    void copy(void* dst, const void* src, size_t bytes) override {
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+    }
+    void zero(void* p, size_t bytes) override { CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_)); }
+    size_t free_memory() const override {
+        size_t free = 0, total = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free, &total));
+        return free;
+    }
+
+    // ---- graphs
+    void capture_begin() override {
+        // Relaxed: a workspace that grows while capturing is allocated, not refused.
+        CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    }
+    void* capture_end() override {
+        cudaGraph_t g = nullptr;
+        CUDA_CHECK(cudaStreamEndCapture(stream_, &g));
+        cudaGraphExec_t exec = nullptr;
+        cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
+        cudaGraphDestroy(g);
+        CUDA_CHECK(e);
+        return exec;
+    }
+    void graph_launch(void* g) override { CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(g), stream_)); }
+    void graph_destroy(void* g) override {
+        if (g) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(g));
+    }
+
+    // ---- compute
+    void matmul(float* out, const float* x, const Weight& w, int n) override {
+        if (n <= kGemvMaxTokens) {
+            GemvArgs a = gemv_args(x, w, n);
+            a.seg[0] = seg(w, out);
+            a.nseg = 1;
+            gemv(a, w.dtype, false, w.rows);
+            return;
+        }
+        gemm(out, x, w, n);
+    }
+
+    void matmul_qkv(float* q, float* k, float* v, const float* x, const Weight& wq, const Weight& wk, const Weight& wv,
+                    int n) override {
+        if (n > kGemvMaxTokens || !same_layout(wq, wk) || !same_layout(wq, wv)) {
+            Ops::matmul_qkv(q, k, v, x, wq, wk, wv, n);
+            return;
+        }
+        GemvArgs a = gemv_args(x, wq, n);
+        a.seg[0] = seg(wq, q), a.seg[1] = seg(wk, k), a.seg[2] = seg(wv, v);
+        a.nseg = 3;
+        gemv(a, wq.dtype, false, wq.rows + wk.rows + wv.rows);
+    }
+
+    void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) override {
+        if (n <= kGemvMaxTokens && same_layout(w1, w3) && w1.rows == w3.rows) {
+            GemvArgs a = gemv_args(x, w1, n);
+            a.seg[0] = seg(w1, h), a.seg[1] = seg(w3, up);
+            a.nseg = 2;
+            gemv(a, w1.dtype, true, w1.rows);
+            return;
+        }
+        matmul(h, x, w1, n);
+        matmul(up, x, w3, n);
+        const size_t count = size_t(n) * w1.rows;
+        silu_mul_kernel<<<grid_for(count, 256), 256, 0, stream_>>>(h, up, count);
+        LAUNCH_CHECK("silu_mul_kernel");
+    }
+
+    void rmsnorm(float* out, const float* x, const float* weight, int n, int dim, float eps) override {
+        if (n == 0) return;
+        const int threads = dim >= 4096 ? 1024 : dim >= 1024 ? 512 : 128;
+        rmsnorm_kernel<<<n, threads, 0, stream_>>>(out, x, weight, dim, eps);
+        LAUNCH_CHECK("rmsnorm_kernel");
+    }
+
+    void rope_kv_write(float* q, float* k, const float* v, void* k_cache, void* v_cache, const float* cos_sin,
+                       const int* slots, int n, int n_heads, int n_kv_heads, int head_dim) override {
+        if (n == 0) return;
+        rope_kv_write_kernel<__nv_bfloat16><<<n, 128, 0, stream_>>>(
+            q, k, v, static_cast<__nv_bfloat16*>(k_cache), static_cast<__nv_bfloat16*>(v_cache), cos_sin, slots, n_heads,
+            n_kv_heads, head_dim);
+        LAUNCH_CHECK("rope_kv_write_kernel");
+    }
+
+    void attention(float* out, const float* q, const void* k_cache, const void* v_cache, const AttentionBatch& b,
+                   int n) override {
+        if (n == 0) return;
+        const int group = b.n_heads / b.n_kv_heads;
+        if (group * b.head_dim > kAttnThreads * kAttnMaxAcc)
+            throw Error(fmt("CUDA attention: %d query heads per KV head x head_dim %d is more than %d", group, b.head_dim,
+                            kAttnThreads * kAttnMaxAcc));
+        // Splits: enough blocks for two per SM when one sequence is long, none past the context.
+        const int max_splits = (b.max_len + 255) / 256;
+        const int want = (2 * sms_ + n * b.n_kv_heads - 1) / (n * b.n_kv_heads);
+        const int splits = std::max(1, std::min(max_splits, want));
+        const int split_len = ((b.max_len + splits - 1) / splits + kAttnChunk - 1) / kAttnChunk * kAttnChunk;
+        const size_t heads = size_t(n) * b.n_heads;
+        float* o_part = static_cast<float*>(workspace(attn_ws_, sizeof(float) * heads * splits * (b.head_dim + 2)));
+        float* ml_part = o_part + heads * splits * b.head_dim;
+        const size_t smem = sizeof(float) * (size_t(group) * b.head_dim + size_t(group) * kAttnChunk + 3 * size_t(group)) +
+                            sizeof(int) * kAttnChunk;
+        if (smem > 64 * 1024) throw Error(fmt("CUDA attention: %zu bytes of shared memory needed", smem));
+        attention_split_kernel<__nv_bfloat16><<<dim3(splits, b.n_kv_heads, n), kAttnThreads, smem, stream_>>>(
+            o_part, ml_part, q, static_cast<const __nv_bfloat16*>(k_cache), static_cast<const __nv_bfloat16*>(v_cache), b,
+            splits, split_len);
+        LAUNCH_CHECK("attention_split_kernel");
+        attention_combine_kernel<<<dim3(b.n_heads, n), std::min(256, (b.head_dim + 31) / 32 * 32), 0, stream_>>>(
+            out, o_part, ml_part, b.positions, b.n_heads, b.head_dim, splits, split_len);
+        LAUNCH_CHECK("attention_combine_kernel");
+    }
+
+    void add(float* x, const float* y, size_t n) override {
+        if (n == 0) return;
+        add_scaled_kernel<<<grid_for(n, 256), 256, 0, stream_>>>(x, y, 1.0f, n, true);
+        LAUNCH_CHECK("add_scaled_kernel");
+    }
+    void add_scaled(float* x, const float* y, float a, size_t n) override {
+        if (n == 0) return;
+        add_scaled_kernel<<<grid_for(n, 256), 256, 0, stream_>>>(x, y, a, n, false);
+        LAUNCH_CHECK("add_scaled_kernel");
+    }
+
+    void embed(float* out, const Weight& t, const int* tokens, int n) override {
+        if (n == 0) return;
+        const uint8_t* w = static_cast<const uint8_t*>(t.data);
+        const size_t rb = row_bytes(t, t.stride);
+        switch (fmt_of(t.dtype)) {
+            case kF32: embed_kernel<kF32><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
+            case kBF16: embed_kernel<kBF16><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
+            case kF16: embed_kernel<kF16><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
+            case kI8: embed_kernel<kI8><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
+            default: embed_kernel<kI4><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
+        }
+        LAUNCH_CHECK("embed_kernel");
+    }
+
+    void sample(int* tokens, const float* logits, int m, int vocab, const SamplingParams& p, const float* u) override {
+        if (m == 0) return;
+        float* work = static_cast<float*>(workspace(sample_ws_, sizeof(float) * (size_t(m) * vocab + m) + sizeof(int) * m));
+        float* u_dev = work + size_t(m) * vocab;
+        int* out = reinterpret_cast<int*>(u_dev + m);
+        CUDA_CHECK(cudaMemcpyAsync(u_dev, u, sizeof(float) * m, cudaMemcpyHostToDevice, stream_));
+        sample_kernel<<<m, kSampleThreads, 0, stream_>>>(out, logits, work, u_dev, vocab, p.temperature, p.top_k, p.top_p);
+        LAUNCH_CHECK("sample_kernel");
+        download(tokens, out, sizeof(int) * m);
+    }
+
+  private:
+    static constexpr int kGemvMaxTokens = 8;
+    static constexpr size_t kBlasWorkspace = 32u << 20, kStaging = 64u << 20;
+    int sms_ = 0;
+    cudaStream_t stream_ = nullptr;
+    cublasHandle_t blas_ = nullptr;
+    void* blas_ws_ = nullptr;
+    void* staging_[2] = {nullptr, nullptr};
+    cudaEvent_t staged_[2] = {nullptr, nullptr};
+
+    // Workspaces grow and never shrink. A replaced one is kept, not freed: a captured graph may
+    // still read it (the growth is bounded by doubling).
+    struct Workspace {
+        void* p = nullptr;
+        size_t bytes = 0;
+    };
+    Workspace attn_ws_, conv_ws_, deq_ws_, sample_ws_;
+    std::vector<void*> retired_;
+    void* workspace(Workspace& w, size_t bytes) {
+        if (w.bytes >= bytes) return w.p;
+        if (w.p) retired_.push_back(w.p);
+        w.bytes = std::max(bytes, 2 * w.bytes);
+        CUDA_CHECK(cudaMalloc(&w.p, w.bytes));
+        return w.p;
+    }
+
+    static bool same_layout(const Weight& a, const Weight& b) {
+        return a.dtype == b.dtype && a.cols == b.cols && a.stride == b.stride && a.group == b.group;
+    }
+    static Seg seg(const Weight& w, float* out) {
+        return Seg{static_cast<const uint8_t*>(w.data), w.scales, w.zeros, out, w.rows};
+    }
+    GemvArgs gemv_args(const float* x, const Weight& w, int n) const {
+        GemvArgs a{};
+        a.cols = w.cols;
+        a.group = w.group > 0 ? w.group : 1;
+        a.row_bytes = row_bytes(w, w.stride);
+        a.x = x;
+        a.n = n;
+        const int E = chunk_elems(fmt_of(w.dtype));
+        a.vec = w.cols % E == 0 && a.row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && w.cols % 4 == 0;
+        return a;
+    }
+    template <int F>
+    void gemv_typed(const GemvArgs& a, bool gate_up, int rows) {
+        const int blocks = (rows + kGemvWarps - 1) / kGemvWarps;
+        const int threads = kGemvWarps * kWarp;
+        if (a.n == 1) {
+            if (gate_up) gemv_kernel<F, 1, true><<<blocks, threads, 0, stream_>>>(a);
+            else gemv_kernel<F, 1, false><<<blocks, threads, 0, stream_>>>(a);
+        } else {
+            if (gate_up) gemv_kernel<F, kGemvMaxTokens, true><<<blocks, threads, 0, stream_>>>(a);
+            else gemv_kernel<F, kGemvMaxTokens, false><<<blocks, threads, 0, stream_>>>(a);
+        }
+        LAUNCH_CHECK("gemv_kernel");
+    }
+    void gemv(GemvArgs a, DType t, bool gate_up, int rows) {
+        if (a.n == 0 || rows == 0) return;
+        for (int i = 0; i < a.nseg; i++) a.vec = a.vec && reinterpret_cast<uintptr_t>(a.seg[i].w) % 16 == 0;
+        switch (fmt_of(t)) {
+            case kF32: gemv_typed<kF32>(a, gate_up, rows); break;
+            case kBF16: gemv_typed<kBF16>(a, gate_up, rows); break;
+            case kF16: gemv_typed<kF16>(a, gate_up, rows); break;
+            case kI8: gemv_typed<kI8>(a, gate_up, rows); break;
+            default: gemv_typed<kI4>(a, gate_up, rows); break;
+        }
+    }
+
+    // Prefill and large batches: out[n][rows] = x . W^T through cuBLAS, which sees W [rows][cols]
+    // row-major as a column-major [cols][rows] matrix to transpose. x goes to bf16 (f16 for f16
+    // weights); a quantized W is dequantized to bf16 first. f32 accumulation and output.
+    void gemm(float* out, const float* x, const Weight& w, int n) {
+        const float one = 1.0f, zero = 0.0f;
+        const size_t nx = size_t(n) * w.cols;
+        if (w.dtype == DType::F32) {
+            CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, n, w.cols, &one, w.data, CUDA_R_32F, w.stride,
+                                      x, CUDA_R_32F, w.cols, &zero, out, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+            return;
+        }
+        const bool half = w.dtype == DType::F16;
+        const cudaDataType type = half ? CUDA_R_16F : CUDA_R_16BF;
+        void* xc = workspace(conv_ws_, 2 * nx);
+        if (half) convert_kernel<__half><<<grid_for(nx, 256), 256, 0, stream_>>>(static_cast<__half*>(xc), x, nx);
+        else convert_kernel<__nv_bfloat16><<<grid_for(nx, 256), 256, 0, stream_>>>(static_cast<__nv_bfloat16*>(xc), x, nx);
+        LAUNCH_CHECK("convert_kernel");
+        const void* W = w.data;
+        int ld = w.stride;
+        if (w.dtype == DType::I8 || w.dtype == DType::U8) {
+            const size_t nw = size_t(w.rows) * w.cols;
+            auto* d = static_cast<__nv_bfloat16*>(workspace(deq_ws_, 2 * nw));
+            const uint8_t* q = static_cast<const uint8_t*>(w.data);
+            if (w.dtype == DType::I8)
+                dequantize_kernel<kI8><<<grid_for(nw, 256), 256, 0, stream_>>>(d, q, w.scales, w.zeros, w.rows, w.cols,
+                                                                                row_bytes(w, w.stride), 1);
+            else
+                dequantize_kernel<kI4><<<grid_for(nw, 256), 256, 0, stream_>>>(d, q, w.scales, w.zeros, w.rows, w.cols,
+                                                                                row_bytes(w, w.stride), w.group);
+            LAUNCH_CHECK("dequantize_kernel");
+            W = d;
+            ld = w.cols;
+        }
+        CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, n, w.cols, &one, W, type, ld, xc, type, w.cols,
+                                  &zero, out, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+};
+
+}  // namespace
 
 int cuda_device_count(std::string* why) {
     int n = 0;
@@ -13,9 +982,15 @@ int cuda_device_count(std::string* why) {
         if (why) *why = cudaGetErrorString(err);
         return 0;
     }
+    if (n == 0 && why) *why = "cudaGetDeviceCount found none";
     return n;
 }
 
-#include "common.h"
-// (transitional: the op table follows in the next commit)
-Ops* cuda_ops() { throw Error("--device cuda: the CUDA op table is not implemented yet in this build; use --device cpu"); }
+Ops* cuda_ops() {
+    std::string why;
+    if (cuda_device_count(&why) == 0) throw Error(fmt("--device cuda: no CUDA device found (%s); use --device cpu", why.c_str()));
+    // Created once and never destroyed: Models and Buffers may outlive any static's destructor,
+    // and the driver frees the device's memory at exit anyway.
+    static CudaOps* ops = new CudaOps();
+    return ops;
+}

@@ -13,9 +13,11 @@
 # The same settings as env vars: SIZES, DTYPES, THREADS, TOKENS, PREFILL_TOKENS, RUNS, FASTGEN_BENCH_DIR.
 # Default dtypes: f32,bf16,f16 for 110m and f32,bf16 for 1b; --dtypes applies to every size.
 # --quick: 110m only, f32 and bf16, 32 new tokens, 64-token prefill, 1 run, small membw pass.
+# --gpu: the GPU decode benchmark instead (scripts/bench_gpu.sh; the other arguments go to it).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--gpu" ]; then shift; exec bash scripts/bench_gpu.sh "$@"; fi
 SIZES=${SIZES:-110m,1b}
 DTYPES=${DTYPES:-}
 THREADS=${THREADS:-$(nproc)}

@@ -25,6 +25,17 @@ def random_chunks(rng, shape, std):
         yield x
 
 
+def pooled_chunks(rng, pool, shape, std):
+    """Like random_chunks, but cycling through a few pre-drawn chunks (--fast): multi-GB benchmark
+    models in seconds rather than minutes, values still random-looking (never zeros)."""
+    n = math.prod(shape)
+    k = int(rng.integers(len(pool)))
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        yield pool[k % len(pool)][:m] * np.float32(std)
+        k += 1
+
+
 def ones_chunks(shape):
     yield np.ones(math.prod(shape), dtype=np.float32)
 
@@ -52,6 +63,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--fast", action="store_true",
+                    help="reuse a few random chunks across tensors (large benchmark models in seconds)")
     a = ap.parse_args()
 
     kv_heads = a.kv_heads or a.heads
@@ -88,6 +101,7 @@ def main():
     })
 
     rng = np.random.default_rng(a.seed)
+    pool = [rng.standard_normal(CHUNK, dtype=np.float32) for _ in range(4)] if a.fast else []
     # Residual-branch outputs (wo, w2) scaled down GPT-2 style so the residual stream stays O(1).
     out_std = a.std / math.sqrt(2 * a.layers)
     entries = []
@@ -98,7 +112,10 @@ def main():
             produce = (lambda shape=shape: ones_chunks(shape))
         else:
             std = out_std if name.endswith(("wo.weight", "w2.weight")) else a.std
-            produce = (lambda shape=shape, std=std: random_chunks(rng, shape, std))
+            if a.fast:
+                produce = (lambda shape=shape, std=std: pooled_chunks(rng, pool, shape, std))
+            else:
+                produce = (lambda shape=shape, std=std: random_chunks(rng, shape, std))
         entries.append((name, a.dtype, shape, produce))
 
     t0 = time.time()
