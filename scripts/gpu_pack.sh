@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 C=.carry
 exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
 grep -qx '/.carry/' "$exclude" 2>/dev/null || echo '/.carry/' >>"$exclude"
 MODELS=${FASTGEN_MODELS:-../shared/models}
 rm -rf "$C"

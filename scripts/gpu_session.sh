@@ -56,7 +56,7 @@ log "GPU compute capability ${CC_ARCH:-?}; models in $FASTGEN_MODELS; NCCL ${NCC
 
 # ---- build
 if want build; then
-    if ! step build 240 env CPATH="$C/include:$C/include/mpi" LIBRARY_PATH="$C/lib${NCCL:+:$(dirname "$NCCL")}" \
+    if ! step build 240 env CPATH="$C/include:$C/include/mpi:$C/include/mpi/openmpi" LIBRARY_PATH="$C/lib${NCCL:+:$(dirname "$NCCL")}" \
             make -j16 ${GENCODE:+CUDA_ARCH="$GENCODE"} generate quantize build/run_tests \
        || ! ./build/run_tests -ts=nothing >/dev/null 2>&1; then
         log "build: using the carried binaries instead"
