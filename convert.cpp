@@ -244,8 +244,14 @@ Config read_hf_config(const std::string& path) {
         sw->get<int64_t>() < (*field(j, "max_position_embeddings")).get<int64_t>())
         throw Error(fmt("%s: sliding_window %s (attention limited to a window) is not supported yet", p,
                         sw->dump().c_str()));
-    if (const json* r = field(j, "rope_scaling"))
-        throw Error(fmt("%s: rope_scaling %s is not supported yet", p, r->dump().c_str()));
+    // Llama 3.1's rope scaling is supported; linear, dynamic, yarn, ... are not.
+    const json* rs = field(j, "rope_scaling");
+    if (rs) {
+        const json* type = rs->is_object() ? field(*rs, "rope_type") : nullptr;
+        if (!type && rs->is_object()) type = field(*rs, "type");
+        if (!type || *type != "llama3")
+            throw Error(fmt("%s: rope_scaling %s is not supported (only rope_type \"llama3\")", p, rs->dump().c_str()));
+    }
 
     Config c;
     c.dim = json_int(j, "hidden_size", path);
@@ -260,6 +266,13 @@ Config read_hf_config(const std::string& path) {
     c.max_seq_len = json_int(j, "max_position_embeddings", path);
     c.norm_eps = json_float(j, "rms_norm_eps", path);
     c.rope_theta = json_float(j, "rope_theta", path, 10000.0f);
+    if (rs) {
+        const std::string where = path + ": rope_scaling";
+        c.rope_factor = json_float(*rs, "factor", where);
+        c.rope_low_freq_factor = json_float(*rs, "low_freq_factor", where);
+        c.rope_high_freq_factor = json_float(*rs, "high_freq_factor", where);
+        c.rope_original_max_seq_len = json_int(*rs, "original_max_position_embeddings", where);
+    }
     const json* tie = field(j, "tie_word_embeddings");
     if (tie && !tie->is_boolean())
         throw Error(fmt("%s: \"tie_word_embeddings\" must be true or false, found %s", p, tie->dump().c_str()));

@@ -26,6 +26,10 @@ std::string Config::to_json() const {
         j["n_experts"] = n_experts;
         j["n_experts_per_tok"] = n_experts_per_tok;
     }
+    if (rope_factor != 0)
+        j["rope_scaling"] = {{"type", "llama3"}, {"factor", rope_factor}, {"low_freq_factor", rope_low_freq_factor},
+                             {"high_freq_factor", rope_high_freq_factor},
+                             {"original_max_seq_len", rope_original_max_seq_len}};
     return j.dump();
 }
 
@@ -68,6 +72,19 @@ Config Config::from_json(const std::string& text, const std::string& where) {
     get_int("n_experts_per_tok", &c.n_experts_per_tok, false);
     get_number("norm_eps", &c.norm_eps);
     get_number("rope_theta", &c.rope_theta);
+    if (j.contains("rope_scaling")) {
+        const json& r = j["rope_scaling"];
+        if (!r.is_object() || r.value("type", json()) != "llama3")
+            throw Error(fmt("%s: config rope_scaling %s: only {\"type\": \"llama3\", ...} is supported", where.c_str(),
+                            r.dump().c_str()));
+        for (const char* key : {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"})
+            if (!r.contains(key) || !r[key].is_number())
+                throw Error(fmt("%s: config rope_scaling needs a number '%s'", where.c_str(), key));
+        c.rope_factor = r["factor"].get<float>();
+        c.rope_low_freq_factor = r["low_freq_factor"].get<float>();
+        c.rope_high_freq_factor = r["high_freq_factor"].get<float>();
+        c.rope_original_max_seq_len = r["original_max_seq_len"].get<int>();
+    }
     if (j.contains("tie_embeddings")) {
         if (!j["tie_embeddings"].is_boolean())
             throw Error(fmt("%s: config 'tie_embeddings' must be true or false", where.c_str()));
@@ -106,6 +123,31 @@ void Config::validate(const std::string& where) const {
                         "dense model)", w, n_experts_per_tok, n_experts));
     if (!(norm_eps > 0) || !(rope_theta > 0))
         throw Error(fmt("%s: config norm_eps and rope_theta must be positive", w));
+    if (rope_factor != 0 && !(rope_factor >= 1 && rope_low_freq_factor > 0 &&
+                              rope_high_freq_factor > rope_low_freq_factor && rope_original_max_seq_len > 0))
+        throw Error(fmt("%s: config rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                        "original_max_seq_len > 0 (found %g, %g, %g, %d)", w, rope_factor, rope_low_freq_factor,
+                        rope_high_freq_factor, rope_original_max_seq_len));
+}
+
+std::vector<double> Config::rope_frequencies() const {
+    std::vector<double> f(size_t(head_dim / 2));
+    for (int i = 0; i < head_dim / 2; i++) {
+        f[i] = std::pow(double(rope_theta), -2.0 * i / head_dim);
+        if (rope_factor == 0) continue;
+        // Meta's apply_scaling (Llama 3.1): keep short wavelengths, stretch long ones, blend between.
+        const double wavelen = 2 * M_PI / f[i];
+        const double low_wavelen = rope_original_max_seq_len / double(rope_low_freq_factor);
+        const double high_wavelen = rope_original_max_seq_len / double(rope_high_freq_factor);
+        if (wavelen > low_wavelen) {
+            f[i] /= rope_factor;
+        } else if (wavelen >= high_wavelen) {
+            const double smooth = (rope_original_max_seq_len / wavelen - rope_low_freq_factor) /
+                                  (rope_high_freq_factor - rope_low_freq_factor);
+            f[i] = (1 - smooth) * f[i] / rope_factor + smooth * f[i];
+        }
+    }
+    return f;
 }
 
 Config Config::shard(int n, const std::string& where) const {
@@ -518,12 +560,13 @@ void Model::forward(KVCache& kv, const std::vector<BatchToken>& batch, const std
         slots_[i] = it->second[t.pos / kv.block_size] * kv.block_size + t.pos % kv.block_size;
         tables_[i] = it->second.data();
     }
-    // RoPE angles, once for every layer: pos * theta^(-2i/head_dim) in double (positions times
-    // small frequencies lose digits in f32), then cos and sin.
+    // RoPE angles, once for every layer: pos * frequency in double (positions times small
+    // frequencies lose digits in f32), then cos and sin.
+    if (rope_freq_.empty()) rope_freq_ = c.rope_frequencies();
     rope_.resize(size_t(n) * c.head_dim);
     for (int t = 0; t < n; t++)
         for (int i = 0; i < c.head_dim / 2; i++) {
-            const double angle = positions_[t] * std::pow(double(c.rope_theta), -2.0 * i / c.head_dim);
+            const double angle = positions_[t] * rope_freq_[i];
             rope_[size_t(t) * c.head_dim + 2 * i] = float(std::cos(angle));
             rope_[size_t(t) * c.head_dim + 2 * i + 1] = float(std::sin(angle));
         }

@@ -29,6 +29,16 @@ struct Config {
     // "n_experts_per_tok", written only when n_experts > 0 (dense files stay as before).
     int n_experts = 0;
     int n_experts_per_tok = 0;
+    // Llama 3.1 RoPE scaling (HF "rope_type": "llama3"): wavelengths longer than
+    // original_max_seq_len / low_freq_factor are stretched by `factor`, those shorter than
+    // original_max_seq_len / high_freq_factor kept, a linear blend between. rope_factor 0 = none.
+    // JSON: "rope_scaling": {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    // "original_max_seq_len"}, written only when scaled.
+    float rope_factor = 0, rope_low_freq_factor = 1, rope_high_freq_factor = 4;
+    int rope_original_max_seq_len = 0;
+
+    // Radians per position of each rotated pair i < head_dim / 2: theta^(-2i/head_dim), scaled.
+    std::vector<double> rope_frequencies() const;
 
     std::string to_json() const;
     // One of n tensor-parallel ranks' share: heads, KV heads and the FFN width (each expert's in a
@@ -145,6 +155,7 @@ class Model {
     Comm* comm_;  // null, or the tensor-parallel ranks
     // Scratch activations, grown to the largest batch seen: [n_tokens][width] each.
     std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_;
+    std::vector<double> rope_freq_;  // [head_dim / 2] Config::rope_frequencies()
     std::vector<float> rope_;  // [n][head_dim / 2][cos, sin] of this forward's positions
     std::vector<int> tokens_, positions_, slots_;  // [n] per batch entry; slot = KV cache row
     std::vector<const int*> tables_;               // [n] each entry's block table
