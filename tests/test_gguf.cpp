@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 #include <sentencepiece_processor.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -231,21 +232,22 @@ void tiny_metadata(GgufBuilder& b, const std::set<std::string>& skip = {}, const
     std::vector<int32_t> types(tokens.size(), 1);
     types[0] = types[1] = types[2] = 3;  // control
     types[3] = 4;                        // user defined
-    b.array("tokenizer.ggml.token_type", GgufType::I32, types);
-    b.strs("tokenizer.ggml.merges", {"a b", "ab c", "\xC4\xA0 a", "\xC4\xA0" "a b"});
+    if (keep("tokenizer.ggml.token_type")) b.array("tokenizer.ggml.token_type", GgufType::I32, types);
+    if (keep("tokenizer.ggml.merges")) b.strs("tokenizer.ggml.merges", {"a b", "ab c", "\xC4\xA0 a", "\xC4\xA0" "a b"});
     u32("tokenizer.ggml.bos_token_id", 1);
     u32("tokenizer.ggml.eos_token_id", 2);
     if (add_bos >= 0) b.boolean("tokenizer.ggml.add_bos_token", add_bos == 1);
     b.str("tokenizer.chat_template", "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}");
 }
 
-TinyGguf tiny_gguf(uint32_t version, bool tied, const std::map<std::string, uint32_t>& types, unsigned seed = 1) {
+TinyGguf tiny_gguf(uint32_t version, bool tied, const std::map<std::string, uint32_t>& types, unsigned seed = 1,
+                   int vocab = 40) {
     TinyGguf t;
     t.b.version = version;
     tiny_metadata(t.b);
     std::mt19937 rng(seed);
     t.c.dim = 64, t.c.hidden_dim = 128, t.c.n_layers = 2, t.c.n_heads = 4, t.c.n_kv_heads = 2, t.c.head_dim = 16;
-    t.c.vocab_size = int(tiny_tokens().size()), t.c.max_seq_len = 256, t.c.norm_eps = 1e-6f, t.c.rope_theta = 50000;
+    t.c.vocab_size = vocab, t.c.max_seq_len = 256, t.c.norm_eps = 1e-6f, t.c.rope_theta = 50000;
     t.c.tie_embeddings = tied, t.c.bos_id = 1, t.c.eos_id = 2;
     std::map<std::string, std::vector<int64_t>> shapes;
     for (const TensorSpec& e : model_tensors(t.c)) shapes[e.name] = e.shape;
@@ -676,4 +678,79 @@ TEST_CASE("gguf: a gpt2 tokenizer becomes a Hugging Face tokenizer.json") {
             }
         }
     }
+}
+
+TEST_CASE("gguf: a llama (sentencepiece) vocabulary becomes a sentencepiece model that encodes alike") {
+    // tok512.model's pieces, scores and types written as a Llama 2 GGUF's tokenizer.ggml.* arrays.
+    const std::string original = read_file(models_dir() + "/tok512.model");
+    sentencepiece::SentencePieceProcessor sp;
+    REQUIRE(sp.LoadFromSerializedProto(original).ok());
+    std::vector<std::string> pieces;
+    std::vector<float> scores;
+    std::vector<int32_t> types;
+    for (int i = 0; i < sp.GetPieceSize(); i++) {
+        pieces.push_back(sp.IdToPiece(i));
+        scores.push_back(sp.GetScore(i));
+        types.push_back(sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : sp.IsByte(i) ? 6 : sp.IsUnused(i) ? 5 : 1);
+    }
+    TinyGguf t = tiny_gguf(3, true, {}, 1, int(pieces.size()));
+    GgufBuilder b;
+    tiny_metadata(b, {"tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                      "tokenizer.ggml.merges"}, "");
+    b.str("tokenizer.ggml.model", "llama");
+    b.strs("tokenizer.ggml.tokens", pieces);
+    b.array("tokenizer.ggml.scores", GgufType::F32, scores);
+    b.array("tokenizer.ggml.token_type", GgufType::I32, types);
+    b.u32("tokenizer.ggml.unknown_token_id", 0);
+    b.tensors = t.b.tensors;
+    const std::string out = temp_dir() + "/spm.bin";
+    convert_checkpoint(options(tiny_path("spm", b), out));
+
+    SafetensorsFile f(out);
+    CHECK(f.find("tokenizer.json") == nullptr);
+    const TensorView& tm = f.get("tokenizer.model");
+    Tokenizer ours(std::string(reinterpret_cast<const char*>(tm.data), tm.nbytes), "spm.bin");
+    Tokenizer theirs(original, "tok512.model");
+    CHECK(ours.vocab_size() == theirs.vocab_size());
+    CHECK(ours.bos_id() == 1);
+    CHECK(ours.eos_id() == 2);
+    // (Runs of spaces are left out: tok512 collapses them, llama.cpp's GGUF tokenizer does not.)
+    for (const char* text : {"Once upon a time", "Lily and Tom went to the park. They saw a big dog!",
+                             "x\xE2\x98\x83y \xF0\x9F\x98\x80 caf\xC3\xA9", "1234567890", "a\nb\tc", ""}) {
+        CAPTURE(text);
+        const std::vector<int> ids = theirs.encode(text, true, false);
+        CHECK(ours.encode(text, true, false) == ids);
+        CHECK(ours.decode(ids) == theirs.decode(ids));
+    }
+    CHECK(ours.encode("Once upon a time", false, false) == std::vector<int>{403, 407, 261, 378});
+}
+
+TEST_CASE("gguf: quantize --from, and --input recognising GGUF; misuse exits 1 with a message") {
+    TinyGguf t = tiny_gguf(3, false, kMixedTypes);
+    const std::string in = tiny_path("cli", t.b), out = temp_dir() + "/cli.bin";
+    CommandResult r = run_command("./quantize --from " + shell_quote(in) + " -o " + shell_quote(out) + " -q");
+    CHECK(r.rc == 0);
+    CHECK(has(r.out, "gguf-Q4_1+Q4_0+Q8_0"));
+    CHECK(has(r.out, "from a GGUF v3 checkpoint"));
+    CHECK(SafetensorsFile(out).metadata.at("quantization") == "gguf-Q4_1+Q4_0+Q8_0");
+    r = run_command("./quantize --input " + shell_quote(in) + " -o " + shell_quote(out) + " -q --mode bf16");
+    CHECK(r.rc == 0);
+    CHECK(SafetensorsFile(out).get("layers.0.attention.wq.weight").dtype == DType::BF16);
+
+    r = run_command("./quantize --from " + shell_quote(models_dir() + "/stories260K.bin") + " -o " + shell_quote(out));
+    CHECK(r.rc == 1);
+    CHECK(has(r.err, "not a GGUF file"));
+    r = run_command("./quantize --from " + shell_quote(in) + " --input " + shell_quote(in) + " -o " + shell_quote(out));
+    CHECK(r.rc == 1);
+    CHECK(has(r.err, "excludes"));
+    r = run_command("./quantize -o " + shell_quote(out));
+    CHECK(r.rc == 1);
+    CHECK(has(r.err, "an input is required"));
+    // A damaged GGUF through the converter: the message names the file and the tensor.
+    const std::string bytes = t.b.bytes(), cut = temp_dir() + "/cut.gguf";
+    write_bytes(cut, bytes.substr(0, bytes.size() - 100));
+    r = run_command("./quantize --from " + shell_quote(cut) + " -o " + shell_quote(out));
+    CHECK(r.rc == 1);
+    CHECK(has(r.err, "error: " + cut + ": truncated tensor data: tensor 'output.weight'"));
+    CHECK(has(run_command("./quantize --help").out, "--from"));
 }
