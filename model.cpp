@@ -241,68 +241,80 @@ void KVCache::release(int seq) {
 
 namespace {
 
-// How model.bin's matrices are stored, from its "quantization" metadata: "none", "int8" or
-// "int4-gN". Each matrix's own dtype says its format (F32/BF16/F16, I8 = int8, U8 = packed int4), so
-// a quantized file may keep some matrices float (the embedding and classifier by default).
-struct Quant {
-    bool int8 = false;  // int8 matrices allowed (also in int4 files: the converter's --int8-fallback)
-    int group = 0;  // int4 group size; 0 when the file has no int4 matrices
-};
-
-Quant parse_quantization(const std::string& q, const std::string& where) {
-    Quant out;
-    if (q == "none") return out;
-    if (q == "int8") {
-        out.int8 = true;
-        return out;
-    }
-    for (int g : {32, 64, 128})
-        if (q == "int4-g" + std::to_string(g)) {
-            out.group = g;
-            out.int8 = true;
-            return out;
-        }
-    throw Error(fmt("%s: quantization '%s' is not supported (none, int8, int4-g32, int4-g64, int4-g128)",
-                    where.c_str(), q.c_str()));
+// The int4 / grouped int8 group size from NAME.scales [rows, cols/group]: a multiple of 32 (the
+// kernels' step) that divides the columns.
+int group_of(const SafetensorsFile& f, const std::string& name, const TensorView& s, int rows, int cols) {
+    const char* fp = f.path.c_str();
+    if (s.shape.size() != 2 || s.shape[0] != rows || s.shape[1] < 1)
+        throw Error(fmt("%s: tensor '%s.scales': shape %s, expected [%d, columns / group] for the %d x %d matrix",
+                        fp, name.c_str(), s.shape_str().c_str(), rows, rows, cols));
+    const int64_t groups = s.shape[1];
+    if (cols % groups != 0 || (cols / groups) % 32 != 0)
+        throw Error(fmt("%s: tensor '%s': %lld groups per row (from '%s.scales' %s) do not split its %d columns "
+                        "into groups of a multiple of 32 columns", fp, name.c_str(), (long long)groups, name.c_str(),
+                        s.shape_str().c_str(), cols));
+    return int(cols / groups);
 }
 
-// A matrix in place: a float format, int8 (NAME I8 [rows, cols] + NAME.scales F32 [rows]) or int4
-// (NAME U8 [rows, cols/2] + NAME.scales F32 and NAME.zeros U8 [rows, cols/group]). *extra counts
-// the scale and zero-point tensors used, for the file's tensor count check.
-Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols, const Quant& q, size_t* extra) {
+const TensorView& f32_tensor(const SafetensorsFile& f, const std::string& name, const std::vector<int64_t>& shape) {
+    const TensorView& t = f.get(name, shape);
+    if (t.dtype != DType::F32)
+        throw Error(fmt("%s: tensor '%s': dtype %s, expected F32", f.path.c_str(), name.c_str(), dtype_name(t.dtype)));
+    return t;
+}
+
+}  // namespace
+
+Weight load_matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols, size_t* companions) {
     const TensorView* t = f.find(name);
     if (!t) f.get(name);  // throws naming the missing tensor
     const char* fp = f.path.c_str();
+    const std::string zeros_name = name + ".zeros", mins_name = name + ".mins";
+    const TensorView *zeros = f.find(zeros_name), *mins = f.find(mins_name);
     if (t->dtype == DType::I8) {
-        if (!q.int8)
-            throw Error(fmt("%s: tensor '%s' is int8 (I8) but the file's quantization is not int8", fp, name.c_str()));
         f.get(name, {rows, cols});
-        const TensorView& s = f.get(name + ".scales", {rows});
-        if (s.dtype != DType::F32)
-            throw Error(fmt("%s: tensor '%s.scales': dtype %s, expected F32", fp, name.c_str(), dtype_name(s.dtype)));
-        *extra += 1;
+        if (zeros || mins)
+            throw Error(fmt("%s: tensor '%s' is int8 (I8), which takes no '%s'", fp, name.c_str(),
+                            (zeros ? zeros_name : mins_name).c_str()));
+        const TensorView& s = f.get(name + ".scales");
         Weight w{DType::I8, t->data, rows, cols, cols};
+        if (s.shape.size() == 1) {
+            f32_tensor(f, name + ".scales", {rows});  // one scale per row
+        } else if (s.shape.size() == 2) {
+            w.group = group_of(f, name, s, rows, cols);
+            f32_tensor(f, name + ".scales", s.shape);
+        } else {
+            throw Error(fmt("%s: tensor '%s.scales': shape %s, expected [%d] (a scale per row) or [%d, columns / "
+                            "group] (a scale per group)", fp, name.c_str(), s.shape_str().c_str(), rows, rows));
+        }
         w.scales = reinterpret_cast<const float*>(s.data);
+        *companions += 1;
         return w;
     }
     if (t->dtype == DType::U8) {
-        if (!q.group)
-            throw Error(fmt("%s: tensor '%s' is packed int4 (U8) but the file's quantization is not int4", fp,
-                            name.c_str()));
-        if (cols % q.group != 0)
-            throw Error(fmt("%s: tensor '%s': %d columns are not a multiple of the group size %d", fp, name.c_str(),
-                            cols, q.group));
         f.get(name, {rows, cols / 2});
-        const TensorView& s = f.get(name + ".scales", {rows, cols / q.group});
-        const TensorView& z = f.get(name + ".zeros", {rows, cols / q.group});
-        if (s.dtype != DType::F32 || z.dtype != DType::U8)
-            throw Error(fmt("%s: tensor '%s': scales must be F32 and zeros U8, found %s and %s", fp, name.c_str(),
-                            dtype_name(s.dtype), dtype_name(z.dtype)));
-        *extra += 2;
+        if (cols % 2 != 0)
+            throw Error(fmt("%s: tensor '%s': packed int4 needs an even number of columns, not %d", fp, name.c_str(), cols));
+        if (zeros && mins)
+            throw Error(fmt("%s: tensor '%s' has both '%s' and '%s': int4 takes zero points or minimums, not both",
+                            fp, name.c_str(), zeros_name.c_str(), mins_name.c_str()));
+        if (!zeros && !mins)
+            throw Error(fmt("%s: tensor '%s' is packed int4 (U8) but has neither '%s' (zero points) nor '%s' "
+                            "(minimums)", fp, name.c_str(), zeros_name.c_str(), mins_name.c_str()));
+        const TensorView& s = f.get(name + ".scales");
         Weight w{DType::U8, t->data, rows, cols, cols};
-        w.scales = reinterpret_cast<const float*>(s.data);
-        w.zeros = z.data;
-        w.group = q.group;
+        w.group = group_of(f, name, s, rows, cols);
+        const std::vector<int64_t> gshape = {rows, cols / w.group};
+        w.scales = reinterpret_cast<const float*>(f32_tensor(f, name + ".scales", gshape).data);
+        if (zeros) {
+            const TensorView& z = f.get(zeros_name, gshape);
+            if (z.dtype != DType::U8)
+                throw Error(fmt("%s: tensor '%s': dtype %s, expected U8", fp, zeros_name.c_str(), dtype_name(z.dtype)));
+            w.zeros = z.data;
+        } else {
+            w.mins = reinterpret_cast<const float*>(f32_tensor(f, mins_name, gshape).data);
+        }
+        *companions += 2;
         return w;
     }
     f.get(name, {rows, cols});
@@ -312,33 +324,39 @@ Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int c
     return Weight{t->dtype, t->data, rows, cols, cols};
 }
 
+namespace {
+
 // Bytes of values before element (row r, column c) of a matrix in w's format.
 size_t value_offset(const Weight& w, size_t r, size_t c) {
     size_t e = r * size_t(w.stride) + c;
     return w.dtype == DType::U8 ? e / 2 : e * dtype_size(w.dtype);
 }
 
+// Grouped scales, zero points and minimums [rows][stride/group] of w, moved by `groups` entries.
+void advance_groups(Weight& w, size_t groups) {
+    w.scales += groups;
+    if (w.zeros) w.zeros += groups;
+    if (w.mins) w.mins += groups;
+}
+
 // Rows [r0, r0 + n): a rank's output features (heads, FFN units) of a column-parallel matrix.
 Weight rows_of(Weight w, int r0, int n) {
     w.data = static_cast<const uint8_t*>(w.data) + value_offset(w, size_t(r0), 0);
-    if (w.dtype == DType::I8) w.scales += r0;
-    if (w.dtype == DType::U8) {
-        w.scales += size_t(r0) * (w.stride / w.group);
-        w.zeros += size_t(r0) * (w.stride / w.group);
-    }
+    if (w.group > 0) advance_groups(w, size_t(r0) * size_t(w.stride / w.group));
+    else if (w.dtype == DType::I8) w.scales += r0;
     w.rows = n;
     return w;
 }
 
-// Columns [c0, c0 + n): a rank's input features of a row-parallel matrix, a strided view. int4
-// groups may not straddle ranks (an int8 row's one scale serves every slice of it).
+// Columns [c0, c0 + n): a rank's input features of a row-parallel matrix, a strided view. Groups
+// (int4, grouped int8) may not straddle ranks (a per-row int8 scale serves every slice of its row).
 Weight cols_of(Weight w, int c0, int n, const std::string& where) {
-    if (w.dtype == DType::U8) {
+    if (w.group > 0) {
         if (c0 % w.group != 0 || n % w.group != 0)
-            throw Error(fmt("%s: a tensor-parallel rank's %d columns are not a multiple of the int4 group size %d "
-                            "(use fewer ranks or a smaller group)", where.c_str(), n, w.group));
-        w.scales += c0 / w.group;
-        w.zeros += c0 / w.group;
+            throw Error(fmt("%s: a tensor-parallel rank's %d columns are not a multiple of the %s group size %d "
+                            "(use fewer ranks or a smaller group)", where.c_str(), n,
+                            w.dtype == DType::U8 ? "int4" : "int8", w.group));
+        advance_groups(w, size_t(c0 / w.group));
     }
     w.data = static_cast<const uint8_t*>(w.data) + value_offset(w, 0, size_t(c0));
     w.cols = n;
@@ -372,8 +390,12 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         throw Error(fmt("%s: metadata format is '%s', expected '%s'", fp, meta("format").c_str(), kFormatName));
     if (meta("version") != kFormatVersion)
         throw Error(fmt("%s: format version %s, this build reads version %s", fp, meta("version").c_str(), kFormatVersion));
-    const Quant quant = parse_quantization(meta("quantization"), path + ": metadata");
-    size_t extra = 0;  // scale and zero-point tensors
+    // The "quantization" label describes the file ("none", "int8", "int4-g32", ...); each matrix's
+    // format is read off its own dtype and companion tensors, so a file may mix formats (an
+    // imported GGUF model, the converter's --int8-fallback). "none" promises float matrices only.
+    const std::string& quantization = meta("quantization");
+    if (quantization.empty()) throw Error(fmt("%s: metadata 'quantization' is empty", fp));
+    size_t extra = 0;  // scale, zero-point and minimum tensors
     const Config g = Config::from_json(meta("config"), path + ": metadata config");  // the whole model
     const int ranks = comm_ ? comm_->size() : 1, rank = comm_ ? comm_->rank() : 0;
     cfg = ranks > 1 ? g.shard(ranks, path) : g;
@@ -381,7 +403,13 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     const Config& c = cfg;  // this rank's share
     const int q_dim = g.n_heads * g.head_dim, kv_dim = g.n_kv_heads * g.head_dim;
     const int q_local = c.n_heads * c.head_dim, kv_local = c.n_kv_heads * c.head_dim, h_local = c.hidden_dim;
-    auto mat = [&](const std::string& name, int rows, int cols) { return matrix(f, name, rows, cols, quant, &extra); };
+    auto mat = [&](const std::string& name, int rows, int cols) {
+        Weight m = load_matrix(f, name, rows, cols, &extra);
+        if (quantization == "none" && (m.dtype == DType::I8 || m.dtype == DType::U8))
+            throw Error(fmt("%s: tensor '%s' is quantized (%s) but the file's quantization is 'none'", fp, name.c_str(),
+                            dtype_name(m.dtype)));
+        return m;
+    };
     w.tok_embeddings = mat("tok_embeddings.weight", g.vocab_size, g.dim);
     for (int l = 0; l < g.n_layers; l++) {
         auto name = [&](const char* s) { return layer_tensor(l, s); };
@@ -421,14 +449,19 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     } else {
         w.output = mat("output.weight", c.vocab_size, c.dim);
     }
-    const TensorView& tok = f.get("tokenizer.model");
+    // One tokenizer: tokenizer.model (sentencepiece or tiktoken) or tokenizer.json (Hugging Face BPE).
+    const bool json_tok = f.find("tokenizer.json") != nullptr;
+    if (json_tok && f.find("tokenizer.model"))
+        throw Error(fmt("%s: has both 'tokenizer.model' and 'tokenizer.json'; a model.bin holds one tokenizer", fp));
+    tokenizer_tensor = json_tok ? "tokenizer.json" : "tokenizer.model";
+    const TensorView& tok = f.get(tokenizer_tensor);
     if (tok.dtype != DType::U8 || tok.shape.size() != 1)
-        throw Error(fmt("%s: tensor 'tokenizer.model' must be U8 [nbytes], found %s %s", fp, dtype_name(tok.dtype),
-                        tok.shape_str().c_str()));
+        throw Error(fmt("%s: tensor '%s' must be U8 [nbytes], found %s %s", fp, tokenizer_tensor.c_str(),
+                        dtype_name(tok.dtype), tok.shape_str().c_str()));
     tokenizer_model.assign(reinterpret_cast<const char*>(tok.data), tok.nbytes);
 
     // Every tensor in the file must be one we understood: a stray one means a mismatched file.
-    size_t expected = model_tensors(g).size() + 1 + extra;  // + tokenizer.model, scales, zero points
+    size_t expected = model_tensors(g).size() + 1 + extra;  // + the tokenizer, companion tensors
     if (f.tensors.size() != expected)
         throw Error(fmt("%s: has %zu tensors, a model with this config has %zu", fp, f.tensors.size(), expected));
 }

@@ -67,7 +67,14 @@ struct TensorSpec {
     std::vector<int64_t> shape;
 };
 // Every weight tensor of model.bin for `c`, in file order (the tokenizer.model blob not included).
+// A quantized matrix NAME also has companions: NAME.scales, and NAME.zeros or NAME.mins (ops.h Weight).
 std::vector<TensorSpec> model_tensors(const Config& c);
+
+// Matrix NAME [rows, cols] of model.bin viewed in place, in the format its dtype and companion
+// tensors say (F32/BF16/F16; I8 + .scales [rows] or [rows, cols/group]; U8 [rows, cols/2] + .scales
+// and .zeros or .mins [rows, cols/group]). Checks every shape and dtype; Error names the tensor.
+// Adds the number of companion tensors to *companions.
+Weight load_matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols, size_t* companions);
 
 struct LayerWeights {
     std::vector<float> attn_norm;  // [dim]
@@ -131,7 +138,11 @@ class Model {
   public:
     Config cfg;  // this rank's share under tensor parallelism (see Config::shard), else the model's
     Weights w;
-    std::string tokenizer_model;  // sentencepiece model bytes embedded in model.bin
+    // The embedded tokenizer's bytes, for Tokenizer(tokenizer_model, ...), which tells the kinds
+    // apart by content; tokenizer_tensor names the tensor that held them, for messages:
+    // "tokenizer.model" (sentencepiece or Llama 3 tiktoken) or "tokenizer.json" (Hugging Face BPE).
+    std::string tokenizer_model;
+    std::string tokenizer_tensor;
     std::string path;
 
     // Maps model.bin, checks format/version/config and every tensor's name, dtype and shape.

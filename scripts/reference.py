@@ -185,17 +185,19 @@ class Transformer(nn.Module):
 
 
 def load_transformer(path):
-    config, meta, tensors = modelbin.read_model(path)
-    if meta.get("quantization", "none") != "none":
-        sys.exit("%s: quantization %r: reference.py reads unquantized models only"
-                 % (path, meta["quantization"]))
+    # Quantized matrices (int8, int4, as GGUF imports keep them) come back dequantized: the
+    # reference runs the weights the file holds, in float64.
+    try:
+        config, meta, tensors = modelbin.read_model(path)
+    except modelbin.ModelBinError as e:
+        sys.exit(str(e))
     # Built on the meta device and then given uninitialised storage, so a big model is neither
     # randomly initialised nor held twice; each weight is then copied in (float32 -> float64).
     model = Transformer(config, device="meta").to_empty(device="cpu")
     if config["tie_embeddings"]:
         model.output.weight = model.tok_embeddings.weight
     params = model.state_dict(keep_vars=True)
-    names = set(tensors) - {"tokenizer.model"}
+    names = set(tensors) - {"tokenizer.model", "tokenizer.json"}
     want = set(params) - ({"output.weight"} if config["tie_embeddings"] else set())
     if names != want:
         sys.exit("%s: tensors do not match the model: missing %s, unexpected %s"
