@@ -193,7 +193,7 @@ Checkpoint read_llama2c(const std::string& path, const std::string& tokenizer_pa
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hugging Face folder: config.json, model.safetensors or shards, tokenizer.model
+// Hugging Face folder: config.json, model.safetensors or shards, tokenizer.model or tokenizer.json
 
 json read_json(const std::string& path) {
     std::string text = read_whole_file(path);
@@ -392,11 +392,18 @@ Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
                         where.c_str(), name.c_str()));
     }
 
-    const std::string tok = tokenizer_path.empty() ? dir + "/tokenizer.model" : tokenizer_path;
-    if (!path_exists(tok))
-        throw Error(fmt("%s: no tokenizer.model (a sentencepiece model) in the folder; pass --tokenizer",
-                        dir.c_str()));
-    ck.tokenizer_model = read_whole_file(tok);
+    // --tokenizer, else the folder's tokenizer.model (sentencepiece, or Llama 3's tiktoken file),
+    // else its tokenizer.json (byte-level BPE), which model.bin keeps as the tensor tokenizer.json.
+    if (!tokenizer_path.empty()) {
+        ck.tokenizer_model = read_whole_file(tokenizer_path);
+    } else if (path_exists(dir + "/tokenizer.model")) {
+        ck.tokenizer_model = read_whole_file(dir + "/tokenizer.model");
+    } else if (path_exists(dir + "/tokenizer.json")) {
+        ck.tokenizer_json = read_whole_file(dir + "/tokenizer.json");
+    } else {
+        throw Error(fmt("%s: no tokenizer.model (sentencepiece or tiktoken) or tokenizer.json in the folder; pass "
+                        "--tokenizer", dir.c_str()));
+    }
     return ck;
 }
 
@@ -684,9 +691,12 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
 
     Checkpoint ck = read_checkpoint(o.input, o.tokenizer);
     Config& c = ck.cfg;
-    if (!ck.tokenizer_model.empty()) {  // else a tokenizer.json (GGUF), whose reader set bos/eos
-        const std::string tok_where = o.input + ": tokenizer.model";
-        Tokenizer tok(ck.tokenizer_model, o.tokenizer.empty() ? tok_where : o.tokenizer);
+    // A tokenizer.json given as --tokenizer is stored under its own name, as the readers' are.
+    if (ck.tokenizer_json.empty() && is_tokenizer_json(ck.tokenizer_model)) std::swap(ck.tokenizer_model, ck.tokenizer_json);
+    {
+        const bool json_tok = ck.tokenizer_model.empty();
+        const std::string tok_where = o.input + (json_tok ? ": tokenizer.json" : ": tokenizer.model");
+        Tokenizer tok(json_tok ? ck.tokenizer_json : ck.tokenizer_model, o.tokenizer.empty() ? tok_where : o.tokenizer);
         if (tok.vocab_size() > c.vocab_size)
             throw Error(fmt("%s: the tokenizer has %d pieces but the model's vocabulary is %d", o.input.c_str(),
                             tok.vocab_size(), c.vocab_size));

@@ -406,7 +406,7 @@ int run(int argc, char** argv, ErrorOut* err) {
         std::fprintf(stderr, "tensor parallel: %d ranks; this rank holds %d of %d heads\n", comm->size(), c.n_heads,
                      c.n_heads * comm->size());
     }
-    Tokenizer tok(model.tokenizer_model, o.checkpoint + ": tokenizer.model");
+    Tokenizer tok(model.tokenizer_model, o.checkpoint + ": " + model.tokenizer_tensor);
     if (tok.vocab_size() > c.vocab_size)
         throw Error(fmt("%s: tokenizer has %d tokens but the model's vocab_size is %d", o.checkpoint.c_str(),
                         tok.vocab_size(), c.vocab_size));
@@ -433,7 +433,7 @@ int run(int argc, char** argv, ErrorOut* err) {
     std::unique_ptr<Drafter> drafter;
     if (o.draft == "model") {
         draft_model = std::make_unique<Model>(o.draft_checkpoint, ops);
-        Tokenizer draft_tok(draft_model->tokenizer_model, o.draft_checkpoint + ": tokenizer.model");
+        Tokenizer draft_tok(draft_model->tokenizer_model, o.draft_checkpoint + ": " + draft_model->tokenizer_tensor);
         check_same_vocabulary(model, tok, *draft_model, draft_tok, o);
         drafter = std::make_unique<ModelDrafter>(*draft_model);
         std::fprintf(stderr, "draft %s: dim %d, %d layers, %.1f MB of weights; k %d\n", o.draft_checkpoint.c_str(),
