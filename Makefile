@@ -15,7 +15,7 @@ CXXFLAGS := -std=c++17 -O3 $(ARCH) -fopenmp -Wall -Wextra -Werror -MMD -MP $(MPI
 LDLIBS   := -lsentencepiece -lpcre2-8 -fopenmp $(MPI_LIBS)
 
 # Library code shared by the programs and the tests.
-CORE := common safetensors model kernels_cpu tokenizer bpe sampler convert decode batch tp gguf
+CORE := common safetensors model kernels_cpu tokenizer bpe sampler convert decode batch tp gguf chat
 
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 ifneq ($(NVCC),)

@@ -792,7 +792,9 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
                      c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
                      c.n_experts ? fmt(", %d experts (top %d)", c.n_experts, c.n_experts_per_tok).c_str() : "", c.vocab_size,
                      c.max_seq_len, c.tie_embeddings ? "tied" : "untied",
-                     int8 || int4 || !ggml_counts.empty() ? (quantization + " (other matrices " + dtype_name(dtype) + ")").c_str() : dtype_name(dtype));
+                     int8 || int4 || !ggml_counts.empty()
+                         ? (quantization + " (other matrices " + (ck.keep_dtypes && !mode_dtype ? "as in the file" : dtype_name(dtype)) + ")").c_str()
+                         : dtype_name(dtype));
     w.write(o.output, o.progress);
 
     st.kind = ck.kind;

@@ -459,6 +459,7 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         throw Error(fmt("%s: tensor '%s' must be U8 [nbytes], found %s %s", fp, tokenizer_tensor.c_str(),
                         dtype_name(tok.dtype), tok.shape_str().c_str()));
     tokenizer_model.assign(reinterpret_cast<const char*>(tok.data), tok.nbytes);
+    if (auto it = f.metadata.find("chat_template"); it != f.metadata.end()) chat_template = it->second;
 
     // Every tensor in the file must be one we understood: a stray one means a mismatched file.
     size_t expected = model_tensors(g).size() + 1 + extra;  // + the tokenizer, companion tensors

@@ -143,6 +143,7 @@ class Model {
     // "tokenizer.model" (sentencepiece or Llama 3 tiktoken) or "tokenizer.json" (Hugging Face BPE).
     std::string tokenizer_model;
     std::string tokenizer_tensor;
+    std::string chat_template;  // the model's Jinja chat template (metadata "chat_template"), or ""
     std::string path;
 
     // Maps model.bin, checks format/version/config and every tensor's name, dtype and shape.

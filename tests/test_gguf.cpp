@@ -681,48 +681,60 @@ TEST_CASE("gguf: a gpt2 tokenizer becomes a Hugging Face tokenizer.json") {
 }
 
 TEST_CASE("gguf: a llama (sentencepiece) vocabulary becomes a sentencepiece model that encodes alike") {
-    // tok512.model's pieces, scores and types written as a Llama 2 GGUF's tokenizer.ggml.* arrays.
-    const std::string original = read_file(models_dir() + "/tok512.model");
-    sentencepiece::SentencePieceProcessor sp;
-    REQUIRE(sp.LoadFromSerializedProto(original).ok());
-    std::vector<std::string> pieces;
-    std::vector<float> scores;
-    std::vector<int32_t> types;
-    for (int i = 0; i < sp.GetPieceSize(); i++) {
-        pieces.push_back(sp.IdToPiece(i));
-        scores.push_back(sp.GetScore(i));
-        types.push_back(sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : sp.IsByte(i) ? 6 : sp.IsUnused(i) ? 5 : 1);
-    }
-    TinyGguf t = tiny_gguf(3, true, {}, 1, int(pieces.size()));
-    GgufBuilder b;
-    tiny_metadata(b, {"tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                      "tokenizer.ggml.merges"}, "");
-    b.str("tokenizer.ggml.model", "llama");
-    b.strs("tokenizer.ggml.tokens", pieces);
-    b.array("tokenizer.ggml.scores", GgufType::F32, scores);
-    b.array("tokenizer.ggml.token_type", GgufType::I32, types);
-    b.u32("tokenizer.ggml.unknown_token_id", 0);
-    b.tensors = t.b.tensors;
-    const std::string out = temp_dir() + "/spm.bin";
-    convert_checkpoint(options(tiny_path("spm", b), out));
+    // A sentencepiece model's pieces, scores and types written as a Llama 2 GGUF's tokenizer.ggml.*
+    // arrays (as llama.cpp's converter does), rebuilt into a ModelProto, must encode as the
+    // original: tok512.model and Meta's Llama 2 tokenizer.model.
+    struct Case {
+        const char* file;
+        bool collapses_spaces;  // tok512 removes extra whitespace; Llama 2 (and GGUF) keep it
+        std::vector<int> once;  // "Once upon a time", from the models README
+    };
+    for (const Case& k : {Case{"tok512.model", true, {403, 407, 261, 378}},
+                          Case{"tokenizer.model", false, {9038, 2501, 263, 931}}}) {
+        CAPTURE(k.file);
+        const std::string original = read_file(models_dir() + "/" + k.file);
+        sentencepiece::SentencePieceProcessor sp;
+        REQUIRE(sp.LoadFromSerializedProto(original).ok());
+        std::vector<std::string> pieces;
+        std::vector<float> scores;
+        std::vector<int32_t> types;
+        for (int i = 0; i < sp.GetPieceSize(); i++) {
+            pieces.push_back(sp.IdToPiece(i));
+            scores.push_back(sp.GetScore(i));
+            types.push_back(sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : sp.IsByte(i) ? 6 : sp.IsUnused(i) ? 5 : 1);
+        }
+        TinyGguf t = tiny_gguf(3, true, {}, 1, int(pieces.size()));
+        GgufBuilder b;
+        tiny_metadata(b, {"tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                          "tokenizer.ggml.merges"}, "");
+        b.str("tokenizer.ggml.model", "llama");
+        b.strs("tokenizer.ggml.tokens", pieces);
+        b.array("tokenizer.ggml.scores", GgufType::F32, scores);
+        b.array("tokenizer.ggml.token_type", GgufType::I32, types);
+        b.u32("tokenizer.ggml.unknown_token_id", 0);
+        b.tensors = t.b.tensors;
+        const std::string out = temp_dir() + "/spm.bin";
+        convert_checkpoint(options(tiny_path("spm", b), out));
 
-    SafetensorsFile f(out);
-    CHECK(f.find("tokenizer.json") == nullptr);
-    const TensorView& tm = f.get("tokenizer.model");
-    Tokenizer ours(std::string(reinterpret_cast<const char*>(tm.data), tm.nbytes), "spm.bin");
-    Tokenizer theirs(original, "tok512.model");
-    CHECK(ours.vocab_size() == theirs.vocab_size());
-    CHECK(ours.bos_id() == 1);
-    CHECK(ours.eos_id() == 2);
-    // (Runs of spaces are left out: tok512 collapses them, llama.cpp's GGUF tokenizer does not.)
-    for (const char* text : {"Once upon a time", "Lily and Tom went to the park. They saw a big dog!",
-                             "x\xE2\x98\x83y \xF0\x9F\x98\x80 caf\xC3\xA9", "1234567890", "a\nb\tc", ""}) {
-        CAPTURE(text);
-        const std::vector<int> ids = theirs.encode(text, true, false);
-        CHECK(ours.encode(text, true, false) == ids);
-        CHECK(ours.decode(ids) == theirs.decode(ids));
+        SafetensorsFile f(out);
+        CHECK(f.find("tokenizer.json") == nullptr);
+        const TensorView& tm = f.get("tokenizer.model");
+        Tokenizer ours(std::string(reinterpret_cast<const char*>(tm.data), tm.nbytes), "spm.bin");
+        Tokenizer theirs(original, k.file);
+        CHECK(ours.vocab_size() == theirs.vocab_size());
+        CHECK(ours.bos_id() == 1);
+        CHECK(ours.eos_id() == 2);
+        std::vector<std::string> texts = {"Once upon a time", "Lily and Tom went to the park. They saw a big dog!",
+                                          "x\xE2\x98\x83y \xF0\x9F\x98\x80 caf\xC3\xA9", "1234567890", "a\nb\tc", ""};
+        if (!k.collapses_spaces) texts.insert(texts.end(), {"  two  spaces ", " leading", "trailing  "});
+        for (const std::string& text : texts) {
+            CAPTURE(text);
+            const std::vector<int> ids = theirs.encode(text, true, false);
+            CHECK(ours.encode(text, true, false) == ids);
+            CHECK(ours.decode(ids) == theirs.decode(ids));
+        }
+        CHECK(ours.encode("Once upon a time", false, false) == k.once);
     }
-    CHECK(ours.encode("Once upon a time", false, false) == std::vector<int>{403, 407, 261, 378});
 }
 
 TEST_CASE("gguf: quantize --from, and --input recognising GGUF; misuse exits 1 with a message") {
