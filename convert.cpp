@@ -41,6 +41,10 @@ struct SourceTensor {
     const uint8_t* data = nullptr;
     int rope_heads = 0;  // > 0: wq/wk rows in HF rotate-half order for this many heads; un-permute
     int ggml_type = -1;  // >= 0: GGUF Q8_0/Q4_0/Q4_1 blocks (dtype F32: what fills dequantize to)
+    // A quantized matrix of a model.bin input (quant.data set; dtype F32: what fills dequantize to):
+    // its view, and its value and companion tensors as stored, which --mode auto copies.
+    Weight quant = {};
+    std::vector<const TensorView*> stored = {};
 };
 
 struct Checkpoint {
@@ -51,6 +55,7 @@ struct Checkpoint {
     std::string tokenizer_json;                   // or a Hugging Face tokenizer.json (GGUF input)
     std::map<std::string, std::string> metadata;  // extra model.bin metadata ("chat_template")
     bool keep_dtypes = false;                     // auto mode keeps each tensor's float type (GGUF mixes them)
+    std::string quantization = "none";            // a model.bin input's label, kept by auto with its matrices
     std::vector<std::unique_ptr<GgufFile>> ggufs;
     std::vector<std::unique_ptr<MappedFile>> maps;
     std::vector<std::unique_ptr<SafetensorsFile>> files;
@@ -408,7 +413,7 @@ Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// fastgen model.bin: re-encode its float tensors
+// fastgen model.bin: re-encode its tensors (quantized ones dequantized, or copied as they are by auto)
 
 Checkpoint read_model_bin(const std::string& path, const std::string& tokenizer_path) {
     Checkpoint ck;
@@ -426,26 +431,41 @@ Checkpoint read_model_bin(const std::string& path, const std::string& tokenizer_
     if (meta("version") != kFormatVersion)
         throw Error(fmt("%s: model.bin format version '%s', this build reads '%s'", p, meta("version").c_str(),
                         kFormatVersion));
-    if (meta("quantization") != "none")
-        throw Error(fmt("%s: quantization '%s': re-encoding a quantized model.bin is not supported; convert "
-                        "the original checkpoint", p, meta("quantization").c_str()));
+    ck.quantization = meta("quantization");
+    if (ck.quantization.empty()) throw Error(fmt("%s: metadata 'quantization' is missing or empty", p));
     ck.cfg = Config::from_json(meta("config"), path + ": config");  // validates
     for (const TensorSpec& e : model_tensors(ck.cfg)) {
+        const TensorView* q = f.find(e.name);
+        if (q && e.shape.size() == 2 && (q->dtype == DType::I8 || q->dtype == DType::U8)) {
+            SourceTensor s;  // checked as the loader checks it: shapes, group, zeros or mins
+            size_t companions = 0;
+            s.quant = load_matrix(f, e.name, int(e.shape[0]), int(e.shape[1]), &companions);
+            s.stored = {q, &f.get(e.name + ".scales")};
+            for (const char* c : {".zeros", ".mins"})
+                if (const TensorView* t = f.find(e.name + c)) s.stored.push_back(t);
+            assert(s.stored.size() == companions + 1);
+            ck.tensors[e.name] = s;
+            ck.keep_dtypes = true;  // the embedding may be quantized: float matrices keep their own type
+            continue;
+        }
         const TensorView& t = f.get(e.name, e.shape);
         if (!is_float(t.dtype))
-            throw Error(fmt("%s: tensor '%s': dtype %s is not F32, BF16 or F16", p, e.name.c_str(),
-                            dtype_name(t.dtype)));
+            throw Error(fmt("%s: tensor '%s': dtype %s is not F32, BF16 or F16%s", p, e.name.c_str(),
+                            dtype_name(t.dtype), e.shape.size() == 2 ? " (nor I8 / U8 with scales)" : ""));
         ck.tensors[e.name] = {t.dtype, t.data, 0};
     }
+    // The tokenizer travels as stored: tokenizer.model, or tokenizer.json (a GGUF or HF BPE import).
+    const TensorView* json_tok = f.find("tokenizer.json");
     if (!tokenizer_path.empty()) {
         ck.tokenizer_model = read_whole_file(tokenizer_path);
     } else {
-        const TensorView& t = f.get("tokenizer.model");
+        const TensorView& t = json_tok && !f.find("tokenizer.model") ? *json_tok : f.get("tokenizer.model");
         if (t.dtype != DType::U8 || t.shape.size() != 1)
-            throw Error(fmt("%s: tensor 'tokenizer.model' must be U8 [nbytes], found %s %s", p,
+            throw Error(fmt("%s: tensor '%s' must be U8 [nbytes], found %s %s", p, t.name.c_str(),
                             dtype_name(t.dtype), t.shape_str().c_str()));
-        ck.tokenizer_model.assign(reinterpret_cast<const char*>(t.data), t.nbytes);
+        (&t == json_tok ? ck.tokenizer_json : ck.tokenizer_model).assign(reinterpret_cast<const char*>(t.data), t.nbytes);
     }
+    if (auto it = f.metadata.find("chat_template"); it != f.metadata.end()) ck.metadata["chat_template"] = it->second;
     return ck;
 }
 
@@ -609,6 +629,15 @@ void copy_floats(const uint8_t* src, DType from, uint8_t* dst, DType to, size_t 
 void fill_tensor(const SourceTensor& s, const std::vector<int64_t>& shape, DType to, uint8_t* dst) {
     size_t numel = 1;
     for (int64_t d : shape) numel *= size_t(d);
+    if (s.quant.data) {  // a quantized model.bin matrix: dequantize row by row
+        assert(shape.size() == 2 && shape[0] == s.quant.rows && shape[1] == s.quant.cols);
+        std::vector<float> row(size_t(s.quant.cols));
+        for (int r = 0; r < s.quant.rows; r++) {
+            dequantize_row(s.quant, r, row.data());
+            convert_floats(row.data(), DType::F32, dst + size_t(r) * row.size() * dtype_size(to), to, row.size());
+        }
+        return;
+    }
     if (s.ggml_type >= 0) {  // GGUF blocks: dequantize row by row (blocks never straddle rows)
         const size_t cols = size_t(shape.back()), rows = numel / cols;
         const size_t row_bytes = cols / kGgmlBlock * size_t(ggml_type(uint32_t(s.ggml_type))->bytes);
@@ -714,11 +743,18 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
     const std::vector<TensorSpec> expected = model_tensors(c);
     std::vector<std::shared_ptr<QuantJob>> jobs;
     std::map<std::string, int> ggml_counts;  // GGUF block types written as they are, matrices of each
+    bool kept = false;                       // a model.bin's quantized matrices written as they are
     size_t n_tensors = expected.size() + 1;
     for (const TensorSpec& e : expected) {
         auto it = ck.tensors.find(e.name);
         assert(it != ck.tensors.end() && "every reader fills every canonical tensor");
         const SourceTensor src = it->second;
+        if (o.mode == "auto" && src.quant.data) {  // a model.bin's quantized matrix, kept as it is
+            for (const TensorView* t : src.stored) w.add_bytes(t->name, t->dtype, t->shape, t->data);
+            n_tensors += src.stored.size() - 1;
+            kept = true;
+            continue;
+        }
         if (o.mode == "auto" && src.ggml_type >= 0 && e.shape.size() == 2) {  // GGUF blocks, kept as they are
             n_tensors += add_ggml_matrix(w, e.name, e.shape, src);
             ggml_counts[ggml_type_name(uint32_t(src.ggml_type))]++;
@@ -777,6 +813,10 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
     else
         w.add_bytes("tokenizer.json", DType::U8, {int64_t(ck.tokenizer_json.size())}, ck.tokenizer_json.data());
     for (const auto& [key, value] : ck.metadata) w.metadata[key] = value;
+    if (kept) {
+        quantization = ck.quantization;
+        w.metadata["quantization"] = quantization;
+    }
     if (!ggml_counts.empty()) {  // "gguf-Q4_1+Q8_0": the block types kept, the most used first
         std::vector<std::pair<int, std::string>> by_count;
         for (const auto& [type, count] : ggml_counts) by_count.push_back({-count, type});
@@ -792,13 +832,13 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
                      c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
                      c.n_experts ? fmt(", %d experts (top %d)", c.n_experts, c.n_experts_per_tok).c_str() : "", c.vocab_size,
                      c.max_seq_len, c.tie_embeddings ? "tied" : "untied",
-                     int8 || int4 || !ggml_counts.empty()
+                     int8 || int4 || kept || !ggml_counts.empty()
                          ? (quantization + " (other matrices " + (ck.keep_dtypes && !mode_dtype ? "as in the file" : dtype_name(dtype)) + ")").c_str()
                          : dtype_name(dtype));
     w.write(o.output, o.progress);
 
     st.kind = ck.kind;
-    st.dtype = int8 || int4 || !ggml_counts.empty() ? quantization : std::string(dtype_name(dtype));
+    st.dtype = int8 || int4 || kept || !ggml_counts.empty() ? quantization : std::string(dtype_name(dtype));
     st.tensors = n_tensors;
     struct stat sb;
     st.bytes = stat(o.output.c_str(), &sb) == 0 ? size_t(sb.st_size) : 0;

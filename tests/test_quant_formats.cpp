@@ -265,10 +265,12 @@ std::vector<Entry> model_entries(const TinyWeights& tw, const std::map<std::stri
 }
 
 void write_entries(const std::vector<Entry>& entries, const Config& c, const std::string& path,
-                   const std::string& quantization = "gguf-Q4_1+Q8_0") {
+                   const std::string& quantization = "gguf-Q4_1+Q8_0",
+                   const std::map<std::string, std::string>& extra_metadata = {}) {
     SafetensorsWriter w;
     w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", c.to_json()},
                   {"quantization", quantization}};
+    for (const auto& [k, v] : extra_metadata) w.metadata[k] = v;
     for (const Entry& e : entries) w.add_bytes(e.name, e.dtype, e.shape, e.bytes.data());
     w.write(path);
 }
@@ -450,5 +452,153 @@ TEST_CASE("the loader refuses malformed grouped and int4-with-minimums matrices,
         const std::string path = temp_dir() + "/bad-format" + std::to_string(idx++) + ".bin";
         write_entries(es, c, path, k.quantization);
         CHECK_THROWS_WITH_AS(Model(path, cpu_ops(0)), doctest::Contains(k.expect.c_str()), Error);
+    }
+}
+
+namespace {
+
+ConvertStats convert(const std::string& in, const std::string& out, const char* mode, bool embeddings = false,
+                     int group = 32) {
+    ConvertOptions o;
+    o.input = in;
+    o.output = out;
+    o.mode = mode;
+    o.group = group;
+    o.quantize_embeddings = embeddings;
+    o.int8_fallback = true;
+    o.progress = false;
+    return convert_checkpoint(o);
+}
+
+// Every tensor of a is in b with the same dtype, shape and bytes, and b has no others.
+void check_same_tensors(const std::string& a, const std::string& b) {
+    SafetensorsFile fa(a), fb(b);
+    CHECK(fa.tensors.size() == fb.tensors.size());
+    for (const auto& [name, t] : fa.tensors) {
+        const TensorView* u = fb.find(name);
+        REQUIRE_MESSAGE(u, name);
+        CHECK_MESSAGE((u->dtype == t.dtype && u->shape == t.shape && u->nbytes == t.nbytes), name);
+        if (u->nbytes == t.nbytes) CHECK_MESSAGE(std::memcmp(u->data, t.data, t.nbytes) == 0, name);
+    }
+}
+
+// Matrix `name` of the quantized file q, dequantized here in double from its raw tensors, against
+// the f32 tensor of the same name in file f (what quantize --mode f32 wrote).
+void check_dequantized(const SafetensorsFile& q, const SafetensorsFile& f, const std::string& name) {
+    const TensorView &v = q.get(name), &s = q.get(name + ".scales"), &out = f.get(name);
+    REQUIRE(out.dtype == DType::F32);
+    const int rows = int(out.shape[0]), cols = int(out.shape[1]);
+    const int ng = s.shape.size() == 2 ? int(s.shape[1]) : 1, g = cols / ng;
+    const float* sc = reinterpret_cast<const float*>(s.data);
+    const TensorView *z = q.find(name + ".zeros"), *m = q.find(name + ".mins");
+    const float* got = reinterpret_cast<const float*>(out.data);
+    int bad = 0;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            const size_t gi = size_t(r) * ng + size_t(c / g), e = size_t(r) * cols + c;
+            double w;
+            if (v.dtype == DType::I8) {
+                w = double(reinterpret_cast<const int8_t*>(v.data)[e]) * sc[gi];
+            } else {
+                const int lv = c % 2 ? v.data[e / 2] >> 4 : v.data[e / 2] & 0xf;
+                w = m ? lv * double(sc[gi]) + reinterpret_cast<const float*>(m->data)[gi] : (lv - z->data[gi]) * double(sc[gi]);
+            }
+            if (std::fabs(got[e] - w) > 1e-6 * std::fabs(w) + 1e-9 && bad++ < 3)
+                FAIL_CHECK(name << " (" << r << ", " << c << "): " << got[e] << " vs " << w);
+        }
+}
+
+}  // namespace
+
+TEST_CASE("quantize re-encodes a model.bin in the new formats: auto keeps them, other modes dequantize") {
+    const std::string dir = temp_dir();
+    const Config c = tiny_config(128, 256, 2, 4, 2, false);
+    const std::string src = dir + "/reencode.bin";
+    write_entries(model_entries(random_weights(c, 12), gguf_like(c)), c, src);
+    const std::vector<int> tokens = random_tokens(12, c.vocab_size, 4);
+    Model q(src, cpu_ops(0));
+    const std::vector<float> q_logits = prefill_logits(q, tokens);
+
+    // auto: every tensor copied as it is, the label kept
+    ConvertStats st = convert(src, dir + "/auto.bin", "auto");
+    check_same_tensors(src, dir + "/auto.bin");
+    CHECK(SafetensorsFile(dir + "/auto.bin").metadata.at("quantization") == "gguf-Q4_1+Q8_0");
+    CHECK(st.dtype == "gguf-Q4_1+Q8_0");
+    CHECK(st.rel_errors.empty());
+
+    // f32: each quantized matrix's exact values; the model computes the same logits
+    convert(src, dir + "/f32.bin", "f32");
+    {
+        SafetensorsFile fq(src), ff(dir + "/f32.bin");
+        CHECK(ff.metadata.at("quantization") == "none");
+        CHECK(ff.tensors.size() == model_tensors(c).size() + 1);
+        for (const TensorSpec& t : model_tensors(c))
+            if (fq.find(t.name + ".scales")) check_dequantized(fq, ff, t.name);
+        Model f(dir + "/f32.bin", cpu_ops(0));
+        CHECK(worst_rel_error(prefill_logits(f, tokens), q_logits, c.vocab_size) < 1e-5);
+    }
+
+    // bf16, int8 (the embeddings stay float: F32, which holds their values exactly) and int4 of
+    // everything: the quantized matrices are dequantized first, so each file is byte for byte what
+    // re-encoding the f32 file (checked above) gives.
+    const char* modes[] = {"bf16", "int8", "int4"};
+    for (const char* mode : modes) {
+        const std::string what = mode;
+        CAPTURE(what);
+        const std::string a = dir + "/" + mode + ".bin", b = dir + "/" + mode + "-via-f32.bin";
+        const bool int4 = std::strcmp(mode, "int4") == 0;
+        st = convert(src, a, mode, int4, 64);
+        convert(dir + "/f32.bin", b, mode, int4, 64);
+        check_same_tensors(a, b);
+        CHECK(SafetensorsFile(a).metadata == SafetensorsFile(b).metadata);
+        Model m(a, cpu_ops(0));
+        if (int4) CHECK((m.w.tok_embeddings.dtype == DType::U8 && m.w.tok_embeddings.zeros && m.w.tok_embeddings.group == 64));
+        if (!int4) CHECK(m.w.tok_embeddings.dtype == (std::strcmp(mode, "bf16") == 0 ? DType::BF16 : DType::F32));
+        MESSAGE(what << " re-encoding: logits relative error " << worst_rel_error(prefill_logits(m, tokens), q_logits, c.vocab_size));
+    }
+}
+
+TEST_CASE("per-row int8 and int4-with-zeros files: re-encoded by quantize, dequantized by the reference") {
+    const std::string dir = temp_dir();
+    const Config c = tiny_config(64, 96, 2, 4, 2, false);  // w2's 96 columns: int8 fallback at group 64
+    write_model_bin(random_weights(c, 21), dir + "/old-f32.bin", DType::F32);
+    convert(dir + "/old-f32.bin", dir + "/old-int4.bin", "int4", true, 64);
+    Model q(dir + "/old-int4.bin", cpu_ops(0));
+    REQUIRE((q.w.layers[0].w2.dtype == DType::I8 && q.w.layers[0].w1.dtype == DType::U8));
+    const std::vector<int> tokens = random_tokens(20, c.vocab_size, 8);
+    const std::vector<float> q_logits = prefill_logits(q, tokens);
+    check_close(q_logits, reference_logits(dir + "/old-int4.bin", tokens, c.vocab_size), c.vocab_size, 1e-4);
+
+    convert(dir + "/old-int4.bin", dir + "/old-auto.bin", "auto");
+    check_same_tensors(dir + "/old-int4.bin", dir + "/old-auto.bin");
+    CHECK(SafetensorsFile(dir + "/old-auto.bin").metadata.at("quantization") == "int4-g64");
+    convert(dir + "/old-int4.bin", dir + "/old-f32-again.bin", "f32");
+    SafetensorsFile fq(dir + "/old-int4.bin"), ff(dir + "/old-f32-again.bin");
+    for (const TensorSpec& t : model_tensors(c))
+        if (fq.find(t.name + ".scales")) check_dequantized(fq, ff, t.name);
+    Model f(dir + "/old-f32-again.bin", cpu_ops(0));
+    CHECK(worst_rel_error(prefill_logits(f, tokens), q_logits, c.vocab_size) < 1e-5);
+}
+
+TEST_CASE("re-encoding a GGUF import keeps its tokenizer.json and chat template") {
+    const std::string dir = temp_dir();
+    Config c = tiny_config(64, 128, 1, 4, 2, true);
+    c.vocab_size = 672;  // tests/data/bpe_tiny.json has 660 tokens
+    std::vector<Entry> es = model_entries(random_weights(c, 5), gguf_like(c));
+    const std::string json = read_file("tests/data/bpe_tiny.json");
+    es.back() = {"tokenizer.json", DType::U8, {int64_t(json.size())}, std::vector<uint8_t>(json.begin(), json.end())};
+    const std::string tmpl = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}";
+    write_entries(es, c, dir + "/import.bin", "gguf-Q4_1+Q8_0", {{"chat_template", tmpl}});
+    for (const char* mode : {"auto", "int8"}) {
+        const std::string what = mode, out = dir + "/import-" + what + ".bin";
+        CAPTURE(what);
+        convert(dir + "/import.bin", out, mode);
+        SafetensorsFile f(out);
+        CHECK(f.metadata.at("chat_template") == tmpl);
+        CHECK(!f.find("tokenizer.model"));
+        const TensorView& t = f.get("tokenizer.json");
+        CHECK(std::string(reinterpret_cast<const char*>(t.data), t.nbytes) == json);
+        Model m(out, cpu_ops(0));
+        CHECK(m.cfg.vocab_size == 672);
     }
 }
