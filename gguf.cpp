@@ -177,6 +177,9 @@ GgufFile::GgufFile(const std::string& p) : path(p), map(p) {
     if (map.size < 4 || c.get<uint32_t>("magic") != kGgufMagic)
         throw Error(fmt("%s: not a GGUF file (no \"GGUF\" magic at the start)", f));
     version = c.get<uint32_t>("version");
+    if (version == 0x02000000 || version == 0x03000000)  // v3 allows big-endian files: ours are little
+        throw Error(fmt("%s: a big-endian GGUF file (version %u byte-swapped); only little-endian files are read", f,
+                        version >> 24));
     if (version != 2 && version != 3)
         throw Error(fmt("%s: GGUF version %u is not supported (versions 2 and 3 are)", f, version));
     const uint64_t n_tensors = c.get<uint64_t>("tensor count"), n_kv = c.get<uint64_t>("metadata count");

@@ -439,6 +439,9 @@ TEST_CASE("gguf: bad files are refused with the file and what is wrong") {
         std::memcpy(&b[4], &v, 4);
         CHECK(has(refused(b), fmt("GGUF version %u is not supported", v)));
     }
+    b = good;
+    std::swap(b[4], b[7]), std::swap(b[5], b[6]);
+    CHECK(has(refused(b), "a big-endian GGUF file (version 3 byte-swapped)"));
     // Truncated tensor data: the last tensor runs past the end; the message names it.
     CHECK(has(refused(good.substr(0, good.size() - 40)), "truncated tensor data: tensor 'output_norm.weight'"));
     // Cut inside the metadata.
