@@ -501,9 +501,7 @@ Checkpoint read_gguf(const std::string& path, const std::string& tokenizer_path)
 
     for (const GgufTensor& t : f.tensors) {
         const char* n = t.name.c_str();
-        if (t.name == "rope_freqs.weight")
-            throw Error(fmt("%s: tensor 'rope_freqs.weight' (RoPE frequency factors, as in Llama 3.1) is not supported "
-                            "from GGUF yet; convert the Hugging Face checkpoint instead", p));
+        if (t.name == "rope_freqs.weight") continue;  // Llama 3 RoPE scaling: gguf_llama_config read it
         auto it = ours.find(t.name);
         if (it == ours.end())
             throw Error(fmt("%s: tensor '%s' has no place in a Llama model (unsupported architecture)", p, n));

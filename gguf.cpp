@@ -2,6 +2,7 @@
 // and the `llama` architecture's metadata as a Config and a tokenizer.
 #include "gguf.h"
 
+#include <algorithm>
 #include <cassert>
 #include <climits>
 #include <cmath>
@@ -398,6 +399,65 @@ int positive_int(const GgufFile& f, const std::string& key) {
     return int(v);
 }
 
+// Llama 3.1/3.2 GGUFs carry Meta's RoPE scaling as the tensor rope_freqs.weight: per rotated pair i
+// the factor ff_i that divides its frequency (llama.cpp's converter computes them from HF's
+// rope_scaling and keeps none of its parameters). We recover them: `factor` is the largest ff; in
+// the blend region 1/ff = (1 - s)/factor + s with s = L/wavelen/(high - low) - low/(high - low), a
+// line in 1/wavelen whose slope and intercept give high and low once L (original_max_seq_len) is
+// chosen; every L gives the same frequencies, so we take the L that makes low 1, as Meta's. Then
+// every pair's frequency from the Config must equal theta^(-2i/d) / ff_i, or the file is refused.
+void rope_scaling_from_factors(const GgufFile& f, const GgufTensor& t, Config& c) {
+    const char* p = f.path.c_str();
+    const int n = c.head_dim / 2;
+    if (t.type != kGgmlF32 || t.ne != std::vector<int64_t>{n})
+        throw Error(fmt("%s: tensor 'rope_freqs.weight' is %s [%lld], expected F32 [%d] (head_dim / 2)", p,
+                        ggml_type_name(t.type).c_str(), (long long)t.ne[0], n));
+    std::vector<double> ff(static_cast<size_t>(n)), base(static_cast<size_t>(n));
+    double factor = 0;
+    for (int i = 0; i < n; i++) {
+        float v;
+        std::memcpy(&v, t.data + 4 * size_t(i), 4);
+        if (!(v >= 1.0f - 1e-6f && v < 1e6f))
+            throw Error(fmt("%s: tensor 'rope_freqs.weight'[%d] = %g: not Llama 3 RoPE scaling (factors >= 1)", p, i, v));
+        ff[size_t(i)] = v;
+        base[size_t(i)] = std::pow(double(c.rope_theta), -2.0 * i / c.head_dim);
+        factor = std::max(factor, double(v));
+    }
+    if (factor < 1 + 1e-6) return;  // all ones: no scaling
+    // Least squares over the blend pairs: s = a / wavelen - b.
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        const double v = ff[size_t(i)];
+        if (v < 1 + 1e-4 || v > factor * (1 - 1e-4)) continue;
+        const double x = base[size_t(i)] / (2 * M_PI), y = (1 / v - 1 / factor) / (1 - 1 / factor);
+        sx += x, sy += y, sxx += x * x, sxy += x * y, m++;
+    }
+    const double a = m >= 2 ? (m * sxy - sx * sy) / (m * sxx - sx * sx) : 0, b = m >= 2 ? (a * sx - sy) / m : 0;
+    if (m < 2 || !(a > 0) || !(b > 0) || !(a / b < double(INT_MAX)))
+        throw Error(fmt("%s: tensor 'rope_freqs.weight': RoPE factors that Llama 3's scaling (factor, low and high "
+                        "frequency factors, original context) does not explain", p));
+    // Parameters are round numbers in practice (8, 1, 4, 8192): snap what f32 noise moved off them.
+    auto snap = [](double v) {
+        const double r = std::round(v * 256) / 256;
+        return std::fabs(r - v) <= 1e-5 * std::fabs(v) ? r : v;
+    };
+    c.rope_original_max_seq_len = int(std::lround(a / b));
+    const double L = c.rope_original_max_seq_len;
+    c.rope_factor = float(snap(factor));
+    c.rope_low_freq_factor = float(snap(b * L / a));
+    c.rope_high_freq_factor = float(snap((1 + b) * L / a));
+    const std::vector<double> freq = c.rope_frequencies();
+    for (int i = 0; i < n; i++) {
+        const double want = base[size_t(i)] / ff[size_t(i)];
+        if (std::fabs(freq[size_t(i)] - want) > 1e-5 * want)
+            throw Error(fmt("%s: tensor 'rope_freqs.weight': pair %d's factor %g does not follow Llama 3's RoPE scaling "
+                            "(best fit: factor %g, low %g, high %g, original context %d gives %g)", p, i, ff[size_t(i)],
+                            c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor,
+                            c.rope_original_max_seq_len, base[size_t(i)] / freq[size_t(i)]));
+    }
+}
+
 int token_id(const GgufFile& f, const std::string& key, int vocab) {
     int64_t v = f.get_int(key);
     if (v < 0 || v >= vocab)
@@ -415,8 +475,8 @@ Config gguf_llama_config(const GgufFile& f) {
     if (const GgufValue* e = f.find("llama.expert_count"); e && e->is_integer() && e->i > 0)
         throw Error(fmt("%s: a mixture-of-experts model (llama.expert_count = %lld) is not supported from GGUF; "
                         "convert the Hugging Face checkpoint instead", p, (long long)e->i));
-    // RoPE scaling (Llama 3.1's rope_freqs, linear/yarn scaling) changes every angle: refuse, do not
-    // run a model with the wrong positions.
+    // Linear and YaRN RoPE scaling change every angle: refuse, do not run a model with the wrong
+    // positions. (Llama 3's scaling comes as the tensor rope_freqs.weight, read below.)
     if (const GgufValue* s = f.find("llama.rope.scaling.type"); s && !(s->type == GgufType::STRING && s->s == "none"))
         throw Error(fmt("%s: RoPE scaling (llama.rope.scaling.type = '%s') is not supported yet", p, s->s.c_str()));
     for (const char* key : {"llama.rope.scaling.factor", "llama.rope.scale_linear"})
@@ -456,6 +516,7 @@ Config gguf_llama_config(const GgufFile& f) {
     c.bos_id = token_id(f, "tokenizer.ggml.bos_token_id", c.vocab_size);
     c.eos_id = token_id(f, "tokenizer.ggml.eos_token_id", c.vocab_size);
     c.tie_embeddings = f.find_tensor("output.weight") == nullptr;
+    if (const GgufTensor* t = f.find_tensor("rope_freqs.weight")) rope_scaling_from_factors(f, *t, c);
     c.validate(f.path);
     return c;
 }

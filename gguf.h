@@ -110,8 +110,10 @@ void ggml_q4_split(uint32_t type, const uint8_t* src, size_t n, uint8_t* packed,
 // ---------------------------------------------------------------------------------------------
 // The `llama` architecture in fastgen's terms
 
-// Config from llama.* and tokenizer.ggml.* metadata. Refuses other architectures, MoE, RoPE
-// scaling and partial rotary embeddings with a message naming the key.
+// Config from llama.* and tokenizer.ggml.* metadata. Refuses other architectures, MoE, linear/YaRN
+// RoPE scaling and partial rotary embeddings with a message naming the key. Llama 3.1/3.2's RoPE
+// scaling, stored by llama.cpp as per-pair factors in the tensor rope_freqs.weight, becomes
+// Config's rope_factor/low/high/original_max_seq_len (recovered, then checked pair by pair).
 Config gguf_llama_config(const GgufFile& f);
 
 // tokenizer.ggml.model "gpt2" (byte-level BPE) as a Hugging Face tokenizer.json that the tokenizers

@@ -590,8 +590,8 @@ TEST_CASE("gguf: conversion refusals name the key, tensor or type") {
     moe.b.u32("llama.expert_count", 8);
     CHECK(has(error_of(moe.b), "mixture-of-experts model (llama.expert_count = 8) is not supported from GGUF"));
     TinyGguf rope = tiny_gguf(3, true, {});
-    rope.b.tensor("rope_freqs.weight", {8}, kGgmlF32, std::string(32, '\0'));
-    CHECK(has(error_of(rope.b), "tensor 'rope_freqs.weight'"));
+    rope.b.tensor("rope_freqs.weight", {8}, kGgmlF32, std::string(32, '\0'));  // factors of 0
+    CHECK(has(error_of(rope.b), "tensor 'rope_freqs.weight'[0] = 0: not Llama 3 RoPE scaling"));
     TinyGguf scaled = tiny_gguf(3, true, {});
     scaled.b.str("llama.rope.scaling.type", "yarn");
     CHECK(has(error_of(scaled.b), "llama.rope.scaling.type = 'yarn'"));
@@ -834,4 +834,98 @@ TEST_CASE("gguf: quantize --from, and --input recognising GGUF; misuse exits 1 w
     CHECK(r.rc == 1);
     CHECK(has(r.err, "error: " + cut + ": truncated tensor data: tensor 'output.weight'"));
     CHECK(has(run_command("./quantize --help").out, "--from"));
+}
+
+namespace {
+// llama.cpp's rope_freqs.weight for Meta's Llama 3 scaling, written out here from the formula
+// (convert_hf_to_gguf's LlamaModel): per pair i, 1, `factor`, or a blend by wavelength.
+std::string llama3_rope_factors(int head_dim, double theta, double factor, double low, double high, double L) {
+    std::string out;
+    for (int i = 0; i < head_dim / 2; i++) {
+        const double freq = 1.0 / std::pow(theta, 2.0 * i / head_dim), wavelen = 2 * M_PI / freq;
+        double ff;
+        if (wavelen < L / high) ff = 1;
+        else if (wavelen > L / low) ff = factor;
+        else {
+            const double smooth = (L / wavelen - low) / (high - low);
+            ff = 1 / ((1 - smooth) / factor + smooth);
+        }
+        const float v = float(ff);
+        out.append(reinterpret_cast<const char*>(&v), 4);
+    }
+    return out;
+}
+
+// Only the metadata and rope_freqs.weight: enough for gguf_llama_config.
+Config rope_config(int head_dim, float theta, const std::string& factors) {
+    GgufBuilder b;
+    tiny_metadata(b, {"llama.embedding_length", "llama.attention.head_count", "llama.attention.head_count_kv",
+                      "llama.rope.dimension_count", "llama.rope.freq_base"});
+    b.u32("llama.embedding_length", uint32_t(2 * head_dim));
+    b.u32("llama.attention.head_count", 2);
+    b.u32("llama.attention.head_count_kv", 2);
+    b.u32("llama.rope.dimension_count", uint32_t(head_dim));
+    b.f32("llama.rope.freq_base", theta);
+    b.tensor("rope_freqs.weight", {int64_t(factors.size() / 4)}, kGgmlF32, factors);
+    GgufFile f(tiny_path("rope", b));
+    return gguf_llama_config(f);
+}
+}  // namespace
+
+TEST_CASE("gguf: Llama 3's RoPE scaling comes back from rope_freqs.weight, checked pair by pair") {
+    struct Case { const char* what; int head_dim; float theta; double factor, low, high, L; };
+    for (const Case& k : {Case{"Llama 3.1 8B", 128, 500000, 8, 1, 4, 8192}, Case{"Llama 3.2 1B", 64, 500000, 32, 1, 4, 8192},
+                          Case{"tiny", 16, 50000, 8, 1, 16, 4096}, Case{"low 2", 128, 500000, 4, 2, 8, 16384}}) {
+        CAPTURE(k.what);
+        const std::string factors = llama3_rope_factors(k.head_dim, k.theta, k.factor, k.low, k.high, k.L);
+        const Config c = rope_config(k.head_dim, k.theta, factors);
+        CHECK(c.rope_factor == float(k.factor));
+        // Only low/L and high/L matter (they place the blend); L is taken so that low is 1.
+        CHECK(double(c.rope_low_freq_factor) / c.rope_original_max_seq_len == doctest::Approx(k.low / k.L).epsilon(1e-6));
+        CHECK(double(c.rope_high_freq_factor) / c.rope_original_max_seq_len == doctest::Approx(k.high / k.L).epsilon(1e-6));
+        if (k.low == 1) {
+            CHECK(c.rope_low_freq_factor == 1.0f);
+            CHECK(c.rope_high_freq_factor == float(k.high));
+            CHECK(c.rope_original_max_seq_len == int(k.L));
+        }
+        // What llama.cpp computes: theta^(-2i/d) / ff_i, for every pair.
+        const std::vector<double> freq = c.rope_frequencies();
+        for (int i = 0; i < k.head_dim / 2; i++) {
+            float ff;
+            std::memcpy(&ff, factors.data() + 4 * i, 4);
+            CHECK(freq[size_t(i)] == doctest::Approx(std::pow(double(k.theta), -2.0 * i / k.head_dim) / ff).epsilon(1e-6));
+        }
+    }
+    // All ones: no scaling.
+    std::string ones;
+    for (int i = 0; i < 64; i++) ones.append("\x00\x00\x80\x3f", 4);
+    CHECK(rope_config(128, 500000, ones).rope_factor == 0);
+    // Factors that no Llama 3 scaling gives, and the wrong length, are refused naming the tensor.
+    std::string bent = llama3_rope_factors(128, 500000, 8, 1, 4, 8192);
+    const float odd = 5.5f;  // one pair in the blend region moved
+    std::memcpy(&bent[4 * 31], &odd, 4);
+    auto error = [&](const std::string& factors, int head_dim) {
+        try {
+            rope_config(head_dim, 500000, factors);
+        } catch (const Error& e) {
+            return std::string(e.what());
+        }
+        return std::string();
+    };
+    CHECK(has(error(bent, 128), "tensor 'rope_freqs.weight': pair"));
+    CHECK(has(error(bent, 64), "tensor 'rope_freqs.weight' is F32 [64], expected F32 [32]"));
+    std::string step;  // a jump from 1 to 8 with no blend: its thresholds cannot be placed
+    for (int i = 0; i < 64; i++) step.append(i < 40 ? "\x00\x00\x80\x3f" : "\x00\x00\x00\x41", 4);
+    CHECK(has(error(step, 128), "does not explain"));
+
+    // Through the converter: the tensor is read into the config, not written.
+    TinyGguf t = tiny_gguf(3, true, {});
+    t.b.tensor("rope_freqs.weight", {8}, kGgmlF32, llama3_rope_factors(16, 50000, 8, 1, 16, 4096));
+    const std::string out = temp_dir() + "/rope.bin";
+    convert_checkpoint(options(tiny_path("rope-model", t.b), out));
+    SafetensorsFile f(out);
+    CHECK(f.find("rope_freqs.weight") == nullptr);
+    const Config c = Config::from_json(f.metadata.at("config"), out);
+    CHECK(c.rope_factor == 8.0f);
+    CHECK(c.rope_original_max_seq_len == 4096);
 }
