@@ -12,10 +12,10 @@ BUILD    ?= build
 MPI_CFLAGS := $(shell mpicxx --showme:compile 2>/dev/null)
 MPI_LIBS   := $(shell mpicxx --showme:link 2>/dev/null || echo -lmpi)
 CXXFLAGS := -std=c++17 -O3 $(ARCH) -fopenmp -Wall -Wextra -Werror -MMD -MP $(MPI_CFLAGS)
-LDLIBS   := -lsentencepiece -fopenmp $(MPI_LIBS)
+LDLIBS   := -lsentencepiece -lpcre2-8 -fopenmp $(MPI_LIBS)
 
 # Library code shared by the programs and the tests.
-CORE := common safetensors model kernels_cpu tokenizer sampler convert decode batch tp
+CORE := common safetensors model kernels_cpu tokenizer bpe sampler convert decode batch tp gguf chat
 
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 ifneq ($(NVCC),)

@@ -4,6 +4,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cassert>
 #include <cerrno>
 #include <climits>
@@ -20,6 +21,7 @@
 #include <sstream>
 
 #include "common.h"
+#include "gguf.h"
 #include "model.h"
 #include "ops.h"
 #include "safetensors.h"
@@ -38,6 +40,11 @@ struct SourceTensor {
     DType dtype = DType::F32;
     const uint8_t* data = nullptr;
     int rope_heads = 0;  // > 0: wq/wk rows in HF rotate-half order for this many heads; un-permute
+    int ggml_type = -1;  // >= 0: GGUF Q8_0/Q4_0/Q4_1 blocks (dtype F32: what fills dequantize to)
+    // A quantized matrix of a model.bin input (quant.data set; dtype F32: what fills dequantize to):
+    // its view, and its value and companion tensors as stored, which --mode auto copies.
+    Weight quant = {};
+    std::vector<const TensorView*> stored = {};
 };
 
 struct Checkpoint {
@@ -45,6 +52,11 @@ struct Checkpoint {
     Config cfg;                                   // bos_id/eos_id < 0: take them from the tokenizer
     std::map<std::string, SourceTensor> tensors;  // by canonical name
     std::string tokenizer_model;                  // sentencepiece model bytes
+    std::string tokenizer_json;                   // or a Hugging Face tokenizer.json (GGUF input)
+    std::map<std::string, std::string> metadata;  // extra model.bin metadata ("chat_template")
+    bool keep_dtypes = false;                     // auto mode keeps each tensor's float type (GGUF mixes them)
+    std::string quantization = "none";            // a model.bin input's label, kept by auto with its matrices
+    std::vector<std::unique_ptr<GgufFile>> ggufs;
     std::vector<std::unique_ptr<MappedFile>> maps;
     std::vector<std::unique_ptr<SafetensorsFile>> files;
 };
@@ -186,7 +198,7 @@ Checkpoint read_llama2c(const std::string& path, const std::string& tokenizer_pa
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hugging Face folder: config.json, model.safetensors or shards, tokenizer.model
+// Hugging Face folder: config.json, model.safetensors or shards, tokenizer.model or tokenizer.json
 
 json read_json(const std::string& path) {
     std::string text = read_whole_file(path);
@@ -244,8 +256,14 @@ Config read_hf_config(const std::string& path) {
         sw->get<int64_t>() < (*field(j, "max_position_embeddings")).get<int64_t>())
         throw Error(fmt("%s: sliding_window %s (attention limited to a window) is not supported yet", p,
                         sw->dump().c_str()));
-    if (const json* r = field(j, "rope_scaling"))
-        throw Error(fmt("%s: rope_scaling %s is not supported yet", p, r->dump().c_str()));
+    // Llama 3.1's rope scaling is supported; linear, dynamic, yarn, ... are not.
+    const json* rs = field(j, "rope_scaling");
+    if (rs) {
+        const json* type = rs->is_object() ? field(*rs, "rope_type") : nullptr;
+        if (!type && rs->is_object()) type = field(*rs, "type");
+        if (!type || *type != "llama3")
+            throw Error(fmt("%s: rope_scaling %s is not supported (only rope_type \"llama3\")", p, rs->dump().c_str()));
+    }
 
     Config c;
     c.dim = json_int(j, "hidden_size", path);
@@ -260,6 +278,13 @@ Config read_hf_config(const std::string& path) {
     c.max_seq_len = json_int(j, "max_position_embeddings", path);
     c.norm_eps = json_float(j, "rms_norm_eps", path);
     c.rope_theta = json_float(j, "rope_theta", path, 10000.0f);
+    if (rs) {
+        const std::string where = path + ": rope_scaling";
+        c.rope_factor = json_float(*rs, "factor", where);
+        c.rope_low_freq_factor = json_float(*rs, "low_freq_factor", where);
+        c.rope_high_freq_factor = json_float(*rs, "high_freq_factor", where);
+        c.rope_original_max_seq_len = json_int(*rs, "original_max_position_embeddings", where);
+    }
     const json* tie = field(j, "tie_word_embeddings");
     if (tie && !tie->is_boolean())
         throw Error(fmt("%s: \"tie_word_embeddings\" must be true or false, found %s", p, tie->dump().c_str()));
@@ -372,16 +397,23 @@ Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
                         where.c_str(), name.c_str()));
     }
 
-    const std::string tok = tokenizer_path.empty() ? dir + "/tokenizer.model" : tokenizer_path;
-    if (!path_exists(tok))
-        throw Error(fmt("%s: no tokenizer.model (a sentencepiece model) in the folder; pass --tokenizer",
-                        dir.c_str()));
-    ck.tokenizer_model = read_whole_file(tok);
+    // --tokenizer, else the folder's tokenizer.model (sentencepiece, or Llama 3's tiktoken file),
+    // else its tokenizer.json (byte-level BPE), which model.bin keeps as the tensor tokenizer.json.
+    if (!tokenizer_path.empty()) {
+        ck.tokenizer_model = read_whole_file(tokenizer_path);
+    } else if (path_exists(dir + "/tokenizer.model")) {
+        ck.tokenizer_model = read_whole_file(dir + "/tokenizer.model");
+    } else if (path_exists(dir + "/tokenizer.json")) {
+        ck.tokenizer_json = read_whole_file(dir + "/tokenizer.json");
+    } else {
+        throw Error(fmt("%s: no tokenizer.model (sentencepiece or tiktoken) or tokenizer.json in the folder; pass "
+                        "--tokenizer", dir.c_str()));
+    }
     return ck;
 }
 
 // ---------------------------------------------------------------------------------------------
-// fastgen model.bin: re-encode its float tensors
+// fastgen model.bin: re-encode its tensors (quantized ones dequantized, or copied as they are by auto)
 
 Checkpoint read_model_bin(const std::string& path, const std::string& tokenizer_path) {
     Checkpoint ck;
@@ -399,27 +431,162 @@ Checkpoint read_model_bin(const std::string& path, const std::string& tokenizer_
     if (meta("version") != kFormatVersion)
         throw Error(fmt("%s: model.bin format version '%s', this build reads '%s'", p, meta("version").c_str(),
                         kFormatVersion));
-    if (meta("quantization") != "none")
-        throw Error(fmt("%s: quantization '%s': re-encoding a quantized model.bin is not supported; convert "
-                        "the original checkpoint", p, meta("quantization").c_str()));
+    ck.quantization = meta("quantization");
+    if (ck.quantization.empty()) throw Error(fmt("%s: metadata 'quantization' is missing or empty", p));
     ck.cfg = Config::from_json(meta("config"), path + ": config");  // validates
     for (const TensorSpec& e : model_tensors(ck.cfg)) {
+        const TensorView* q = f.find(e.name);
+        if (q && e.shape.size() == 2 && (q->dtype == DType::I8 || q->dtype == DType::U8)) {
+            SourceTensor s;  // checked as the loader checks it: shapes, group, zeros or mins
+            size_t companions = 0;
+            s.quant = load_matrix(f, e.name, int(e.shape[0]), int(e.shape[1]), &companions);
+            s.stored = {q, &f.get(e.name + ".scales")};
+            for (const char* c : {".zeros", ".mins"})
+                if (const TensorView* t = f.find(e.name + c)) s.stored.push_back(t);
+            assert(s.stored.size() == companions + 1);
+            ck.tensors[e.name] = s;
+            ck.keep_dtypes = true;  // the embedding may be quantized: float matrices keep their own type
+            continue;
+        }
         const TensorView& t = f.get(e.name, e.shape);
         if (!is_float(t.dtype))
-            throw Error(fmt("%s: tensor '%s': dtype %s is not F32, BF16 or F16", p, e.name.c_str(),
-                            dtype_name(t.dtype)));
+            throw Error(fmt("%s: tensor '%s': dtype %s is not F32, BF16 or F16%s", p, e.name.c_str(),
+                            dtype_name(t.dtype), e.shape.size() == 2 ? " (nor I8 / U8 with scales)" : ""));
         ck.tensors[e.name] = {t.dtype, t.data, 0};
     }
+    // The tokenizer travels as stored: tokenizer.model, or tokenizer.json (a GGUF or HF BPE import).
+    const TensorView* json_tok = f.find("tokenizer.json");
     if (!tokenizer_path.empty()) {
         ck.tokenizer_model = read_whole_file(tokenizer_path);
     } else {
-        const TensorView& t = f.get("tokenizer.model");
+        const TensorView& t = json_tok && !f.find("tokenizer.model") ? *json_tok : f.get("tokenizer.model");
         if (t.dtype != DType::U8 || t.shape.size() != 1)
-            throw Error(fmt("%s: tensor 'tokenizer.model' must be U8 [nbytes], found %s %s", p,
+            throw Error(fmt("%s: tensor '%s' must be U8 [nbytes], found %s %s", p, t.name.c_str(),
                             dtype_name(t.dtype), t.shape_str().c_str()));
-        ck.tokenizer_model.assign(reinterpret_cast<const char*>(t.data), t.nbytes);
+        (&t == json_tok ? ck.tokenizer_json : ck.tokenizer_model).assign(reinterpret_cast<const char*>(t.data), t.nbytes);
     }
+    if (auto it = f.metadata.find("chat_template"); it != f.metadata.end()) ck.metadata["chat_template"] = it->second;
     return ck;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF (llama.cpp): the llama architecture, F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors. llama.cpp's
+// converter already permuted wq/wk rows into the adjacent-pairs RoPE order we use, so no rope_heads.
+
+Checkpoint read_gguf(const std::string& path, const std::string& tokenizer_path) {
+    Checkpoint ck;
+    ck.ggufs.push_back(std::make_unique<GgufFile>(path));
+    const GgufFile& f = *ck.ggufs.back();
+    const char* p = path.c_str();
+    ck.kind = fmt("GGUF v%u", f.version);
+    ck.keep_dtypes = true;
+    ck.cfg = gguf_llama_config(f);
+    const Config& c = ck.cfg;
+
+    // GGUF name -> canonical name.
+    std::map<std::string, std::string> ours = {
+        {"token_embd.weight", "tok_embeddings.weight"}, {"output_norm.weight", "norm.weight"},
+        {"output.weight", "output.weight"}};
+    static const struct { const char *ours, *theirs; } kLayer[] = {
+        {"attention_norm.weight", "attn_norm.weight"}, {"attention.wq.weight", "attn_q.weight"},
+        {"attention.wk.weight", "attn_k.weight"},      {"attention.wv.weight", "attn_v.weight"},
+        {"attention.wo.weight", "attn_output.weight"}, {"ffn_norm.weight", "ffn_norm.weight"},
+        {"feed_forward.w1.weight", "ffn_gate.weight"}, {"feed_forward.w2.weight", "ffn_down.weight"},
+        {"feed_forward.w3.weight", "ffn_up.weight"},
+    };
+    for (int l = 0; l < c.n_layers; l++)
+        for (const auto& n : kLayer) ours[fmt("blk.%d.%s", l, n.theirs)] = layer_tensor(l, n.ours);
+    std::map<std::string, std::vector<int64_t>> shapes;
+    for (const TensorSpec& e : model_tensors(c)) shapes[e.name] = e.shape;
+
+    for (const GgufTensor& t : f.tensors) {
+        const char* n = t.name.c_str();
+        if (t.name == "rope_freqs.weight") continue;  // Llama 3 RoPE scaling: gguf_llama_config read it
+        auto it = ours.find(t.name);
+        if (it == ours.end())
+            throw Error(fmt("%s: tensor '%s' has no place in a Llama model (unsupported architecture)", p, n));
+        const std::vector<int64_t>& want = shapes.at(it->second);
+        if (t.shape() != want) {
+            TensorView a, b;  // for shape_str
+            a.shape = t.shape();
+            b.shape = want;
+            throw Error(fmt("%s: tensor '%s': shape %s (GGUF ne reversed), expected %s", p, n, a.shape_str().c_str(),
+                            b.shape_str().c_str()));
+        }
+        const GgmlType* gt = ggml_type(t.type);
+        if (!gt->convertible)
+            throw Error(fmt("%s: tensor '%s' is %s, which fastgen cannot convert (F32, F16, BF16, Q8_0, Q4_0 and Q4_1 "
+                            "can be: requantize the GGUF to one of them)", p, n, gt->name));
+        SourceTensor s;
+        s.data = t.data;
+        if (t.type == kGgmlF32 || t.type == kGgmlF16 || t.type == kGgmlBF16) {
+            s.dtype = t.type == kGgmlF32 ? DType::F32 : t.type == kGgmlF16 ? DType::F16 : DType::BF16;
+        } else {
+            s.dtype = DType::F32;
+            s.ggml_type = int(t.type);
+        }
+        ck.tensors[it->second] = s;
+    }
+    for (const auto& [theirs, name] : ours)
+        if (!ck.tensors.count(name) && shapes.count(name))
+            throw Error(fmt("%s: no tensor '%s' (%s)", p, theirs.c_str(), name.c_str()));
+
+    if (!tokenizer_path.empty()) {
+        ck.tokenizer_model = read_whole_file(tokenizer_path);
+    } else {
+        const std::string& model = f.get_string("tokenizer.ggml.model");
+        if (model == "gpt2") ck.tokenizer_json = gguf_tokenizer_json(f);
+        else if (model == "llama") ck.tokenizer_model = gguf_sentencepiece_model(f);
+        else
+            throw Error(fmt("%s: tokenizer.ggml.model '%s' is not supported (gpt2: byte-level BPE, llama: "
+                            "sentencepiece); pass --tokenizer with a sentencepiece .model", p, model.c_str()));
+    }
+    if (f.find("tokenizer.chat_template")) ck.metadata["chat_template"] = f.get_string("tokenizer.chat_template");
+    return ck;
+}
+
+// auto mode: a GGUF Q8_0 / Q4_0 / Q4_1 matrix [rows, cols] repacked without requantizing:
+//   Q8_0 -> NAME I8 [rows, cols] + NAME.scales F32 [rows, cols/32]             (grouped int8)
+//   Q4_0 -> NAME U8 [rows, cols/2] + .scales F32 + .zeros U8 (all 8) [rows, cols/32]
+//   Q4_1 -> NAME U8 [rows, cols/2] + .scales F32 + .mins F32 [rows, cols/32]
+// Returns the number of companion tensors added (scales, zeros, mins). Each fill reads the blocks again (cheap) for its own part.
+size_t add_ggml_matrix(SafetensorsWriter& w, const std::string& name, const std::vector<int64_t>& shape,
+                       const SourceTensor& s) {
+    const int64_t rows = shape[0], cols = shape[1], groups = cols / kGgmlBlock;
+    const uint32_t type = uint32_t(s.ggml_type);
+    const size_t row_bytes = size_t(groups) * size_t(ggml_type(type)->bytes);
+    const uint8_t* src = s.data;
+    // Runs `one_row(block row, r)` over every row.
+    auto each_row = [=](auto one_row) {
+        for (int64_t r = 0; r < rows; r++) one_row(src + size_t(r) * row_bytes, size_t(r));
+    };
+    const size_t n = size_t(cols), g = size_t(groups);
+    if (type == kGgmlQ8_0) {
+        w.add(name, DType::I8, {rows, cols}, [=](uint8_t* dst) {
+            each_row([&](const uint8_t* b, size_t r) { ggml_q8_0_split(b, n, reinterpret_cast<int8_t*>(dst) + r * n, nullptr); });
+        });
+        w.add(name + ".scales", DType::F32, {rows, groups}, [=](uint8_t* dst) {
+            each_row([&](const uint8_t* b, size_t r) { ggml_q8_0_split(b, n, nullptr, reinterpret_cast<float*>(dst) + r * g); });
+        });
+        return 1;
+    }
+    w.add(name, DType::U8, {rows, cols / 2}, [=](uint8_t* dst) {
+        each_row([&](const uint8_t* b, size_t r) { ggml_q4_split(type, b, n, dst + r * n / 2, nullptr, nullptr, nullptr); });
+    });
+    w.add(name + ".scales", DType::F32, {rows, groups}, [=](uint8_t* dst) {
+        each_row([&](const uint8_t* b, size_t r) {
+            ggml_q4_split(type, b, n, nullptr, reinterpret_cast<float*>(dst) + r * g, nullptr, nullptr);
+        });
+    });
+    if (type == kGgmlQ4_0)
+        w.add(name + ".zeros", DType::U8, {rows, groups}, [=](uint8_t* dst) { std::memset(dst, 8, size_t(rows) * g); });
+    else
+        w.add(name + ".mins", DType::F32, {rows, groups}, [=](uint8_t* dst) {
+            each_row([&](const uint8_t* b, size_t r) {
+                ggml_q4_split(type, b, n, nullptr, nullptr, nullptr, reinterpret_cast<float*>(dst) + r * g);
+            });
+        });
+    return 2;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,13 +607,14 @@ Checkpoint read_checkpoint(const std::string& path, const std::string& tokenizer
     uint64_t header_len = 0;
     if (n >= 8) std::memcpy(&header_len, head, 8);
     if (n >= 9 && head[8] == '{' && header_len <= size - 8) return read_model_bin(path, tokenizer_path);
+    if (n >= 4 && std::memcmp(head, "GGUF", 4) == 0) return read_gguf(path, tokenizer_path);
     uint32_t magic = 0;
     if (n >= 4) std::memcpy(&magic, head, 4);
     Llama2cHeader h = {};
     if (n >= sizeof h) std::memcpy(&h, head, sizeof h);
     if (magic == kLlama2cMagic || (n >= sizeof h && plausible(h))) return read_llama2c(path, tokenizer_path);
-    throw Error(fmt("%s: unknown input kind: not a llama2.c checkpoint, a fastgen model.bin, or a Hugging Face "
-                    "folder (a directory with config.json)", path.c_str()));
+    throw Error(fmt("%s: unknown input kind: not a llama2.c checkpoint, a fastgen model.bin, a GGUF file, or a "
+                    "Hugging Face folder (a directory with config.json)", path.c_str()));
 }
 
 void copy_floats(const uint8_t* src, DType from, uint8_t* dst, DType to, size_t n) {
@@ -459,6 +627,26 @@ void copy_floats(const uint8_t* src, DType from, uint8_t* dst, DType to, size_t 
 void fill_tensor(const SourceTensor& s, const std::vector<int64_t>& shape, DType to, uint8_t* dst) {
     size_t numel = 1;
     for (int64_t d : shape) numel *= size_t(d);
+    if (s.quant.data) {  // a quantized model.bin matrix: dequantize row by row
+        assert(shape.size() == 2 && shape[0] == s.quant.rows && shape[1] == s.quant.cols);
+        std::vector<float> row(size_t(s.quant.cols));
+        for (int r = 0; r < s.quant.rows; r++) {
+            dequantize_row(s.quant, r, row.data());
+            convert_floats(row.data(), DType::F32, dst + size_t(r) * row.size() * dtype_size(to), to, row.size());
+        }
+        return;
+    }
+    if (s.ggml_type >= 0) {  // GGUF blocks: dequantize row by row (blocks never straddle rows)
+        const size_t cols = size_t(shape.back()), rows = numel / cols;
+        const size_t row_bytes = cols / kGgmlBlock * size_t(ggml_type(uint32_t(s.ggml_type))->bytes);
+        std::vector<float> row(to == DType::F32 ? 0 : cols);
+        for (size_t r = 0; r < rows; r++) {
+            float* out = to == DType::F32 ? reinterpret_cast<float*>(dst) + r * cols : row.data();
+            ggml_dequantize_row(uint32_t(s.ggml_type), s.data + r * row_bytes, out, cols);
+            if (to != DType::F32) convert_floats(out, DType::F32, dst + r * cols * dtype_size(to), to, cols);
+        }
+        return;
+    }
     if (s.rope_heads == 0) {
         copy_floats(s.data, s.dtype, dst, to, numel);
         return;
@@ -530,28 +718,46 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
 
     Checkpoint ck = read_checkpoint(o.input, o.tokenizer);
     Config& c = ck.cfg;
-    const std::string tok_where = o.input + ": tokenizer.model";
-    Tokenizer tok(ck.tokenizer_model, o.tokenizer.empty() ? tok_where : o.tokenizer);
-    if (tok.vocab_size() > c.vocab_size)
-        throw Error(fmt("%s: the tokenizer has %d pieces but the model's vocabulary is %d", o.input.c_str(),
-                        tok.vocab_size(), c.vocab_size));
-    if (c.bos_id < 0) c.bos_id = tok.bos_id();
-    if (c.eos_id < 0) c.eos_id = tok.eos_id();
+    // A tokenizer.json given as --tokenizer is stored under its own name, as the readers' are.
+    if (ck.tokenizer_json.empty() && is_tokenizer_json(ck.tokenizer_model)) std::swap(ck.tokenizer_model, ck.tokenizer_json);
+    {
+        const bool json_tok = ck.tokenizer_model.empty();
+        const std::string tok_where = o.input + (json_tok ? ": tokenizer.json" : ": tokenizer.model");
+        Tokenizer tok(json_tok ? ck.tokenizer_json : ck.tokenizer_model, o.tokenizer.empty() ? tok_where : o.tokenizer);
+        if (tok.vocab_size() > c.vocab_size)
+            throw Error(fmt("%s: the tokenizer has %d pieces but the model's vocabulary is %d", o.input.c_str(),
+                            tok.vocab_size(), c.vocab_size));
+        if (c.bos_id < 0) c.bos_id = tok.bos_id();
+        if (c.eos_id < 0) c.eos_id = tok.eos_id();
+    }
 
     // auto keeps the source's float type, read off the embedding (norms may differ in HF files).
     const DType dtype = mode_dtype.value_or(ck.tensors.at("tok_embeddings.weight").dtype);
-    const std::string quantization = int8 ? "int8" : int4 ? fmt("int4-g%d", o.group) : "none";
+    std::string quantization = int8 ? "int8" : int4 ? fmt("int4-g%d", o.group) : "none";
     SafetensorsWriter w;
     w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", c.to_json()},
                   {"quantization", quantization}};
     ConvertStats st;
     const std::vector<TensorSpec> expected = model_tensors(c);
     std::vector<std::shared_ptr<QuantJob>> jobs;
+    std::map<std::string, int> ggml_counts;  // GGUF block types written as they are, matrices of each
+    bool kept = false;                       // a model.bin's quantized matrices written as they are
     size_t n_tensors = expected.size() + 1;
     for (const TensorSpec& e : expected) {
         auto it = ck.tensors.find(e.name);
         assert(it != ck.tensors.end() && "every reader fills every canonical tensor");
         const SourceTensor src = it->second;
+        if (o.mode == "auto" && src.quant.data) {  // a model.bin's quantized matrix, kept as it is
+            for (const TensorView* t : src.stored) w.add_bytes(t->name, t->dtype, t->shape, t->data);
+            n_tensors += src.stored.size() - 1;
+            kept = true;
+            continue;
+        }
+        if (o.mode == "auto" && src.ggml_type >= 0 && e.shape.size() == 2) {  // GGUF blocks, kept as they are
+            n_tensors += add_ggml_matrix(w, e.name, e.shape, src);
+            ggml_counts[ggml_type_name(uint32_t(src.ggml_type))]++;
+            continue;
+        }
         const bool embedding = e.name == "tok_embeddings.weight" || e.name == "output.weight";
         // The MoE router stays float: it is tiny and its logits pick the experts.
         const bool router = ends_with(e.name, "feed_forward.gate.weight");
@@ -597,10 +803,26 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
             }
             continue;
         }
-        const DType to = is_norm(e.name) || router ? DType::F32 : dtype;
+        const DType to = is_norm(e.name) || router ? DType::F32 : ck.keep_dtypes && !mode_dtype ? src.dtype : dtype;
         w.add(e.name, to, e.shape, [src, shape = e.shape, to](uint8_t* dst) { fill_tensor(src, shape, to, dst); });
     }
-    w.add_bytes("tokenizer.model", DType::U8, {int64_t(ck.tokenizer_model.size())}, ck.tokenizer_model.data());
+    if (!ck.tokenizer_model.empty())
+        w.add_bytes("tokenizer.model", DType::U8, {int64_t(ck.tokenizer_model.size())}, ck.tokenizer_model.data());
+    else
+        w.add_bytes("tokenizer.json", DType::U8, {int64_t(ck.tokenizer_json.size())}, ck.tokenizer_json.data());
+    for (const auto& [key, value] : ck.metadata) w.metadata[key] = value;
+    if (kept) {
+        quantization = ck.quantization;
+        w.metadata["quantization"] = quantization;
+    }
+    if (!ggml_counts.empty()) {  // "gguf-Q4_1+Q8_0": the block types kept, the most used first
+        std::vector<std::pair<int, std::string>> by_count;
+        for (const auto& [type, count] : ggml_counts) by_count.push_back({-count, type});
+        std::sort(by_count.begin(), by_count.end());
+        quantization = "gguf";
+        for (size_t i = 0; i < by_count.size(); i++) quantization += (i ? "+" : "-") + by_count[i].second;
+        w.metadata["quantization"] = quantization;
+    }
 
     if (o.progress)
         std::fprintf(stderr, "%s: %s checkpoint: dim %d, hidden %d, %d layers, %d heads (%d kv, head_dim %d)%s, "
@@ -608,11 +830,13 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
                      c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
                      c.n_experts ? fmt(", %d experts (top %d)", c.n_experts, c.n_experts_per_tok).c_str() : "", c.vocab_size,
                      c.max_seq_len, c.tie_embeddings ? "tied" : "untied",
-                     int8 || int4 ? (quantization + " (other matrices " + dtype_name(dtype) + ")").c_str() : dtype_name(dtype));
+                     int8 || int4 || kept || !ggml_counts.empty()
+                         ? (quantization + " (other matrices " + (ck.keep_dtypes && !mode_dtype ? "as in the file" : dtype_name(dtype)) + ")").c_str()
+                         : dtype_name(dtype));
     w.write(o.output, o.progress);
 
     st.kind = ck.kind;
-    st.dtype = int8 || int4 ? quantization : std::string(dtype_name(dtype));
+    st.dtype = int8 || int4 || kept || !ggml_counts.empty() ? quantization : std::string(dtype_name(dtype));
     st.tensors = n_tensors;
     struct stat sb;
     st.bytes = stat(o.output.c_str(), &sb) == 0 ? size_t(sb.st_size) : 0;

@@ -78,13 +78,16 @@ void NgramDrafter::propose(const std::vector<int>& context, int k, Sampler&, std
 // the loop
 
 DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, int max_new_tokens,
-                   Sampler& sampler, Drafter* drafter, int k_max, const std::function<bool(int)>& on_token) {
+                   Sampler& sampler, Drafter* drafter, int k_max, const std::function<bool(int)>& on_token,
+                   int cached) {
     const Config& c = target.cfg;
     const int limit = std::min(c.max_seq_len, drafter ? drafter->max_positions() : INT_MAX);
     DecodeStats st;
     st.prompt_tokens = int(prompt.size());
-    kv.release(0);
-    if (drafter) drafter->rollback(0);  // a new sequence: nothing the drafter computed applies
+    // The last prompt token is always recomputed below (it is the first round's input).
+    cached = std::max(0, std::min(cached, int(prompt.size()) - 1));
+    if (cached == 0) kv.release(0); else kv.truncate(0, cached);
+    if (drafter) drafter->rollback(cached);  // nothing the drafter computed past them applies
 
     // Prefill all but the last prompt token; the last one is the first round's input, so every
     // emitted token comes out of the same draft/verify step.
@@ -92,9 +95,9 @@ DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, i
     std::vector<int> context = prompt;
     const int n_prefill = int(prompt.size()) - 1;
     if (!kv.reserve(0, n_prefill + 1)) throw Error("KV cache too small for the prompt");
-    if (n_prefill > 0) {
+    if (n_prefill > cached) {
         std::vector<BatchToken> batch;
-        for (int i = 0; i < n_prefill; i++) batch.push_back({0, i, prompt[size_t(i)]});
+        for (int i = cached; i < n_prefill; i++) batch.push_back({0, i, prompt[size_t(i)]});
         target.forward(kv, batch, {}, nullptr);
     }
     st.t_prefill = now_seconds() - t0;

@@ -70,7 +70,10 @@ struct DecodeStats {
     double t_draft = 0, t_target = 0;    // parts of t_decode
 };
 
-// Generates after `prompt` into sequence 0 of `kv` (released first). on_token(id) sees each
-// emitted token in order (not EOS) and may return false to stop. drafter may be null (k ignored).
+// Generates after `prompt` into sequence 0 of `kv`. on_token(id) sees each emitted token in order
+// (not EOS) and may return false to stop. drafter may be null (k ignored). The first `cached`
+// prompt tokens are already in sequence 0 (a chat's earlier turns: the caller guarantees they
+// are the same tokens); everything past them is dropped and recomputed. cached = 0: a new sequence.
 DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, int max_new_tokens,
-                   Sampler& sampler, Drafter* drafter, int k, const std::function<bool(int)>& on_token);
+                   Sampler& sampler, Drafter* drafter, int k, const std::function<bool(int)>& on_token,
+                   int cached = 0);

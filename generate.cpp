@@ -1,5 +1,6 @@
 // generate.cpp: the generate program: CLI, backend and draft set-up, streaming output and stats,
-// --perplexity, and --prompts-file (JSONL in and out through the batch scheduler in batch.cpp).
+// --perplexity, --interactive (a chat over chat.cpp's formats), and --prompts-file (JSONL in and
+// out through the batch scheduler in batch.cpp).
 // The decode loop itself (prefill, draft, verify, emit) is in decode.cpp.
 #include <CLI/CLI.hpp>
 #include <fcntl.h>
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <memory>
 #include <set>
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "batch.h"
+#include "chat.h"
 #include "common.h"
 #include "decode.h"
 #include "model.h"
@@ -53,6 +56,11 @@ struct Options {
     int max_seqs = 32;
     int kv_capacity = 0;  // tokens; 0 = max_seqs full contexts, at most ~1 GiB of cache
     std::string batching = "continuous";  // continuous | static
+    // chat: --interactive
+    bool interactive = false;
+    std::string system_prompt;
+    bool has_system = false;
+    std::string chat_template = "auto";  // auto | llama2 | llama3 | chatml
 };
 
 // Picks the backend: --device auto takes CUDA when a GPU is usable, else the CPU; --device cuda
@@ -135,6 +143,91 @@ void generate_one(Model& model, KVCache& kv, const Tokenizer& tok, const std::ve
                      k, st.drafted ? 100.0 * st.accepted / st.drafted : 0.0, st.accepted, st.drafted,
                      double(st.generated) / st.target_forwards, 100.0 * st.t_draft / st.t_decode,
                      100.0 * st.t_target / st.t_decode, tps, 1.0 / step, 1e3 * step);
+    }
+}
+
+// --interactive: a chat on stdin/stdout. The conversation's tokens stay in sequence 0 of the KV
+// cache between turns, so each turn prefills only its own new tokens. Under mpirun rank 0 reads
+// the lines and hands them to the other ranks.
+bool read_line(Comm* comm, std::string* line) {
+    int64_t n = -1;  // -1: end of input
+    if (!comm || comm->rank() == 0) {
+        if (isatty(STDIN_FILENO)) {
+            std::fputs("> ", stdout);
+            std::fflush(stdout);
+        }
+        if (std::getline(std::cin, *line)) n = int64_t(line->size());
+    }
+    if (!comm) return n >= 0;
+    comm->broadcast(&n, sizeof n, 0);
+    if (n < 0) return false;
+    line->resize(size_t(n));
+    comm->broadcast(line->data(), size_t(n), 0);
+    return true;
+}
+
+void chat(Model& model, KVCache& kv, const Tokenizer& tok, const ChatStyle& style, const Options& o,
+          Sampler& sampler, Comm* comm) {
+    const Config& c = model.cfg;
+    const std::string end_text = style.end_of_answer();
+    const int end_id = end_text.empty() ? c.eos_id : chat_tokens(tok, style, end_text, false).at(0);
+    std::fprintf(stderr, "chat: %s format%s; end of answer: token %d; /reset starts over, /exit or end of input "
+                 "quits\n", chat_format_name(style.format),
+                 style.system.empty() ? "" : fmt(", system \"%s\"", style.system.c_str()).c_str(), end_id);
+    std::vector<int> history;  // the whole conversation, as the model has seen it
+    int cached = 0;            // leading history tokens whose K/V are in the cache
+    std::string line;
+    while (read_line(comm, &line)) {
+        if (line == "/exit") break;
+        if (line == "/reset") {
+            history.clear();
+            cached = 0;
+            std::fprintf(stderr, "chat: conversation reset\n");
+            continue;
+        }
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        std::vector<int> turn = chat_tokens(tok, style, style.user_turn(line, history.empty()), true);
+        if (history.size() + turn.size() + 1 >= size_t(c.max_seq_len)) {
+            std::fprintf(stderr, "chat: this turn would pass the context of %d tokens (%zu used); /reset to start over\n",
+                         c.max_seq_len, history.size());
+            continue;
+        }
+        history.insert(history.end(), turn.begin(), turn.end());
+        const int reused = std::min(cached, int(history.size()) - 1);
+        StreamDecoder out(tok);
+        int shown = 0;
+        bool ended = false;  // the model closed its answer (end-of-answer token or EOS)
+        DecodeStats st = decode(model, kv, history, o.max_new_tokens, sampler, nullptr, 0, [&](int id) {
+            if (id == end_id) {
+                ended = true;
+                return false;
+            }
+            shown++;
+            history.push_back(id);
+            std::fputs(out.push(id).c_str(), stdout);
+            std::fflush(stdout);
+            return true;
+        }, cached);
+        std::fputs(out.flush().c_str(), stdout);
+        std::fputs("\n", stdout);
+        std::fflush(stdout);
+        if (st.generated > shown) ended = true;  // decode() stops at EOS without showing it
+        // The cache now holds everything but the newest token: the next turn recomputes from there.
+        cached = int(history.size()) - 1;
+        if (ended) {
+            std::vector<int> close = {end_id};
+            const std::string after = style.after_answer();
+            if (!after.empty()) {
+                std::vector<int> more = chat_tokens(tok, style, after, false);
+                close.insert(close.end(), more.begin(), more.end());
+            }
+            history.insert(history.end(), close.begin(), close.end());
+        } else {
+            std::fprintf(stderr, "chat: answer cut at --max-new-tokens %d\n", o.max_new_tokens);
+        }
+        std::fprintf(stderr, "[turn: prefill %d tokens (%d reused from the cache), %d generated, %.1f tok/s; "
+                     "context %zu of %d]\n", st.prompt_tokens - reused, reused, st.generated,
+                     st.generated / std::max(st.t_decode, 1e-9), history.size(), c.max_seq_len);
     }
 }
 
@@ -372,6 +465,12 @@ int run(int argc, char** argv, ErrorOut* err) {
     app.add_option("--max-seqs", o.max_seqs, "sequences running at once")->check(CLI::Range(1, 1 << 16));
     app.add_option("--kv-capacity", o.kv_capacity, "KV cache size in tokens (default: max-seqs full contexts, within ~1 GiB on the CPU or 90% of free GPU memory)")
         ->check(CLI::Range(16, 1 << 28));
+    app.add_flag("--interactive,-i", o.interactive,
+                 "chat on stdin/stdout in the model's chat format; the KV cache is kept between turns");
+    app.add_option("--system", o.system_prompt, "--interactive: the system message (default: the template's own, if any)");
+    app.add_option("--chat-template", o.chat_template,
+                   "--interactive: auto (from the model's chat template), llama2, llama3 or chatml")
+        ->check(CLI::IsMember({"auto", "llama2", "llama3", "chatml"}));
     app.add_option("--batching", o.batching, "continuous, or static (groups of max-seqs that wait for their longest member)")
         ->check(CLI::IsMember({"continuous", "static"}));
     try {
@@ -380,6 +479,7 @@ int run(int argc, char** argv, ErrorOut* err) {
         return app.exit(e) == 0 ? 0 : 1;  // --help is not an error; bad flags exit 1
     }
     o.has_prompt = app.count("--prompt") > 0;
+    o.has_system = app.count("--system") > 0;
     o.has_seed = app.count("--seed") > 0;
     if (!o.has_seed) o.seed = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
     if (!o.draft_checkpoint.empty()) {
@@ -397,11 +497,21 @@ int run(int argc, char** argv, ErrorOut* err) {
         if (!o.perplexity_file.empty()) throw Error("--prompts-file and --perplexity exclude each other");
         if (o.draft != "none") throw Error("--prompts-file does not support speculative decoding (--draft) yet");
         if (o.num_samples != 1) throw Error("--prompts-file and --num-samples exclude each other; repeat the line with another id");
+        if (o.interactive) throw Error("--prompts-file and --interactive exclude each other");
         if (o.max_seqs > o.max_batch_tokens)
             throw Error(fmt("--max-seqs %d is more than --max-batch-tokens %d: every running sequence needs a token per "
                             "step; raise --max-batch-tokens",
                             o.max_seqs, o.max_batch_tokens));
     } else {
+        if (!o.interactive)
+            for (const char* flag : {"--system", "--chat-template"})
+                if (app.count(flag)) throw Error(fmt("%s only applies with --interactive", flag));
+        if (o.interactive) {
+            if (o.has_prompt) throw Error("--interactive and --prompt exclude each other; type the prompt in the chat");
+            if (!o.perplexity_file.empty()) throw Error("--interactive and --perplexity exclude each other");
+            if (o.draft != "none") throw Error("--interactive does not support speculative decoding (--draft) yet");
+            if (o.num_samples != 1) throw Error("--interactive and --num-samples exclude each other");
+        }
         for (const char* flag : {"--output", "--resume", "--ignore-eos", "--max-batch-tokens", "--max-seqs",
                                  "--kv-capacity", "--batching"})
             if (app.count(flag)) throw Error(fmt("%s only applies with --prompts-file", flag));
@@ -418,7 +528,7 @@ int run(int argc, char** argv, ErrorOut* err) {
         std::fprintf(stderr, "tensor parallel: %d ranks; this rank holds %d of %d heads\n", comm->size(), c.n_heads,
                      c.n_heads * comm->size());
     }
-    Tokenizer tok(model.tokenizer_model, o.checkpoint + ": tokenizer.model");
+    Tokenizer tok(model.tokenizer_model, o.checkpoint + ": " + model.tokenizer_tensor);
     if (tok.vocab_size() > c.vocab_size)
         throw Error(fmt("%s: tokenizer has %d tokens but the model's vocab_size is %d", o.checkpoint.c_str(),
                         tok.vocab_size(), c.vocab_size));
@@ -442,12 +552,28 @@ int run(int argc, char** argv, ErrorOut* err) {
         perplexity(model, kv, tok, o.perplexity_file);
         return 0;
     }
+    if (o.interactive) {
+        ChatStyle style{ChatFormat::Llama2, o.system_prompt};
+        if (o.chat_template != "auto") {
+            style.format = parse_chat_format(o.chat_template);
+        } else if (auto f = detect_chat_format(model.chat_template)) {
+            style.format = *f;
+            if (!o.has_system) style.system = template_default_system(model.chat_template);
+        } else {
+            std::fprintf(stderr, "chat: %s; using llama2 (choose with --chat-template)\n",
+                         model.chat_template.empty() ? "the model has no chat template"
+                                                     : "the model's chat template is not one of llama2, llama3, chatml");
+        }
+        Sampler sampler(o.sampling, o.seed);
+        chat(model, kv, tok, style, o, sampler, comm);
+        return 0;
+    }
     // Speculative decoding: a draft model sharing the target's vocabulary, or prompt lookup.
     std::unique_ptr<Model> draft_model;
     std::unique_ptr<Drafter> drafter;
     if (o.draft == "model") {
         draft_model = std::make_unique<Model>(o.draft_checkpoint, ops);
-        Tokenizer draft_tok(draft_model->tokenizer_model, o.draft_checkpoint + ": tokenizer.model");
+        Tokenizer draft_tok(draft_model->tokenizer_model, o.draft_checkpoint + ": " + draft_model->tokenizer_tensor);
         check_same_vocabulary(model, tok, *draft_model, draft_tok, o);
         drafter = std::make_unique<ModelDrafter>(*draft_model);
         std::fprintf(stderr, "draft %s: dim %d, %d layers, %.1f MB of weights; k %d\n", o.draft_checkpoint.c_str(),

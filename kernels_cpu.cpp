@@ -179,23 +179,54 @@ inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stri
         for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r] * W.scales[r0 + r];
 }
 
+// Grouped int8 (GGUF Q8_0): as tile_i4 below, x*q is summed per group (tile_step_i8, 16 columns a
+// step; the group is a multiple of 32, so there is no column tail) and the group's scale multiplies
+// that sum once, into the row's accumulator. Same operation sequence for every token whatever NT.
+template <int NT, int NR>
+inline void tile_i8_grouped(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
+    const size_t ws = size_t(W.stride), gs = size_t(W.stride) / W.group;  // bytes, groups per row
+    const int ng = W.cols / W.group;
+    const int8_t* w = static_cast<const int8_t*>(W.data) + r0 * ws;
+    const float* sc = W.scales + r0 * gs;
+    __m512 acc[NT][NR];
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512 gacc[NT][NR];
+        for (int t = 0; t < NT; t++)
+            for (int r = 0; r < NR; r++) gacc[t][r] = _mm512_setzero_ps();
+        for (int k = g * W.group; k < (g + 1) * W.group; k += kLanes)
+            tile_step_i8<NT, NR, false>(gacc, x, x_stride, w, ws, k, 0);
+        for (int r = 0; r < NR; r++) {
+            const __m512 s = _mm512_set1_ps(sc[r * gs + g]);
+            for (int t = 0; t < NT; t++) acc[t][r] = _mm512_fmadd_ps(gacc[t][r], s, acc[t][r]);
+        }
+    }
+    float sums[NT][NR];
+    reduce_tile<NT, NR>(acc, sums);
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r];
+}
+
 // int4: 32 columns per step from 16 bytes. Widening the bytes to 32-bit lanes puts column 2i in
 // the low nibble and 2i+1 in the high nibble of lane i, so a mask gives the 16 even columns and a
 // shift the 16 odd ones; x comes in the same split_pairs layout as for bf16. Per group,
 // sum x*w = s * sum x*q - s*z * sum x: the inner loop only converts q to f32 and accumulates x*q
 // into a per-group sum (no per-weight dequantization), which is scaled into the row's accumulator
 // once per group; the zero points' s*z*sum(x) terms (xsum: per token, the sum of x over each group,
-// computed once per matmul) go in 16 groups at a time at the end. Every token's dot product is the
-// same operation sequence whatever NT (batch invariance). cols is a multiple of the group (>= 32),
-// so there is no column tail.
-template <int NT, int NR>
+// computed once per matmul) go in 16 groups at a time at the end. With float minimums instead of
+// zero points (kMins, GGUF Q4_1: w = s*q + m), the same loop and + m * sum x at the end. Every
+// token's dot product is the same operation sequence whatever NT (batch invariance). cols is a
+// multiple of the group (>= 32), so there is no column tail.
+template <int NT, int NR, bool kMins>
 inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0,
                     const float* xsum, size_t xsum_stride) {
     const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;  // bytes, groups per row
     const int ng = W.cols / W.group;
     const uint8_t* w = static_cast<const uint8_t*>(W.data) + r0 * ws;
     const float* sc = W.scales + r0 * gs;
-    const uint8_t* zp = W.zeros + r0 * gs;
+    const uint8_t* zp = kMins ? nullptr : W.zeros + r0 * gs;
+    const float* mp = kMins ? W.mins + r0 * gs : nullptr;
     const __m512i nib = _mm512_set1_epi32(0xf);
     __m512 acc[NT][NR];
     for (int t = 0; t < NT; t++)
@@ -222,9 +253,15 @@ inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stri
             for (int t = 0; t < NT; t++) acc[t][r] = _mm512_fmadd_ps(gacc[t][r], s, acc[t][r]);
         }
     }
-    for (int g = 0; g < ng; g += kLanes) {  // acc -= s * z * xsum, 16 groups per step
+    for (int g = 0; g < ng; g += kLanes) {  // acc -= s * z * xsum (or += m * xsum), 16 groups per step
         const __mmask16 m = ng - g >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
         for (int r = 0; r < NR; r++) {
+            if constexpr (kMins) {
+                const __m512 mn = _mm512_maskz_loadu_ps(m, mp + r * gs + g);
+                for (int t = 0; t < NT; t++)
+                    acc[t][r] = _mm512_fmadd_ps(mn, _mm512_maskz_loadu_ps(m, xsum + t * xsum_stride + g), acc[t][r]);
+                continue;
+            }
             __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + r * gs + g),
                                       _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zp + r * gs + g))));
             for (int t = 0; t < NT; t++)
@@ -276,6 +313,21 @@ inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stri
 }
 
 template <int NT, int NR>
+inline void tile_i8_grouped(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
+    const size_t gs = size_t(W.stride) / W.group;
+    float acc[NT][NR] = {};
+    for (int r = 0; r < NR; r++) {
+        const int8_t* w = static_cast<const int8_t*>(W.data) + size_t(r0 + r) * W.stride;
+        for (int k = 0; k < W.cols; k++) {
+            float wv = float(w[k]) * W.scales[(r0 + r) * gs + size_t(k / W.group)];
+            for (int t = 0; t < NT; t++) acc[t][r] += x[t * x_stride + k] * wv;
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = acc[t][r];
+}
+
+template <int NT, int NR, bool kMins>
 inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0,
                     const float*, size_t) {
     const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;
@@ -285,7 +337,7 @@ inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stri
         for (int k = 0; k < W.cols; k++) {
             size_t g = (r0 + r) * gs + size_t(k / W.group);
             int q = k % 2 ? w[k / 2] >> 4 : w[k / 2] & 0xf;
-            float wv = float(q - int(W.zeros[g])) * W.scales[g];
+            float wv = kMins ? float(q) * W.scales[g] + W.mins[g] : float(q - int(W.zeros[g])) * W.scales[g];
             for (int t = 0; t < NT; t++) acc[t][r] += x[t * x_stride + k] * wv;
         }
     }
@@ -311,7 +363,8 @@ void split_pairs(const float* x, int n, int cols, std::vector<float>& out) {
     }
 }
 
-// xsum[t][g] = sum of x[t] over columns [g * group, (g + 1) * group), for tile_i4's zero points;
+// xsum[t][g] = sum of x[t] over columns [g * group, (g + 1) * group), for tile_i4's zero points
+// and minimums;
 // per token, always in the same order (batch invariance).
 void group_sums(const float* x, int n, int cols, int group, std::vector<float>& out) {
     const int ng = cols / group;
@@ -355,10 +408,12 @@ inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, 
     float* o = out + size_t(t0) * W.rows + r;
     const float* xt = x + size_t(t0) * W.cols;
     if constexpr (T == DType::I8) {
-        tile_i8<NT, NR>(o, W.rows, xt, W.cols, W, r);
+        if (W.group) tile_i8_grouped<NT, NR>(o, W.rows, xt, W.cols, W, r);
+        else tile_i8<NT, NR>(o, W.rows, xt, W.cols, W, r);
     } else if constexpr (T == DType::U8) {
         const size_t ng = size_t(W.cols / W.group);
-        tile_i4<NT, NR>(o, W.rows, xt, W.cols, W, r, xsum + size_t(t0) * ng, ng);
+        if (W.mins) tile_i4<NT, NR, true>(o, W.rows, xt, W.cols, W, r, xsum + size_t(t0) * ng, ng);
+        else tile_i4<NT, NR, false>(o, W.rows, xt, W.cols, W, r, xsum + size_t(t0) * ng, ng);
     } else {
         const size_t ws = size_t(W.stride) * dtype_size(T);
         tile<T, NT, NR, kPrefetch>(o, W.rows, xt, W.cols, static_cast<const uint8_t*>(W.data) + r * ws, ws, W.cols);
@@ -428,9 +483,13 @@ struct CpuOps final : Ops {
                 matmul_typed<DType::BF16>(out, x, w, n);
                 break;
             case DType::F16: matmul_typed<DType::F16>(out, x, w, n); break;
-            case DType::I8: matmul_typed<DType::I8>(out, x, w, n); break;
+            case DType::I8:
+                assert(w.group == 0 || (w.group % 32 == 0 && w.cols % w.group == 0 && w.stride % w.group == 0));
+                matmul_typed<DType::I8>(out, x, w, n);
+                break;
             case DType::U8:  // int4, packed
-                assert(w.group >= 32 && w.cols % w.group == 0 && w.stride % w.group == 0);
+                assert(w.group % 32 == 0 && w.group > 0 && w.cols % w.group == 0 && w.stride % w.group == 0);
+                assert((w.zeros == nullptr) != (w.mins == nullptr));
                 group_sums(x, n, w.cols, w.group, x_gsum_);
                 if (kSplitPairs) {
                     split_pairs(x, n, w.cols, x_split_);
@@ -610,14 +669,19 @@ void quantize_row_int4(const float* w, int n, int group, uint8_t* packed, float*
 void dequantize_row(const Weight& w, int r, float* out) {
     if (w.dtype == DType::I8) {
         const int8_t* q = static_cast<const int8_t*>(w.data) + size_t(r) * w.stride;
-        for (int i = 0; i < w.cols; i++) out[i] = float(q[i]) * w.scales[r];
+        if (w.group == 0) {
+            for (int i = 0; i < w.cols; i++) out[i] = float(q[i]) * w.scales[r];
+        } else {
+            const float* s = w.scales + size_t(r) * (w.stride / w.group);
+            for (int i = 0; i < w.cols; i++) out[i] = float(q[i]) * s[i / w.group];
+        }
     } else if (w.dtype == DType::U8) {
         const uint8_t* q = static_cast<const uint8_t*>(w.data) + size_t(r) * (w.stride / 2);
         const size_t g0 = size_t(r) * (w.stride / w.group);
         for (int i = 0; i < w.cols; i++) {
             int v = i % 2 ? q[i / 2] >> 4 : q[i / 2] & 0xf;
             size_t g = g0 + size_t(i / w.group);
-            out[i] = float(v - int(w.zeros[g])) * w.scales[g];
+            out[i] = w.mins ? float(v) * w.scales[g] + w.mins[g] : float(v - int(w.zeros[g])) * w.scales[g];
         }
     } else {
         const uint8_t* p = static_cast<const uint8_t*>(w.data) + size_t(r) * w.stride * dtype_size(w.dtype);

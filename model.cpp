@@ -26,6 +26,10 @@ std::string Config::to_json() const {
         j["n_experts"] = n_experts;
         j["n_experts_per_tok"] = n_experts_per_tok;
     }
+    if (rope_factor != 0)
+        j["rope_scaling"] = {{"type", "llama3"}, {"factor", rope_factor}, {"low_freq_factor", rope_low_freq_factor},
+                             {"high_freq_factor", rope_high_freq_factor},
+                             {"original_max_seq_len", rope_original_max_seq_len}};
     return j.dump();
 }
 
@@ -68,6 +72,19 @@ Config Config::from_json(const std::string& text, const std::string& where) {
     get_int("n_experts_per_tok", &c.n_experts_per_tok, false);
     get_number("norm_eps", &c.norm_eps);
     get_number("rope_theta", &c.rope_theta);
+    if (j.contains("rope_scaling")) {
+        const json& r = j["rope_scaling"];
+        if (!r.is_object() || r.value("type", json()) != "llama3")
+            throw Error(fmt("%s: config rope_scaling %s: only {\"type\": \"llama3\", ...} is supported", where.c_str(),
+                            r.dump().c_str()));
+        for (const char* key : {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"})
+            if (!r.contains(key) || !r[key].is_number())
+                throw Error(fmt("%s: config rope_scaling needs a number '%s'", where.c_str(), key));
+        c.rope_factor = r["factor"].get<float>();
+        c.rope_low_freq_factor = r["low_freq_factor"].get<float>();
+        c.rope_high_freq_factor = r["high_freq_factor"].get<float>();
+        c.rope_original_max_seq_len = r["original_max_seq_len"].get<int>();
+    }
     if (j.contains("tie_embeddings")) {
         if (!j["tie_embeddings"].is_boolean())
             throw Error(fmt("%s: config 'tie_embeddings' must be true or false", where.c_str()));
@@ -106,6 +123,31 @@ void Config::validate(const std::string& where) const {
                         "dense model)", w, n_experts_per_tok, n_experts));
     if (!(norm_eps > 0) || !(rope_theta > 0))
         throw Error(fmt("%s: config norm_eps and rope_theta must be positive", w));
+    if (rope_factor != 0 && !(rope_factor >= 1 && rope_low_freq_factor > 0 &&
+                              rope_high_freq_factor > rope_low_freq_factor && rope_original_max_seq_len > 0))
+        throw Error(fmt("%s: config rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                        "original_max_seq_len > 0 (found %g, %g, %g, %d)", w, rope_factor, rope_low_freq_factor,
+                        rope_high_freq_factor, rope_original_max_seq_len));
+}
+
+std::vector<double> Config::rope_frequencies() const {
+    std::vector<double> f(size_t(head_dim / 2));
+    for (int i = 0; i < head_dim / 2; i++) {
+        f[i] = std::pow(double(rope_theta), -2.0 * i / head_dim);
+        if (rope_factor == 0) continue;
+        // Meta's apply_scaling (Llama 3.1): keep short wavelengths, stretch long ones, blend between.
+        const double wavelen = 2 * M_PI / f[i];
+        const double low_wavelen = rope_original_max_seq_len / double(rope_low_freq_factor);
+        const double high_wavelen = rope_original_max_seq_len / double(rope_high_freq_factor);
+        if (wavelen > low_wavelen) {
+            f[i] /= rope_factor;
+        } else if (wavelen >= high_wavelen) {
+            const double smooth = (rope_original_max_seq_len / wavelen - rope_low_freq_factor) /
+                                  (rope_high_freq_factor - rope_low_freq_factor);
+            f[i] = (1 - smooth) * f[i] / rope_factor + smooth * f[i];
+        }
+    }
+    return f;
 }
 
 Config Config::shard(int n, const std::string& where) const {
@@ -205,68 +247,80 @@ void KVCache::allocate(Ops* ops) {
 
 namespace {
 
-// How model.bin's matrices are stored, from its "quantization" metadata: "none", "int8" or
-// "int4-gN". Each matrix's own dtype says its format (F32/BF16/F16, I8 = int8, U8 = packed int4), so
-// a quantized file may keep some matrices float (the embedding and classifier by default).
-struct Quant {
-    bool int8 = false;  // int8 matrices allowed (also in int4 files: the converter's --int8-fallback)
-    int group = 0;  // int4 group size; 0 when the file has no int4 matrices
-};
-
-Quant parse_quantization(const std::string& q, const std::string& where) {
-    Quant out;
-    if (q == "none") return out;
-    if (q == "int8") {
-        out.int8 = true;
-        return out;
-    }
-    for (int g : {32, 64, 128})
-        if (q == "int4-g" + std::to_string(g)) {
-            out.group = g;
-            out.int8 = true;
-            return out;
-        }
-    throw Error(fmt("%s: quantization '%s' is not supported (none, int8, int4-g32, int4-g64, int4-g128)",
-                    where.c_str(), q.c_str()));
+// The int4 / grouped int8 group size from NAME.scales [rows, cols/group]: a multiple of 32 (the
+// kernels' step) that divides the columns.
+int group_of(const SafetensorsFile& f, const std::string& name, const TensorView& s, int rows, int cols) {
+    const char* fp = f.path.c_str();
+    if (s.shape.size() != 2 || s.shape[0] != rows || s.shape[1] < 1)
+        throw Error(fmt("%s: tensor '%s.scales': shape %s, expected [%d, columns / group] for the %d x %d matrix",
+                        fp, name.c_str(), s.shape_str().c_str(), rows, rows, cols));
+    const int64_t groups = s.shape[1];
+    if (cols % groups != 0 || (cols / groups) % 32 != 0)
+        throw Error(fmt("%s: tensor '%s': %lld groups per row (from '%s.scales' %s) do not split its %d columns "
+                        "into groups of a multiple of 32 columns", fp, name.c_str(), (long long)groups, name.c_str(),
+                        s.shape_str().c_str(), cols));
+    return int(cols / groups);
 }
 
-// A matrix in place: a float format, int8 (NAME I8 [rows, cols] + NAME.scales F32 [rows]) or int4
-// (NAME U8 [rows, cols/2] + NAME.scales F32 and NAME.zeros U8 [rows, cols/group]). *extra counts
-// the scale and zero-point tensors used, for the file's tensor count check.
-Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols, const Quant& q, size_t* extra) {
+const TensorView& f32_tensor(const SafetensorsFile& f, const std::string& name, const std::vector<int64_t>& shape) {
+    const TensorView& t = f.get(name, shape);
+    if (t.dtype != DType::F32)
+        throw Error(fmt("%s: tensor '%s': dtype %s, expected F32", f.path.c_str(), name.c_str(), dtype_name(t.dtype)));
+    return t;
+}
+
+}  // namespace
+
+Weight load_matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols, size_t* companions) {
     const TensorView* t = f.find(name);
     if (!t) f.get(name);  // throws naming the missing tensor
     const char* fp = f.path.c_str();
+    const std::string zeros_name = name + ".zeros", mins_name = name + ".mins";
+    const TensorView *zeros = f.find(zeros_name), *mins = f.find(mins_name);
     if (t->dtype == DType::I8) {
-        if (!q.int8)
-            throw Error(fmt("%s: tensor '%s' is int8 (I8) but the file's quantization is not int8", fp, name.c_str()));
         f.get(name, {rows, cols});
-        const TensorView& s = f.get(name + ".scales", {rows});
-        if (s.dtype != DType::F32)
-            throw Error(fmt("%s: tensor '%s.scales': dtype %s, expected F32", fp, name.c_str(), dtype_name(s.dtype)));
-        *extra += 1;
+        if (zeros || mins)
+            throw Error(fmt("%s: tensor '%s' is int8 (I8), which takes no '%s'", fp, name.c_str(),
+                            (zeros ? zeros_name : mins_name).c_str()));
+        const TensorView& s = f.get(name + ".scales");
         Weight w{DType::I8, t->data, rows, cols, cols};
+        if (s.shape.size() == 1) {
+            f32_tensor(f, name + ".scales", {rows});  // one scale per row
+        } else if (s.shape.size() == 2) {
+            w.group = group_of(f, name, s, rows, cols);
+            f32_tensor(f, name + ".scales", s.shape);
+        } else {
+            throw Error(fmt("%s: tensor '%s.scales': shape %s, expected [%d] (a scale per row) or [%d, columns / "
+                            "group] (a scale per group)", fp, name.c_str(), s.shape_str().c_str(), rows, rows));
+        }
         w.scales = reinterpret_cast<const float*>(s.data);
+        *companions += 1;
         return w;
     }
     if (t->dtype == DType::U8) {
-        if (!q.group)
-            throw Error(fmt("%s: tensor '%s' is packed int4 (U8) but the file's quantization is not int4", fp,
-                            name.c_str()));
-        if (cols % q.group != 0)
-            throw Error(fmt("%s: tensor '%s': %d columns are not a multiple of the group size %d", fp, name.c_str(),
-                            cols, q.group));
         f.get(name, {rows, cols / 2});
-        const TensorView& s = f.get(name + ".scales", {rows, cols / q.group});
-        const TensorView& z = f.get(name + ".zeros", {rows, cols / q.group});
-        if (s.dtype != DType::F32 || z.dtype != DType::U8)
-            throw Error(fmt("%s: tensor '%s': scales must be F32 and zeros U8, found %s and %s", fp, name.c_str(),
-                            dtype_name(s.dtype), dtype_name(z.dtype)));
-        *extra += 2;
+        if (cols % 2 != 0)
+            throw Error(fmt("%s: tensor '%s': packed int4 needs an even number of columns, not %d", fp, name.c_str(), cols));
+        if (zeros && mins)
+            throw Error(fmt("%s: tensor '%s' has both '%s' and '%s': int4 takes zero points or minimums, not both",
+                            fp, name.c_str(), zeros_name.c_str(), mins_name.c_str()));
+        if (!zeros && !mins)
+            throw Error(fmt("%s: tensor '%s' is packed int4 (U8) but has neither '%s' (zero points) nor '%s' "
+                            "(minimums)", fp, name.c_str(), zeros_name.c_str(), mins_name.c_str()));
+        const TensorView& s = f.get(name + ".scales");
         Weight w{DType::U8, t->data, rows, cols, cols};
-        w.scales = reinterpret_cast<const float*>(s.data);
-        w.zeros = z.data;
-        w.group = q.group;
+        w.group = group_of(f, name, s, rows, cols);
+        const std::vector<int64_t> gshape = {rows, cols / w.group};
+        w.scales = reinterpret_cast<const float*>(f32_tensor(f, name + ".scales", gshape).data);
+        if (zeros) {
+            const TensorView& z = f.get(zeros_name, gshape);
+            if (z.dtype != DType::U8)
+                throw Error(fmt("%s: tensor '%s': dtype %s, expected U8", fp, zeros_name.c_str(), dtype_name(z.dtype)));
+            w.zeros = z.data;
+        } else {
+            w.mins = reinterpret_cast<const float*>(f32_tensor(f, mins_name, gshape).data);
+        }
+        *companions += 2;
         return w;
     }
     f.get(name, {rows, cols});
@@ -276,33 +330,39 @@ Weight matrix(const SafetensorsFile& f, const std::string& name, int rows, int c
     return Weight{t->dtype, t->data, rows, cols, cols};
 }
 
+namespace {
+
 // Bytes of values before element (row r, column c) of a matrix in w's format.
 size_t value_offset(const Weight& w, size_t r, size_t c) {
     size_t e = r * size_t(w.stride) + c;
     return w.dtype == DType::U8 ? e / 2 : e * dtype_size(w.dtype);
 }
 
+// Grouped scales, zero points and minimums [rows][stride/group] of w, moved by `groups` entries.
+void advance_groups(Weight& w, size_t groups) {
+    w.scales += groups;
+    if (w.zeros) w.zeros += groups;
+    if (w.mins) w.mins += groups;
+}
+
 // Rows [r0, r0 + n): a rank's output features (heads, FFN units) of a column-parallel matrix.
 Weight rows_of(Weight w, int r0, int n) {
     w.data = static_cast<const uint8_t*>(w.data) + value_offset(w, size_t(r0), 0);
-    if (w.dtype == DType::I8) w.scales += r0;
-    if (w.dtype == DType::U8) {
-        w.scales += size_t(r0) * (w.stride / w.group);
-        w.zeros += size_t(r0) * (w.stride / w.group);
-    }
+    if (w.group > 0) advance_groups(w, size_t(r0) * size_t(w.stride / w.group));
+    else if (w.dtype == DType::I8) w.scales += r0;
     w.rows = n;
     return w;
 }
 
-// Columns [c0, c0 + n): a rank's input features of a row-parallel matrix, a strided view. int4
-// groups may not straddle ranks (an int8 row's one scale serves every slice of it).
+// Columns [c0, c0 + n): a rank's input features of a row-parallel matrix, a strided view. Groups
+// (int4, grouped int8) may not straddle ranks (a per-row int8 scale serves every slice of its row).
 Weight cols_of(Weight w, int c0, int n, const std::string& where) {
-    if (w.dtype == DType::U8) {
+    if (w.group > 0) {
         if (c0 % w.group != 0 || n % w.group != 0)
-            throw Error(fmt("%s: a tensor-parallel rank's %d columns are not a multiple of the int4 group size %d "
-                            "(use fewer ranks or a smaller group)", where.c_str(), n, w.group));
-        w.scales += c0 / w.group;
-        w.zeros += c0 / w.group;
+            throw Error(fmt("%s: a tensor-parallel rank's %d columns are not a multiple of the %s group size %d "
+                            "(use fewer ranks or a smaller group)", where.c_str(), n,
+                            w.dtype == DType::U8 ? "int4" : "int8", w.group));
+        advance_groups(w, size_t(c0 / w.group));
     }
     w.data = static_cast<const uint8_t*>(w.data) + value_offset(w, 0, size_t(c0));
     w.cols = n;
@@ -338,9 +398,15 @@ std::vector<Piece> pieces_of(Weight& w, const std::string& name) {
             return {{&w.data, size_t(w.cols) * e, size_t(w.stride) * e, w.rows}};
         }
         case DType::I8:
+            if (w.group > 0)  // grouped scales (GGUF Q8_0): no CUDA kernel yet
+                throw Error(fmt("tensor '%s': grouped int8 (GGUF Q8_0) is not supported by the CUDA backend yet; "
+                                "use --device cpu, or re-encode with quantize --mode int8", name.c_str()));
             return {{&w.data, size_t(w.cols), size_t(w.stride), w.rows},
                     {reinterpret_cast<const void**>(&w.scales), sizeof(float), sizeof(float), w.rows}};
         case DType::U8: {
+            if (w.mins)  // float minimums (GGUF Q4_1): no CUDA kernel yet
+                throw Error(fmt("tensor '%s': int4 with minimums (GGUF Q4_1) is not supported by the CUDA backend "
+                                "yet; use --device cpu, or re-encode with quantize --mode int4", name.c_str()));
             const size_t groups = size_t(w.cols / w.group), row_groups = size_t(w.stride / w.group);
             return {{&w.data, size_t(w.cols) / 2, size_t(w.stride) / 2, w.rows},
                     {reinterpret_cast<const void**>(&w.scales), groups * sizeof(float), row_groups * sizeof(float), w.rows},
@@ -368,11 +434,15 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         throw Error(fmt("%s: metadata format is '%s', expected '%s'", fp, meta("format").c_str(), kFormatName));
     if (meta("version") != kFormatVersion)
         throw Error(fmt("%s: format version %s, this build reads version %s", fp, meta("version").c_str(), kFormatVersion));
-    const Quant quant = parse_quantization(meta("quantization"), path + ": metadata");
     if (comm_ && !ops_->host_memory())
         throw Error(fmt("tensor parallel runs on the CPU backend only for now (--device cpu); the CUDA backend "
                         "has no NCCL path yet"));
-    size_t extra = 0;  // scale and zero-point tensors
+    // The "quantization" label describes the file ("none", "int8", "int4-g32", ...); each matrix's
+    // format is read off its own dtype and companion tensors, so a file may mix formats (an
+    // imported GGUF model, the converter's --int8-fallback). "none" promises float matrices only.
+    const std::string& quantization = meta("quantization");
+    if (quantization.empty()) throw Error(fmt("%s: metadata 'quantization' is empty", fp));
+    size_t extra = 0;  // scale, zero-point and minimum tensors
     const Config g = Config::from_json(meta("config"), path + ": metadata config");  // the whole model
     const int ranks = comm_ ? comm_->size() : 1, rank = comm_ ? comm_->rank() : 0;
     cfg = ranks > 1 ? g.shard(ranks, path) : g;
@@ -380,8 +450,14 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     const Config& c = cfg;  // this rank's share
     const int q_dim = g.n_heads * g.head_dim, kv_dim = g.n_kv_heads * g.head_dim;
     const int q_local = c.n_heads * c.head_dim, kv_local = c.n_kv_heads * c.head_dim, h_local = c.hidden_dim;
-    auto mat = [&](const std::string& name, int rows, int cols) { return matrix(f, name, rows, cols, quant, &extra); };
     std::vector<float> norms;  // [2 * n_layers + 1][dim], moved to the backend below
+    auto mat = [&](const std::string& name, int rows, int cols) {
+        Weight m = load_matrix(f, name, rows, cols, &extra);
+        if (quantization == "none" && (m.dtype == DType::I8 || m.dtype == DType::U8))
+            throw Error(fmt("%s: tensor '%s' is quantized (%s) but the file's quantization is 'none'", fp, name.c_str(),
+                            dtype_name(m.dtype)));
+        return m;
+    };
     w.tok_embeddings = mat("tok_embeddings.weight", g.vocab_size, g.dim);
     for (int l = 0; l < g.n_layers; l++) {
         auto name = [&](const char* s) { return layer_tensor(l, s); };
@@ -421,14 +497,20 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
     } else {
         w.output = mat("output.weight", c.vocab_size, c.dim);
     }
-    const TensorView& tok = f.get("tokenizer.model");
+    // One tokenizer: tokenizer.model (sentencepiece or tiktoken) or tokenizer.json (Hugging Face BPE).
+    const bool json_tok = f.find("tokenizer.json") != nullptr;
+    if (json_tok && f.find("tokenizer.model"))
+        throw Error(fmt("%s: has both 'tokenizer.model' and 'tokenizer.json'; a model.bin holds one tokenizer", fp));
+    tokenizer_tensor = json_tok ? "tokenizer.json" : "tokenizer.model";
+    const TensorView& tok = f.get(tokenizer_tensor);
     if (tok.dtype != DType::U8 || tok.shape.size() != 1)
-        throw Error(fmt("%s: tensor 'tokenizer.model' must be U8 [nbytes], found %s %s", fp, dtype_name(tok.dtype),
-                        tok.shape_str().c_str()));
+        throw Error(fmt("%s: tensor '%s' must be U8 [nbytes], found %s %s", fp, tokenizer_tensor.c_str(),
+                        dtype_name(tok.dtype), tok.shape_str().c_str()));
     tokenizer_model.assign(reinterpret_cast<const char*>(tok.data), tok.nbytes);
+    if (auto it = f.metadata.find("chat_template"); it != f.metadata.end()) chat_template = it->second;
 
     // Every tensor in the file must be one we understood: a stray one means a mismatched file.
-    size_t expected = model_tensors(g).size() + 1 + extra;  // + tokenizer.model, scales, zero points
+    size_t expected = model_tensors(g).size() + 1 + extra;  // + the tokenizer, companion tensors
     if (f.tensors.size() != expected)
         throw Error(fmt("%s: has %zu tensors, a model with this config has %zu", fp, f.tensors.size(), expected));
 
@@ -680,12 +762,13 @@ float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const
         table_offsets_[i] = int(tables_.size());
         tables_.insert(tables_.end(), it->second.begin(), it->second.begin() + (last / kv.block_size + 1));
     }
-    // RoPE angles, once for every layer: pos * theta^(-2i/head_dim) in double (positions times
-    // small frequencies lose digits in f32), then cos and sin.
+    // RoPE angles, once for every layer: pos * frequency in double (positions times small
+    // frequencies lose digits in f32), then cos and sin.
+    if (rope_freq_.empty()) rope_freq_ = c.rope_frequencies();
     rope_.resize(size_t(n) * c.head_dim);
     for (int t = 0; t < n; t++)
         for (int i = 0; i < c.head_dim / 2; i++) {
-            const double angle = positions_[t] * std::pow(double(c.rope_theta), -2.0 * i / c.head_dim);
+            const double angle = positions_[t] * rope_freq_[i];
             rope_[size_t(t) * c.head_dim + 2 * i] = float(std::cos(angle));
             rope_[size_t(t) * c.head_dim + 2 * i + 1] = float(std::sin(angle));
         }

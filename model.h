@@ -30,6 +30,16 @@ struct Config {
     // "n_experts_per_tok", written only when n_experts > 0 (dense files stay as before).
     int n_experts = 0;
     int n_experts_per_tok = 0;
+    // Llama 3.1 RoPE scaling (HF "rope_type": "llama3"): wavelengths longer than
+    // original_max_seq_len / low_freq_factor are stretched by `factor`, those shorter than
+    // original_max_seq_len / high_freq_factor kept, a linear blend between. rope_factor 0 = none.
+    // JSON: "rope_scaling": {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    // "original_max_seq_len"}, written only when scaled.
+    float rope_factor = 0, rope_low_freq_factor = 1, rope_high_freq_factor = 4;
+    int rope_original_max_seq_len = 0;
+
+    // Radians per position of each rotated pair i < head_dim / 2: theta^(-2i/head_dim), scaled.
+    std::vector<double> rope_frequencies() const;
 
     std::string to_json() const;
     // One of n tensor-parallel ranks' share: heads, KV heads and the FFN width (each expert's in a
@@ -58,7 +68,14 @@ struct TensorSpec {
     std::vector<int64_t> shape;
 };
 // Every weight tensor of model.bin for `c`, in file order (the tokenizer.model blob not included).
+// A quantized matrix NAME also has companions: NAME.scales, and NAME.zeros or NAME.mins (ops.h Weight).
 std::vector<TensorSpec> model_tensors(const Config& c);
+
+// Matrix NAME [rows, cols] of model.bin viewed in place, in the format its dtype and companion
+// tensors say (F32/BF16/F16; I8 + .scales [rows] or [rows, cols/group]; U8 [rows, cols/2] + .scales
+// and .zeros or .mins [rows, cols/group]). Checks every shape and dtype; Error names the tensor.
+// Adds the number of companion tensors to *companions.
+Weight load_matrix(const SafetensorsFile& f, const std::string& name, int rows, int cols, size_t* companions);
 
 struct LayerWeights {
     const float* attn_norm = nullptr;  // [dim] f32, in the backend's memory (Model::norms_)
@@ -132,7 +149,12 @@ class Model {
   public:
     Config cfg;  // this rank's share under tensor parallelism (see Config::shard), else the model's
     Weights w;   // in the backend's memory: views into the mapped file on the CPU, copies on CUDA
-    std::string tokenizer_model;  // sentencepiece model bytes embedded in model.bin
+    // The embedded tokenizer's bytes, for Tokenizer(tokenizer_model, ...), which tells the kinds
+    // apart by content; tokenizer_tensor names the tensor that held them, for messages:
+    // "tokenizer.model" (sentencepiece or Llama 3 tiktoken) or "tokenizer.json" (Hugging Face BPE).
+    std::string tokenizer_model;
+    std::string tokenizer_tensor;
+    std::string chat_template;  // the model's Jinja chat template (metadata "chat_template"), or ""
     std::string path;
 
     // Maps model.bin, checks format/version/config and every tensor's name, dtype and shape.
@@ -178,6 +200,7 @@ class Model {
     // This forward's token ids, positions, cache slots, block tables and RoPE table, built on the
     // host in meta_ and seen by the backend at meta_dev_ (the same bytes on the CPU; an upload on CUDA).
     std::vector<int> tokens_, positions_, slots_, table_offsets_, tables_;
+    std::vector<double> rope_freq_;  // [head_dim / 2] Config::rope_frequencies()
     std::vector<float> rope_;  // [n][head_dim / 2][cos, sin] of this forward's positions
     std::vector<uint8_t> meta_;
     Buffer meta_dev_;

@@ -13,25 +13,32 @@
 // starts stride elements (logical columns) after row r-1: stride > cols for a column slice of a
 // wider matrix (a tensor parallel rank's share of wo and w2), viewed in place in the mapped file.
 //   F32 / BF16 / F16: data holds the values.
-//   I8  (int8): data holds int8 q [rows][stride]; w = q * scales[r] (symmetric, one scale per row).
+//   I8  (int8): data holds int8 q [rows][stride]. group 0: w = q * scales[r] (one scale per row,
+//        scales [rows]). group > 0 (GGUF Q8_0 is group 32): w = q * scales[r][c / group], scales
+//        [rows][stride/group].
 //   U8  (int4): data holds [rows][stride/2] bytes, two 4-bit q per byte (low nibble = even column);
-//        per group of `group` columns a scale and a zero point: w = (q - zeros[g]) * scales[g], with
-//        scales (f32) and zeros (u8, 0..15) both [rows][stride/group]. Column slices start and end on
-//        group boundaries.
+//        per group of `group` columns a scale and either a zero point, w = (q - zeros[g]) * scales[g]
+//        (zeros u8 0..15), or a float minimum, w = q * scales[g] + mins[g] (GGUF Q4_1); scales,
+//        zeros and mins are [rows][stride/group].
+// Grouped formats: the group is a multiple of 32 dividing cols; column slices start and end on
+// group boundaries.
 struct Weight {
     DType dtype = DType::F32;
     const void* data = nullptr;
     int rows = 0;
     int cols = 0;
     int stride = 0;
-    const float* scales = nullptr;   // I8: [rows]; U8: [rows][stride/group] (first row, first group)
-    const uint8_t* zeros = nullptr;  // U8 only: [rows][stride/group]
-    int group = 0;                   // U8 only: columns per group (32, 64 or 128)
-    // bytes a matmul reads (values, scales, zero points)
+    const float* scales = nullptr;   // I8: [rows] or [rows][stride/group]; U8: [rows][stride/group]
+                                     // (pointing at this view's first row and first group)
+    const uint8_t* zeros = nullptr;  // U8 with zero points: [rows][stride/group]; else null
+    const float* mins = nullptr;     // U8 with minimums: [rows][stride/group]; else null
+    int group = 0;                   // I8: 0 (per row) or columns per group; U8: columns per group
+    // bytes a matmul reads (values, scales, zero points or minimums)
     size_t bytes() const {
         const size_t n = size_t(rows) * cols;
-        if (dtype == DType::I8) return n + size_t(rows) * sizeof(float);
-        if (dtype == DType::U8) return n / 2 + n / size_t(group) * (sizeof(float) + 1);
+        const size_t groups = group > 0 ? n / size_t(group) : size_t(rows);
+        if (dtype == DType::I8) return n + groups * sizeof(float);
+        if (dtype == DType::U8) return n / 2 + groups * (sizeof(float) + (mins ? sizeof(float) : 1));
         return n * dtype_size(dtype);
     }
 };

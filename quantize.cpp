@@ -1,5 +1,6 @@
-// quantize.cpp: the quantize program: turns a checkpoint (llama2.c .bin, Hugging Face folder, or
-// model.bin) into fastgen's model.bin. The work is in convert.cpp; this is the command line.
+// quantize.cpp: the quantize program: turns a checkpoint (llama2.c .bin, Hugging Face folder,
+// model.bin, or a llama.cpp GGUF file) into fastgen's model.bin. The work is in convert.cpp; this is
+// the command line.
 #include <sys/stat.h>
 
 #include <CLI/CLI.hpp>
@@ -9,6 +10,7 @@
 
 #include "common.h"
 #include "convert.h"
+#include "gguf.h"
 
 // The output's folder must exist and the output itself must not be a folder; checked before any
 // work, so a typo does not cost a long conversion.
@@ -22,13 +24,22 @@ static std::string check_output_path(std::string& p) {
 }
 
 int main(int argc, char** argv) {
-    CLI::App app{"quantize: convert a llama2.c .bin, a Hugging Face folder or a model.bin into model.bin"};
+    CLI::App app{"quantize: convert a llama2.c .bin, a Hugging Face folder, a model.bin or a GGUF file into "
+                 "model.bin"};
     ConvertOptions o;
+    std::string gguf;
     bool quiet = false;
-    app.add_option("-i,--input", o.input,
-                   "checkpoint: llama2.c .bin, Hugging Face folder (config.json + safetensors), or model.bin")
-        ->required()
-        ->check(CLI::ExistingPath);
+    auto* input = app.add_option("-i,--input", o.input,
+                                 "checkpoint: llama2.c .bin, Hugging Face folder (config.json + safetensors), "
+                                 "model.bin, or a GGUF file (recognised by its magic)")
+                      ->check(CLI::ExistingPath);
+    app.add_option("--from", gguf,
+                   "a llama.cpp GGUF file (architecture llama; tensors F32/F16/BF16/Q8_0/Q4_0/Q4_1). With --mode "
+                   "auto its Q8_0/Q4_0/Q4_1 blocks are kept exactly (grouped int8 / int4 with zero points or "
+                   "minimums); other modes dequantize and re-encode. The tokenizer and chat template come along")
+        ->check(CLI::ExistingFile)
+        ->check(CLI::Validator([](std::string& p) { return is_gguf_file(p) ? "" : "not a GGUF file: " + p; }, "GGUF"))
+        ->excludes(input);
     app.add_option("-o,--output", o.output, "model.bin to write (written to a temporary name, then renamed)")
         ->required()
         ->check(CLI::Validator(check_output_path, "PATH"));
@@ -54,6 +65,11 @@ int main(int argc, char** argv) {
         return app.exit(e) == 0 ? 0 : 1;  // --help is not an error; bad flags exit 1
     }
     o.progress = !quiet;
+    if (!gguf.empty()) o.input = gguf;
+    if (o.input.empty()) {
+        std::fprintf(stderr, "error: an input is required: --input CHECKPOINT or --from FILE.gguf\n");
+        return 1;
+    }
 
     std::printf("quantize: input %s, output %s, mode %s, tokenizer %s", o.input.c_str(), o.output.c_str(),
                 o.mode.c_str(), o.tokenizer.empty() ? "(from the input)" : o.tokenizer.c_str());

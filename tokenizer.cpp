@@ -1,36 +1,56 @@
-// tokenizer.cpp: sentencepiece encode/decode through libsentencepiece, and a streaming decoder
-// that only ever emits whole, valid UTF-8 characters.
+// tokenizer.cpp: the model's tokenizer, chosen by what its bytes hold: sentencepiece through
+// libsentencepiece or byte-level BPE (bpe.cpp); and a streaming decoder that only ever emits
+// whole, valid UTF-8 characters.
 #include "tokenizer.h"
 
 #include <sentencepiece_processor.h>
 
 #include <cstdlib>
 
+#include "bpe.h"
 #include "common.h"
 
 // ---------------------------------------------------------------------------------------------
 // Tokenizer
 
-Tokenizer::Tokenizer(const std::string& model_bytes, const std::string& where)
-    : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
-    auto status = sp_->LoadFromSerializedProto(model_bytes);
-    if (!status.ok())
-        throw Error(fmt("%s: not a sentencepiece model (%s)", where.c_str(), status.ToString().c_str()));
+bool is_tokenizer_json(const std::string& bytes) {
+    size_t i = bytes.find_first_not_of(" \t\r\n");
+    return i != std::string::npos && bytes[i] == '{';
 }
 
-Tokenizer::~Tokenizer() = default;  // here, where SentencePieceProcessor is a complete type
+Tokenizer::Tokenizer(const std::string& bytes, const std::string& where) {
+    // A ModelProto starts with a binary field tag (0x0A), never '{' or a base64 line.
+    if (is_tokenizer_json(bytes)) {
+        bpe_ = std::make_unique<Bpe>(Bpe::from_hf_json(bytes, where));
+    } else if (Bpe::is_tiktoken(bytes)) {
+        bpe_ = std::make_unique<Bpe>(Bpe::from_tiktoken(bytes, where));
+    } else {
+        sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
+        auto status = sp_->LoadFromSerializedProto(bytes);
+        if (!status.ok())
+            throw Error(fmt("%s: not a sentencepiece model, a tokenizer.json or a tiktoken file (%s)", where.c_str(),
+                            status.ToString().c_str()));
+    }
+}
 
-int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
-int Tokenizer::bos_id() const { return sp_->bos_id(); }
-int Tokenizer::eos_id() const { return sp_->eos_id(); }
+Tokenizer::~Tokenizer() = default;  // here, where SentencePieceProcessor and Bpe are complete types
+
+int Tokenizer::vocab_size() const { return bpe_ ? bpe_->vocab_size() : sp_->GetPieceSize(); }
+int Tokenizer::bos_id() const { return bpe_ ? bpe_->bos_id : sp_->bos_id(); }
+int Tokenizer::eos_id() const { return bpe_ ? bpe_->eos_id : sp_->eos_id(); }
 
 std::vector<int> Tokenizer::encode(const std::string& text, bool add_bos, bool add_eos) const {
+    if (bpe_) add_bos = add_bos && bpe_->add_bos;  // BPE models that start without BOS
     // A model trained without BOS/EOS reports -1; never let that reach the model as a token.
     if ((add_bos && bos_id() < 0) || (add_eos && eos_id() < 0))
         throw Error(fmt("tokenizer: the model has no %s token", add_bos && bos_id() < 0 ? "BOS" : "EOS"));
     std::vector<int> pieces;
-    auto status = sp_->Encode(text, &pieces);
-    if (!status.ok()) throw Error(fmt("tokenizer: cannot encode text (%s)", status.ToString().c_str()));
+    if (bpe_) {
+        pieces = bpe_->encode(text, false);
+    } else {
+        auto status = sp_->Encode(text, &pieces);
+        if (!status.ok()) throw Error(fmt("tokenizer: cannot encode text (%s)", status.ToString().c_str()));
+    }
     std::vector<int> ids;
     ids.reserve(pieces.size() + 2);
     if (add_bos) ids.push_back(bos_id());
@@ -39,8 +59,20 @@ std::vector<int> Tokenizer::encode(const std::string& text, bool add_bos, bool a
     return ids;
 }
 
+std::vector<int> Tokenizer::encode_special(const std::string& text) const {
+    return bpe_ ? bpe_->encode(text, true) : encode(text, false, false);
+}
+
 std::string Tokenizer::decode(const std::vector<int>& ids) const {
     std::string text;
+    if (bpe_) {
+        for (int id : ids) {
+            if (id < 0 || id >= vocab_size())
+                throw Error(fmt("tokenizer: cannot decode id %d (the vocabulary has %d tokens)", id, vocab_size()));
+            text += bpe_->token_bytes(id);
+        }
+        return text;
+    }
     auto status = sp_->Decode(ids, &text);
     if (!status.ok()) throw Error(fmt("tokenizer: cannot decode ids (%s)", status.ToString().c_str()));
     return text;
@@ -49,6 +81,7 @@ std::string Tokenizer::decode(const std::vector<int>& ids) const {
 std::string Tokenizer::token_bytes(int prev, int id) const {
     if (id < 0) throw Error(fmt("tokenizer: negative token id %d", id));
     if (id >= vocab_size()) return "";  // a model's padded vocabulary: ids the tokenizer has no piece for
+    if (bpe_) return prev < 0 && id == bos_id() ? "" : bpe_->token_bytes(id);  // BOS: a marker, not text
     if (sp_->IsControl(id)) return "";                         // <s>, </s>: invisible
     if (sp_->IsUnknown(id)) return sp_->DecodeIds({id});       // the model's unk surface (" ⁇ ")
     const std::string& piece = sp_->IdToPiece(id);

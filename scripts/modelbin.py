@@ -334,12 +334,93 @@ def read_header(path):
     return header, data_start, size
 
 
-def read_model(path, check_format=True):
+# ----------------------------------------------------------------------------- quantized matrices
+
+def _group_size(path, name, scales, rows, cols):
+    """Columns per group from NAME.scales [rows, cols/group]; a multiple of 32 dividing cols."""
+    if scales.ndim != 2 or scales.shape[0] != rows or scales.shape[1] < 1:
+        raise ModelBinError("%s: tensor %r: shape %s, expected [%d, columns / group]"
+                            % (path, name + ".scales", list(scales.shape), rows))
+    groups = scales.shape[1]
+    if cols % groups or (cols // groups) % 32:
+        raise ModelBinError("%s: tensor %r: %d groups per row do not split %d columns into groups of a "
+                            "multiple of 32" % (path, name, groups, cols))
+    return cols // groups
+
+
+def dequantize(path, name, tensors):
+    """float32 [rows, cols] of the quantized matrix NAME, from tensors (raw, as stored):
+      int8: NAME I8 [rows, cols], NAME.scales F32 [rows] (w = q * s[r]) or [rows, cols/g]
+            (w = q * s[r][c // g]);
+      int4: NAME U8 [rows, cols/2], two q per byte, low nibble = even column; NAME.scales F32 and
+            either NAME.zeros U8 (w = (q - z) * s) or NAME.mins F32 (w = q * s + m), [rows, cols/g].
+    Computed in float64, rounded once to float32."""
+    q = tensors[name]
+    scales = tensors.get(name + ".scales")
+    zeros, mins = tensors.get(name + ".zeros"), tensors.get(name + ".mins")
+    if scales is None:
+        raise ModelBinError("%s: quantized tensor %r has no %r" % (path, name, name + ".scales"))
+    if scales.dtype != np.float32 or (mins is not None and mins.dtype != np.float32):
+        raise ModelBinError("%s: tensor %r: scales and minimums must be F32" % (path, name))
+    if q.ndim != 2:
+        raise ModelBinError("%s: tensor %r: quantized matrices are 2-D, found %s" % (path, name, list(q.shape)))
+    s = scales.astype(np.float64)
+    if q.dtype == np.int8:
+        if zeros is not None or mins is not None:
+            raise ModelBinError("%s: tensor %r is int8, which takes no zero points or minimums" % (path, name))
+        rows, cols = q.shape
+        if s.ndim == 1:
+            if s.shape[0] != rows:
+                raise ModelBinError("%s: tensor %r: shape %s, expected [%d]" % (path, name + ".scales", list(s.shape), rows))
+            w = q.astype(np.float64) * s[:, None]
+        else:
+            g = _group_size(path, name, s, rows, cols)
+            w = q.astype(np.float64) * np.repeat(s, g, axis=1)
+        return w.astype(np.float32)
+    if q.dtype != np.uint8:
+        raise ModelBinError("%s: tensor %r: dtype %s is not a quantized format" % (path, name, q.dtype))
+    if (zeros is None) == (mins is None):
+        raise ModelBinError("%s: int4 tensor %r needs exactly one of %r and %r"
+                            % (path, name, name + ".zeros", name + ".mins"))
+    rows, cols = q.shape[0], q.shape[1] * 2
+    g = _group_size(path, name, s, rows, cols)
+    levels = np.empty((rows, cols), dtype=np.float64)
+    levels[:, 0::2] = q & 0xF
+    levels[:, 1::2] = q >> 4
+    other = zeros if zeros is not None else mins
+    if list(other.shape) != list(s.shape):
+        raise ModelBinError("%s: tensor %r: shape %s, expected %s" % (path, name + (".zeros" if zeros is not None else ".mins"),
+                                                                    list(other.shape), list(s.shape)))
+    s_full = np.repeat(s, g, axis=1)
+    if zeros is not None:
+        w = (levels - np.repeat(zeros.astype(np.float64), g, axis=1)) * s_full
+    else:
+        w = levels * s_full + np.repeat(mins.astype(np.float64), g, axis=1)
+    return w.astype(np.float32)
+
+
+def dequantize_all(path, tensors, dtypes):
+    """Replaces every quantized matrix (I8/U8 with a NAME.scales companion) by its float32 values and
+    drops the companions; returns the names dequantized."""
+    names = [k for k in tensors if dtypes[k] in ("I8", "U8") and k + ".scales" in tensors]
+    for name in names:
+        tensors[name] = dequantize(path, name, tensors)
+    for name in names:
+        for c in (".scales", ".zeros", ".mins"):
+            tensors.pop(name + c, None)
+    return names
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_model(path, check_format=True, dequantize_matrices=True):
     """(config dict, metadata dict, tensors dict name -> numpy array).
 
     BF16 and F16 tensors come back as float32, F32 as read-only float32 views of the mapped
-    file, U8 (the tokenizer) as uint8. With check_format, the metadata must say this is a
-    fastgen version-1 file with a valid config and the tensors the config calls for.
+    file, U8 (the tokenizer) as uint8. With dequantize_matrices, quantized matrices (int8, int4)
+    come back as float32 values (see dequantize) and their companion tensors are left out. With
+    check_format, the metadata must say this is a fastgen version-1 file with a valid config and
+    the tensors the config calls for.
     """
     header, data_start, size = read_header(path)
     meta = dict(header.get("__metadata__", {}))
@@ -381,6 +462,9 @@ def read_model(path, check_format=True):
         else:
             arr = raw
         tensors[name] = arr.reshape(shape)
+    dequantized = set()
+    if dequantize_matrices:
+        dequantized = set(dequantize_all(path, tensors, {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}))
     if check_format:
         want = expected_shapes(config)
         for k, shp in want.items():
@@ -389,7 +473,7 @@ def read_model(path, check_format=True):
             if list(tensors[k].shape) != shp:
                 raise ModelBinError("%s: tensor %r: expected shape %s, found %s"
                                     % (path, k, shp, list(tensors[k].shape)))
-            if header[k]["dtype"] not in FLOAT_DTYPES:
+            if header[k]["dtype"] not in FLOAT_DTYPES and k not in dequantized:
                 raise ModelBinError("%s: tensor %r: dtype %s is not a float type this reader handles"
                                     % (path, k, header[k]["dtype"]))
     return config, meta, tensors
@@ -405,7 +489,7 @@ if __name__ == "__main__":
     # `modelbin.py FILE`: print the config and a table of tensors.
     if len(sys.argv) != 2:
         sys.exit("usage: modelbin.py MODEL.bin")
-    cfg, md, ts = read_model(sys.argv[1], check_format=False)
+    cfg, md, ts = read_model(sys.argv[1], check_format=False, dequantize_matrices=False)  # as stored
     dts = tensor_dtypes(sys.argv[1])
     print("metadata:", {k: v for k, v in md.items() if k != "config"})
     print("config:", json.dumps(cfg))

@@ -39,9 +39,25 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def precompute_freqs_cis(head_dim, n_pos, theta):
-    """cos + i sin of pos * theta^(-2i/head_dim), shape [n_pos, head_dim/2]."""
+def llama3_scaled(freqs, s):
+    """Llama 3.1 RoPE scaling, written from the HF rope_type "llama3" rule over whole tensors
+    (model.cpp loops over pairs): stretch long wavelengths by s["factor"], keep short ones, blend."""
+    wavelen = 2 * math.pi / freqs
+    old = s["original_max_seq_len"]
+    low, high, factor = s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old / low, freqs / factor, freqs)
+    middle = (wavelen <= old / low) & (wavelen >= old / high)
+    return torch.where(middle, blended, out)
+
+
+def precompute_freqs_cis(head_dim, n_pos, theta, scaling=None):
+    """cos + i sin of pos * theta^(-2i/head_dim) (Llama 3.1-scaled when `scaling`), shape
+    [n_pos, head_dim/2]."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=DTYPE) / head_dim))
+    if scaling:
+        freqs = llama3_scaled(freqs, scaling)
     t = torch.arange(n_pos, dtype=DTYPE)
     angles = torch.outer(t, freqs)
     return torch.polar(torch.ones_like(angles), angles)
@@ -159,7 +175,8 @@ class Transformer(nn.Module):
     def forward(self, tokens):
         """tokens [batch, seq] at positions 0..seq-1 -> logits [batch, seq, vocab] (float64)."""
         seqlen = tokens.shape[1]
-        freqs_cis = precompute_freqs_cis(self.config["head_dim"], seqlen, self.config["rope_theta"])
+        freqs_cis = precompute_freqs_cis(self.config["head_dim"], seqlen, self.config["rope_theta"],
+                                         self.config.get("rope_scaling"))
         mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), dtype=DTYPE), diagonal=1)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
@@ -168,17 +185,19 @@ class Transformer(nn.Module):
 
 
 def load_transformer(path):
-    config, meta, tensors = modelbin.read_model(path)
-    if meta.get("quantization", "none") != "none":
-        sys.exit("%s: quantization %r: reference.py reads unquantized models only"
-                 % (path, meta["quantization"]))
+    # Quantized matrices (int8, int4, as GGUF imports keep them) come back dequantized: the
+    # reference runs the weights the file holds, in float64.
+    try:
+        config, meta, tensors = modelbin.read_model(path)
+    except modelbin.ModelBinError as e:
+        sys.exit(str(e))
     # Built on the meta device and then given uninitialised storage, so a big model is neither
     # randomly initialised nor held twice; each weight is then copied in (float32 -> float64).
     model = Transformer(config, device="meta").to_empty(device="cpu")
     if config["tie_embeddings"]:
         model.output.weight = model.tok_embeddings.weight
     params = model.state_dict(keep_vars=True)
-    names = set(tensors) - {"tokenizer.model"}
+    names = set(tensors) - {"tokenizer.model", "tokenizer.json"}
     want = set(params) - ({"output.weight"} if config["tie_embeddings"] else set())
     if names != want:
         sys.exit("%s: tensors do not match the model: missing %s, unexpected %s"

@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   build-essential          # g++, make
   libsentencepiece-dev     # tokenizer
+  libpcre2-dev             # byte-level BPE pre-tokenizer regexes (\p{L}, \p{N})
   libcli11-dev             # command-line parsing
   doctest-dev              # unit tests
   nlohmann-json3-dev       # safetensors headers, config.json

@@ -409,6 +409,30 @@ TEST_CASE("HF config: head_dim and token ids from config.json, defaults from the
     check_model_bin(d + "/out.bin", tw, DType::F32);
 }
 
+TEST_CASE("HF config: Llama 3.1 rope_scaling is kept, other kinds refused") {
+    TinyWeights tw = tiny();
+    std::string d = make_dir("hf-rope-llama3");
+    HfOptions o;
+    o.config_patch = R"({"rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}})";
+    write_hf(tw, d, o);
+    convert_checkpoint(options(d, d + "/out.bin", ""));
+    SafetensorsFile f(d + "/out.bin");
+    Config c = Config::from_json(f.metadata.at("config"), "out.bin");
+    CHECK(c.rope_theta == 500000.0f);
+    CHECK(c.rope_factor == 8.0f);
+    CHECK(c.rope_low_freq_factor == 1.0f);
+    CHECK(c.rope_high_freq_factor == 4.0f);
+    CHECK(c.rope_original_max_seq_len == 8192);
+
+    d = make_dir("hf-rope-linear");
+    o.config_patch = R"({"rope_scaling": {"factor": 2.0, "type": "linear"}})";
+    write_hf(tw, d, o);
+    std::string msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "rope_scaling"), msg);
+    CHECK_MESSAGE(has(msg, "linear"), msg);
+}
+
 TEST_CASE("model.bin input re-encodes to the chosen dtype") {
     TinyWeights tw = tiny();
     std::string d = make_dir("modelbin");

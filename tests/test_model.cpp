@@ -36,11 +36,19 @@ TEST_CASE("forward matches the PyTorch reference at every position") {
     Config theta = tiny_config(64, 160, 2, 4, 4, true);
     theta.rope_theta = 500000.0f;
     theta.norm_eps = 1e-6f;
+    // Llama 3.1 rope scaling, with a short original context so that head_dim 16's pairs fall in
+    // all three regimes (wavelengths 6 kept, 33 blended, 167+ stretched).
+    Config scaled = theta;
+    scaled.rope_factor = 8;
+    scaled.rope_low_freq_factor = 1;
+    scaled.rope_high_freq_factor = 4;
+    scaled.rope_original_max_seq_len = 64;
     Case cases[] = {
         {"GQA, tied", tiny_config(64, 172, 3, 8, 4, true), DType::F32},
         {"MHA, untied", tiny_config(48, 128, 2, 4, 4, false), DType::F32},
         {"dim 72, hidden 172, vocab 517, GQA 3:1", odd, DType::F32},
         {"theta 5e5, eps 1e-6", theta, DType::F32},
+        {"Llama 3.1 rope scaling", scaled, DType::F32},
         {"bf16 weights, hidden 184 (32-blocks, a 16-step and a tail)", tiny_config(64, 184, 2, 8, 2, false), DType::BF16},
         {"f16 weights", tiny_config(64, 172, 2, 8, 2, false), DType::F16},
     };
