@@ -409,6 +409,19 @@ Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
         throw Error(fmt("%s: no tokenizer.model (sentencepiece or tiktoken) or tokenizer.json in the folder; pass "
                         "--tokenizer", dir.c_str()));
     }
+    // The chat template (generate --interactive recognises its format), when the folder has one.
+    if (path_exists(dir + "/tokenizer_config.json")) {
+        const std::string where = dir + "/tokenizer_config.json";
+        json tc = read_json(where);
+        if (const json* t = tc.is_object() ? field(tc, "chat_template") : nullptr) {
+            if (t->is_string()) ck.metadata["chat_template"] = t->get<std::string>();
+            // Some models list named templates: [{"name": "default", "template": ...}, ...].
+            else if (t->is_array())
+                for (const json& e : *t)
+                    if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+                        ck.metadata["chat_template"] = e["template"].get<std::string>();
+        }
+    }
     return ck;
 }
 

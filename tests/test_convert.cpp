@@ -425,6 +425,15 @@ TEST_CASE("HF config: Llama 3.1 rope_scaling is kept, other kinds refused") {
     CHECK(c.rope_high_freq_factor == 4.0f);
     CHECK(c.rope_original_max_seq_len == 8192);
 
+    // The chat template of tokenizer_config.json travels as metadata.
+    CHECK(f.metadata.count("chat_template") == 0);
+    d = make_dir("hf-chat-template");
+    write_hf(tw, d, HfOptions());
+    write_bytes(d + "/tokenizer_config.json", R"({"chat_template": "{{ '<|im_start|>' + message['content'] }}"})");
+    convert_checkpoint(options(d, d + "/out.bin", ""));
+    CHECK(SafetensorsFile(d + "/out.bin").metadata.at("chat_template") == "{{ '<|im_start|>' + message['content'] }}");
+    CHECK(Model(d + "/out.bin", cpu_ops(1)).chat_template == "{{ '<|im_start|>' + message['content'] }}");
+
     d = make_dir("hf-rope-linear");
     o.config_patch = R"({"rope_scaling": {"factor": 2.0, "type": "linear"}})";
     write_hf(tw, d, o);
