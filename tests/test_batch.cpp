@@ -23,13 +23,7 @@ namespace {
 Model& stories260k() {
     static std::unique_ptr<Model> m;
     if (!m) {
-        ConvertOptions o;
-        o.input = models_dir() + "/stories260K.bin";
-        o.tokenizer = models_dir() + "/tok512.model";
-        o.output = temp_dir() + "/batch-stories260K.model.bin";
-        o.progress = false;
-        convert_checkpoint(o);
-        m = std::make_unique<Model>(o.output, cpu_ops(0));
+        m = std::make_unique<Model>(shared_model_bin("stories260K"), cpu_ops(0));
     }
     return *m;
 }
@@ -320,12 +314,9 @@ TEST_CASE("batch: JSONL request parsing and result lines") {
 
 namespace {
 
-
-bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
-
 std::string gen(const std::string& args) {
     stories260k();  // converts the checkpoint
-    return "./generate --checkpoint " + shell_quote(temp_dir() + "/batch-stories260K.model.bin") + " " + args;
+    return "./generate --checkpoint " + shell_quote(shared_model_bin("stories260K")) + " " + args;
 }
 
 void write_text(const std::string& path, const std::string& text) {

@@ -27,8 +27,6 @@ std::string ids_str(const std::vector<int>& ids) {
     return s + "]";
 }
 
-bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
-
 std::string error_of(const std::string& bytes, const std::string& where = "the-source") {
     try {
         Tokenizer t(bytes, where);
@@ -271,12 +269,6 @@ TEST_CASE("bpe: SmolLM2's real vocabulary gives tokenizers' ids") {
 // Through convert, model.bin and generate
 
 namespace {
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::ofstream out(path, std::ios::binary);
-    out << bytes;
-    REQUIRE(out.good());
-}
 
 // A tiny Hugging Face folder (random weights, HF tensor names) with `tokenizer_json` and no
 // tokenizer.model.

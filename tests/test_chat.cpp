@@ -3,7 +3,6 @@
 
 #include "chat.h"
 #include "common.h"
-#include "convert.h"
 #include "decode.h"
 #include "test_util.h"
 #include "tokenizer.h"
@@ -69,13 +68,7 @@ TEST_CASE("chat format detection from Jinja templates, and a template's default 
 TEST_CASE("a chat's second turn with the cached first turn equals the whole conversation from scratch") {
     // stories260K is no chat model, but the arithmetic is the same: turn 2 reuses turn 1's K/V
     // (decode's `cached`) and must produce exactly the tokens a fresh run over the history does.
-    ConvertOptions o;
-    o.input = models_dir() + "/stories260K.bin";
-    o.tokenizer = models_dir() + "/tok512.model";
-    o.output = temp_dir() + "/chat-stories260K.bin";
-    o.progress = false;
-    convert_checkpoint(o);
-    Model m(o.output, cpu_ops(0));
+    Model m(shared_model_bin("stories260K"), cpu_ops(0));
     Tokenizer tok(m.tokenizer_model, "stories260K");
     ChatStyle style{ChatFormat::Llama2, ""};
     SamplingParams greedy;

@@ -20,8 +20,6 @@ using Run = CommandResult;
 Run run(const std::string& cmd) { return run_command(cmd); }
 std::string q(const std::string& s) { return shell_quote(s); }
 
-bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
-
 bool exists(const std::string& path) {
     struct stat st;
     return stat(path.c_str(), &st) == 0;

@@ -26,14 +26,6 @@ std::string make_dir(const std::string& name) {
     return d;
 }
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), std::streamsize(bytes.size()));
-    REQUIRE(out.good());
-}
-
-bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
-
 // The Error message of a conversion, or "" when it succeeds.
 std::string convert_error(const ConvertOptions& o) {
     try {
@@ -607,7 +599,6 @@ TEST_CASE("bad Hugging Face folders are refused with a message that names the pr
     msg = convert_error(options(d, d + "/out.bin", ""));
     CHECK_MESSAGE(has(msg, "model.safetensors"), msg);
 }
-
 
 TEST_CASE("llama2.c and Hugging Face copies of one model give the same logits; unpermuted q/k do not") {
     TinyWeights tw = tiny();

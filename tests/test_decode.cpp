@@ -17,13 +17,7 @@ Model& real_model(const std::string& name) {
     static std::map<std::string, std::unique_ptr<Model>> cache;
     auto& m = cache[name];
     if (!m) {
-        ConvertOptions o;
-        o.input = models_dir() + "/" + name + ".bin";
-        o.tokenizer = models_dir() + "/tok512.model";
-        o.output = temp_dir() + "/" + name + ".model.bin";
-        o.progress = false;
-        convert_checkpoint(o);
-        m = std::make_unique<Model>(o.output, cpu_ops(0));
+        m = std::make_unique<Model>(shared_model_bin(name), cpu_ops(0));
     }
     return *m;
 }

@@ -103,14 +103,6 @@ struct GgufBuilder {
     }
 };
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), std::streamsize(bytes.size()));
-    REQUIRE(out.good());
-}
-
-bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
-
 std::string gguf_error(const std::string& path) {
     try {
         GgufFile f(path);

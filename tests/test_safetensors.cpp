@@ -57,8 +57,6 @@ std::string open_error(const std::string& path) {
     return "";
 }
 
-bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
-
 uint32_t bits(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);

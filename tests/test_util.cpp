@@ -1,6 +1,8 @@
 // tests/test_util.cpp: shared test helpers (paths, temp dirs, tiny random models).
 #include "test_util.h"
 
+#include "convert.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -8,9 +10,33 @@
 #include <filesystem>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), std::streamsize(bytes.size()));
+    if (!out.good()) throw std::runtime_error("cannot write " + path);
+}
+
+bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+std::string shared_model_bin(const std::string& name) {
+    static std::map<std::string, std::string> done;
+    std::string& path = done[name];
+    if (path.empty()) {
+        ConvertOptions o;
+        o.input = models_dir() + "/" + name + ".bin";
+        o.tokenizer = models_dir() + "/tok512.model";
+        o.output = temp_dir() + "/" + name + ".model.bin";
+        o.progress = false;
+        convert_checkpoint(o);
+        path = o.output;
+    }
+    return path;
+}
 
 std::string models_dir() {
     const char* env = std::getenv("FASTGEN_MODELS");

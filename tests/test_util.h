@@ -8,6 +8,11 @@
 std::string models_dir();                 // ../shared/models, or $FASTGEN_MODELS
 std::string temp_dir();                   // a fresh directory under /tmp for this test run
 std::string read_file(const std::string& path);
+void write_bytes(const std::string& path, const std::string& bytes);  // throws when it cannot
+bool has(const std::string& s, const std::string& part);              // s contains part
+// ../shared/models/NAME.bin (a llama2.c checkpoint, tokenizer tok512.model) converted to model.bin
+// once per test run; its path.
+std::string shared_model_bin(const std::string& name);
 
 // Random weights for `c`, deterministic in `seed`, keyed by canonical tensor name, f32 row-major.
 struct TinyWeights {
