@@ -26,16 +26,6 @@ std::string make_dir(const std::string& name) {
     return d;
 }
 
-// The Error message of a conversion, or "" when it succeeds.
-std::string convert_error(const ConvertOptions& o) {
-    try {
-        convert_checkpoint(o);
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
-
 ConvertOptions options(const std::string& in, const std::string& out, const std::string& tok,
                        const std::string& mode = "auto") {
     ConvertOptions o;

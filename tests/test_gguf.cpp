@@ -121,15 +121,6 @@ ConvertOptions options(const std::string& in, const std::string& out, const std:
     return o;
 }
 
-std::string convert_error(const ConvertOptions& o) {
-    try {
-        convert_checkpoint(o);
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tensors in each type, from values chosen here; `expected` gets the values they stand for, in
 // double: d*q, d*(q-8), d*q + m with d and m rounded to fp16 first, as the file stores them.

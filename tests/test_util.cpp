@@ -1,6 +1,7 @@
 // tests/test_util.cpp: shared test helpers (paths, temp dirs, tiny random models).
 #include "test_util.h"
 
+#include "common.h"
 #include "convert.h"
 
 #include <algorithm>
@@ -36,6 +37,15 @@ std::string shared_model_bin(const std::string& name) {
         path = o.output;
     }
     return path;
+}
+
+std::string convert_error(const ConvertOptions& o) {
+    try {
+        convert_checkpoint(o);
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
 }
 
 std::string models_dir() {

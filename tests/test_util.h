@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "convert.h"
 #include "model.h"
 
 std::string models_dir();                 // ../shared/models, or $FASTGEN_MODELS
@@ -13,6 +14,8 @@ bool has(const std::string& s, const std::string& part);              // s conta
 // ../shared/models/NAME.bin (a llama2.c checkpoint, tokenizer tok512.model) converted to model.bin
 // once per test run; its path.
 std::string shared_model_bin(const std::string& name);
+// The Error message of a conversion, or "" when it succeeds.
+std::string convert_error(const ConvertOptions& o);
 
 // Random weights for `c`, deterministic in `seed`, keyed by canonical tensor name, f32 row-major.
 struct TinyWeights {
