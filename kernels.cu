@@ -1,5 +1,6 @@
-// kernels.cu: the CUDA backend of the op table (ops.h). Weights bf16/f16/f32 (and int8 per row,
-// int4 groups), activations f32, f32 accumulation everywhere, a bf16 paged KV cache.
+// kernels.cu: the CUDA backend of the op table (ops.h). Weights bf16/f16/f32 (and int8 per row or
+// per group, int4 groups with zero points or float minimums), activations f32, f32 accumulation
+// everywhere, a bf16 paged KV cache.
 //   decode matmuls (n <= 8 tokens): own matrix-vector kernels, 16-byte streaming weight loads,
 //     several loads in flight per lane, one warp per output row, Q/K/V in one launch and the
 //     SwiGLU gate/up pair fused with the SiLU-multiply;
@@ -80,26 +81,37 @@ __device__ __forceinline__ float f16_bits_to_f32(uint32_t h) { return __half2flo
 // U * 16 bytes in flight; x comes through L1, where every warp of the SM reuses it. Quantized
 // weights are dequantized in registers. The warp's partial sums meet in a shuffle reduction.
 
-enum Fmt { kF32, kBF16, kF16, kI8, kI4 };
+// The weight formats of ops.h's Weight, as the kernels tell them apart:
+//   kI8 int8 with a scale per row, kI8G int8 with a scale per group (GGUF Q8_0);
+//   kI4 int4 with a scale and zero point per group, kI4M int4 with a scale and float minimum per
+//   group (GGUF Q4_1).
+enum Fmt { kF32, kBF16, kF16, kI8, kI8G, kI4, kI4M };
 
-int fmt_of(DType t) {
-    switch (t) {
+int fmt_of(const Weight& w) {
+    switch (w.dtype) {
         case DType::F32: return kF32;
         case DType::BF16: return kBF16;
         case DType::F16: return kF16;
-        case DType::I8: return kI8;
-        case DType::U8: return kI4;
-        default: throw Error(fmt("CUDA matmul: weight dtype %s is not supported", dtype_name(t)));
+        case DType::I8: return w.group > 0 ? kI8G : kI8;
+        case DType::U8: return w.mins ? kI4M : kI4;
+        default: throw Error(fmt("CUDA matmul: weight dtype %s is not supported", dtype_name(w.dtype)));
     }
 }
-// Elements in one 16-byte chunk.
-__host__ __device__ constexpr int chunk_elems(int f) { return f == kF32 ? 4 : f == kI8 ? 16 : f == kI4 ? 32 : 8; }
+// Formats with scales (and zero points or minimums) per group of columns, [rows][cols / group].
+__host__ __device__ constexpr bool grouped(int f) { return f == kI8G || f == kI4 || f == kI4M; }
+// Elements in one 16-byte chunk. A group is a multiple of 32 columns, so a chunk never straddles two.
+__host__ __device__ constexpr int chunk_elems(int f) {
+    return f == kF32 ? 4 : f == kI8 || f == kI8G ? 16 : f == kI4 || f == kI4M ? 32 : 8;
+}
 // Bytes of one row of `cols` logical columns (stride for a strided view).
 size_t row_bytes(const Weight& w, int cols) {
     return w.dtype == DType::U8 ? size_t(cols) / 2 : size_t(cols) * dtype_size(w.dtype);
 }
 
-// sum_j w_j * x[j] over one chunk; for int4, (q - z) * s per weight, folded as s * (sum q x - z sum x).
+// sum_j w_j * x[j] over one chunk, with the chunk's group scale s and zero point or minimum z:
+//   kI8: sum q x (the row's scale multiplies the row's sum once, at the end); kI8G: s * sum q x;
+//   kI4: (q - z) * s per weight, folded as s * (sum q x - z sum x); kI4M: q * s + z per weight,
+//   folded as s * sum q x + z * sum x (the CPU kernel's per-group sums, per chunk here).
 template <int F>
 __device__ __forceinline__ float chunk_dot(const uint4& c, const float* x, float s, float z) {
     const float4* xv = reinterpret_cast<const float4*>(x);
@@ -122,7 +134,7 @@ __device__ __forceinline__ float chunk_dot(const uint4& c, const float* x, float
                        a.z * f16_bits_to_f32(hi & 0xffff) + a.w * f16_bits_to_f32(hi >> 16);
             }
         }
-    } else if constexpr (F == kI8) {
+    } else if constexpr (F == kI8 || F == kI8G) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const float4 a = __ldg(xv + i);
@@ -130,7 +142,8 @@ __device__ __forceinline__ float chunk_dot(const uint4& c, const float* x, float
             acc += a.x * float(int8_t(v & 0xff)) + a.y * float(int8_t((v >> 8) & 0xff)) +
                    a.z * float(int8_t((v >> 16) & 0xff)) + a.w * float(int8_t(v >> 24));
         }
-    } else {  // kI4: byte b holds column 2b (low nibble) and 2b + 1 (high nibble)
+        if constexpr (F == kI8G) acc *= s;
+    } else {  // kI4, kI4M: byte b holds column 2b (low nibble) and 2b + 1 (high nibble)
         float qx = 0.0f, sx = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -140,33 +153,39 @@ __device__ __forceinline__ float chunk_dot(const uint4& c, const float* x, float
                   a.w * float((v >> 12) & 0xf);
             sx += (a.x + a.y) + (a.z + a.w);
         }
-        acc = s * (qx - z * sx);
+        if constexpr (F == kI4M) acc = s * qx + z * sx;
+        else acc = s * (qx - z * sx);
     }
     return acc;
 }
 
-// One weight, as a float (int8: q, scaled after the sum; int4: (q - z) * s).
+// One weight, as a float (kI8: q, scaled after the sum; kI8G: q * s; kI4: (q - z) * s; kI4M:
+// q * s + m). scales, zeros and mins point at the row's first group (grouped formats only).
 template <int F>
-__device__ __forceinline__ float weight_at(const uint8_t* row, int k, const float* scales, const uint8_t* zeros, int group) {
+__device__ __forceinline__ float weight_at(const uint8_t* row, int k, const float* scales, const uint8_t* zeros,
+                                           const float* mins, int group) {
     if constexpr (F == kF32) return reinterpret_cast<const float*>(row)[k];
     if constexpr (F == kBF16) return bf16_bits_to_f32(reinterpret_cast<const uint16_t*>(row)[k]);
     if constexpr (F == kF16) return f16_bits_to_f32(reinterpret_cast<const uint16_t*>(row)[k]);
     if constexpr (F == kI8) return float(reinterpret_cast<const int8_t*>(row)[k]);
+    if constexpr (F == kI8G) return float(reinterpret_cast<const int8_t*>(row)[k]) * scales[k / group];
     const int q = k % 2 ? row[k / 2] >> 4 : row[k / 2] & 0xf;
+    if constexpr (F == kI4M) return float(q) * scales[k / group] + mins[k / group];
     return float(q - int(zeros[k / group])) * scales[k / group];
 }
 
 struct Seg {
     const uint8_t* w;       // [rows] rows of row_bytes
-    const float* scales;    // int8: [rows]; int4: [rows][cols / group]
-    const uint8_t* zeros;   // int4: [rows][cols / group]
+    const float* scales;    // kI8: [rows]; grouped formats: [rows][cols / group]
+    const uint8_t* zeros;   // kI4: [rows][cols / group]
+    const float* mins;      // kI4M: [rows][cols / group]
     float* out;             // [n][rows]
     int rows;
 };
 struct GemvArgs {
     Seg seg[3];
     int nseg;         // segments (Q, K, V) stacked along the rows; gate_up: w1 and w3
-    int cols, group;  // group: int4 columns per scale
+    int cols, group;  // group: columns per scale of a grouped format
     size_t row_bytes;
     const float* x;   // [n][cols]
     int n;
@@ -177,7 +196,7 @@ constexpr int kGemvWarps = 4;
 
 template <int F, int NT, bool kGateUp>
 __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs a) {
-    constexpr int E = chunk_elems(F), U = F == kI4 ? 2 : 4;
+    constexpr int E = chunk_elems(F), U = F == kI4 || F == kI4M ? 2 : 4;
     const int lane = threadIdx.x % kWarp;
     int r = blockIdx.x * kGemvWarps + threadIdx.x / kWarp, s = 0;
     if (!kGateUp)
@@ -187,7 +206,7 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs
     const Seg S2 = a.seg[kGateUp ? 1 : s];
     const uint8_t* row = S.w + size_t(r) * a.row_bytes;
     const uint8_t* row2 = S2.w + size_t(r) * a.row_bytes;
-    const int ngroups = F == kI4 ? a.cols / a.group : 1;
+    const int ngroups = grouped(F) ? a.cols / a.group : 1;
     float acc[NT], acc2[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = acc2[t] = 0.0f;
@@ -210,11 +229,13 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs
             for (int u = 0; u < U; u++) {
                 const int c = c0 + u * kWarp;
                 if (c >= nchunks) continue;
-                float s1 = 0, z1 = 0, s2 = 0, z2 = 0;
-                if (F == kI4) {
+                float s1 = 0, z1 = 0, s2 = 0, z2 = 0;  // the chunk's group: scale, zero point or minimum
+                if (grouped(F)) {
                     const size_t g = size_t(r) * ngroups + size_t(c) * E / a.group;
-                    s1 = S.scales[g], z1 = float(S.zeros[g]);
-                    if (kGateUp) s2 = S2.scales[g], z2 = float(S2.zeros[g]);
+                    s1 = S.scales[g];
+                    if (kGateUp) s2 = S2.scales[g];
+                    if (F == kI4) z1 = float(S.zeros[g]), z2 = kGateUp ? float(S2.zeros[g]) : 0.0f;
+                    if (F == kI4M) z1 = S.mins[g], z2 = kGateUp ? S2.mins[g] : 0.0f;
                 }
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
@@ -226,13 +247,16 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs
             }
         }
     } else {  // unaligned or odd sizes: one weight at a time
-        const float* sc1 = F == kI4 ? S.scales + size_t(r) * ngroups : nullptr;
-        const float* sc2 = F == kI4 ? S2.scales + size_t(r) * ngroups : nullptr;
-        const uint8_t* zp1 = F == kI4 ? S.zeros + size_t(r) * ngroups : nullptr;
-        const uint8_t* zp2 = F == kI4 ? S2.zeros + size_t(r) * ngroups : nullptr;
+        const size_t g0 = size_t(r) * ngroups;  // the row's first group
+        const float* sc1 = grouped(F) ? S.scales + g0 : nullptr;
+        const float* sc2 = grouped(F) ? S2.scales + g0 : nullptr;
+        const uint8_t* zp1 = F == kI4 ? S.zeros + g0 : nullptr;
+        const uint8_t* zp2 = F == kI4 ? S2.zeros + g0 : nullptr;
+        const float* mn1 = F == kI4M ? S.mins + g0 : nullptr;
+        const float* mn2 = F == kI4M ? S2.mins + g0 : nullptr;
         for (int k = lane; k < a.cols; k += kWarp) {
-            const float wv = weight_at<F>(row, k, sc1, zp1, a.group);
-            const float wv2 = kGateUp ? weight_at<F>(row2, k, sc2, zp2, a.group) : 0.0f;
+            const float wv = weight_at<F>(row, k, sc1, zp1, mn1, a.group);
+            const float wv2 = kGateUp ? weight_at<F>(row2, k, sc2, zp2, mn2, a.group) : 0.0f;
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 if (t >= a.n) break;
@@ -312,15 +336,16 @@ __global__ void add_scaled_kernel(float* x, const float* y, float a, size_t n, b
 
 // One block per token: its embedding row as f32.
 template <int F>
-__global__ void embed_kernel(float* out, const uint8_t* table, const float* scales, const uint8_t* zeros, int cols,
-                             size_t row_bytes, int group, const int* tokens) {
+__global__ void embed_kernel(float* out, const uint8_t* table, const float* scales, const uint8_t* zeros,
+                             const float* mins, int cols, size_t row_bytes, int group, const int* tokens) {
     const int row = tokens[blockIdx.x];
     const uint8_t* r = table + size_t(row) * row_bytes;
-    const int ngroups = F == kI4 ? cols / group : 1;
-    const float* sc = F == kI4 ? scales + size_t(row) * ngroups : nullptr;
-    const uint8_t* zp = F == kI4 ? zeros + size_t(row) * ngroups : nullptr;
+    const size_t g0 = grouped(F) ? size_t(row) * (cols / group) : 0;  // the row's first group
+    const float* sc = grouped(F) ? scales + g0 : nullptr;
+    const uint8_t* zp = F == kI4 ? zeros + g0 : nullptr;
+    const float* mn = F == kI4M ? mins + g0 : nullptr;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float v = weight_at<F>(r, i, sc, zp, group);
+        float v = weight_at<F>(r, i, sc, zp, mn, group);
         if (F == kI8) v *= scales[row];
         out[size_t(blockIdx.x) * cols + i] = v;
     }
@@ -335,14 +360,14 @@ __global__ void convert_kernel(T* out, const float* x, size_t n) {
     }
 }
 template <int F>
-__global__ void dequantize_kernel(__nv_bfloat16* out, const uint8_t* w, const float* scales, const uint8_t* zeros, int rows,
-                                  int cols, size_t row_bytes, int group) {
+__global__ void dequantize_kernel(__nv_bfloat16* out, const uint8_t* w, const float* scales, const uint8_t* zeros,
+                                  const float* mins, int rows, int cols, size_t row_bytes, int group) {
     const size_t n = size_t(rows) * cols;
     for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
         const int r = int(i / cols), k = int(i % cols);
-        const int ngroups = F == kI4 ? cols / group : 1;
-        float v = weight_at<F>(w + size_t(r) * row_bytes, k, F == kI4 ? scales + size_t(r) * ngroups : nullptr,
-                               F == kI4 ? zeros + size_t(r) * ngroups : nullptr, group);
+        const size_t g0 = grouped(F) ? size_t(r) * (cols / group) : 0;  // the row's first group
+        float v = weight_at<F>(w + size_t(r) * row_bytes, k, grouped(F) ? scales + g0 : nullptr,
+                               F == kI4 ? zeros + g0 : nullptr, F == kI4M ? mins + g0 : nullptr, group);
         if (F == kI8) v *= scales[r];
         out[i] = __float2bfloat16_rn(v);
     }
@@ -754,7 +779,7 @@ class CudaOps final : public Ops {
             GemvArgs a = gemv_args(x, w, n);
             a.seg[0] = seg(w, out);
             a.nseg = 1;
-            gemv(a, w.dtype, false, w.rows);
+            gemv(a, fmt_of(w), false, w.rows);
             return;
         }
         gemm(out, x, w, n);
@@ -769,7 +794,7 @@ class CudaOps final : public Ops {
         GemvArgs a = gemv_args(x, wq, n);
         a.seg[0] = seg(wq, q), a.seg[1] = seg(wk, k), a.seg[2] = seg(wv, v);
         a.nseg = 3;
-        gemv(a, wq.dtype, false, wq.rows + wk.rows + wv.rows);
+        gemv(a, fmt_of(wq), false, wq.rows + wk.rows + wv.rows);
     }
 
     void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) override {
@@ -777,7 +802,7 @@ class CudaOps final : public Ops {
             GemvArgs a = gemv_args(x, w1, n);
             a.seg[0] = seg(w1, h), a.seg[1] = seg(w3, up);
             a.nseg = 2;
-            gemv(a, w1.dtype, true, w1.rows);
+            gemv(a, fmt_of(w1), true, w1.rows);
             return;
         }
         matmul(h, x, w1, n);
@@ -845,13 +870,19 @@ class CudaOps final : public Ops {
         if (n == 0) return;
         const uint8_t* w = static_cast<const uint8_t*>(t.data);
         const size_t rb = row_bytes(t, t.stride);
-        switch (fmt_of(t.dtype)) {
-            case kF32: embed_kernel<kF32><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
-            case kBF16: embed_kernel<kBF16><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
-            case kF16: embed_kernel<kF16><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
-            case kI8: embed_kernel<kI8><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
-            default: embed_kernel<kI4><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.cols, rb, t.group, tokens); break;
+        const int f = fmt_of(t);
+        check_groups(t, f, "embed");
+#define FASTGEN_EMBED(F) embed_kernel<F><<<n, 256, 0, stream_>>>(out, w, t.scales, t.zeros, t.mins, t.cols, rb, t.group, tokens)
+        switch (f) {
+            case kF32: FASTGEN_EMBED(kF32); break;
+            case kBF16: FASTGEN_EMBED(kBF16); break;
+            case kF16: FASTGEN_EMBED(kF16); break;
+            case kI8: FASTGEN_EMBED(kI8); break;
+            case kI8G: FASTGEN_EMBED(kI8G); break;
+            case kI4: FASTGEN_EMBED(kI4); break;
+            default: FASTGEN_EMBED(kI4M); break;
         }
+#undef FASTGEN_EMBED
         LAUNCH_CHECK("embed_kernel");
     }
 
@@ -893,19 +924,33 @@ class CudaOps final : public Ops {
     }
 
     static bool same_layout(const Weight& a, const Weight& b) {
-        return a.dtype == b.dtype && a.cols == b.cols && a.stride == b.stride && a.group == b.group;
+        return fmt_of(a) == fmt_of(b) && a.cols == b.cols && a.stride == b.stride && a.group == b.group;
     }
     static Seg seg(const Weight& w, float* out) {
-        return Seg{static_cast<const uint8_t*>(w.data), w.scales, w.zeros, out, w.rows};
+        return Seg{static_cast<const uint8_t*>(w.data), w.scales, w.zeros, w.mins, out, w.rows};
+    }
+    // The kernels index a grouped format's scales as [rows][cols / group] with a chunk inside one
+    // group: a group of a multiple of 32 columns that divides cols, scales (and zero points or
+    // minimums) present, the copy contiguous (upload_weights makes stride = cols).
+    static void check_groups(const Weight& w, int f, const char* op) {
+        if (!grouped(f)) return;
+        if (w.group <= 0 || w.group % 32 != 0 || w.cols % w.group != 0 || w.stride != w.cols || !w.scales ||
+            (f == kI4 && !w.zeros) || (f == kI4M && !w.mins))
+            throw Error(fmt("CUDA %s: a grouped %s weight [%d x %d] with group %d, stride %d is not laid out as the "
+                            "kernels need (group a multiple of 32 dividing the columns, contiguous, scales and zero "
+                            "points or minimums present)",
+                            op, dtype_name(w.dtype), w.rows, w.cols, w.group, w.stride));
     }
     GemvArgs gemv_args(const float* x, const Weight& w, int n) const {
+        const int f = fmt_of(w);
+        check_groups(w, f, "matmul");
         GemvArgs a{};
         a.cols = w.cols;
         a.group = w.group > 0 ? w.group : 1;
         a.row_bytes = row_bytes(w, w.stride);
         a.x = x;
         a.n = n;
-        const int E = chunk_elems(fmt_of(w.dtype));
+        const int E = chunk_elems(f);
         a.vec = w.cols % E == 0 && a.row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && w.cols % 4 == 0;
         return a;
     }
@@ -922,15 +967,17 @@ class CudaOps final : public Ops {
         }
         LAUNCH_CHECK("gemv_kernel");
     }
-    void gemv(GemvArgs a, DType t, bool gate_up, int rows) {
+    void gemv(GemvArgs a, int f, bool gate_up, int rows) {
         if (a.n == 0 || rows == 0) return;
         for (int i = 0; i < a.nseg; i++) a.vec = a.vec && reinterpret_cast<uintptr_t>(a.seg[i].w) % 16 == 0;
-        switch (fmt_of(t)) {
+        switch (f) {
             case kF32: gemv_typed<kF32>(a, gate_up, rows); break;
             case kBF16: gemv_typed<kBF16>(a, gate_up, rows); break;
             case kF16: gemv_typed<kF16>(a, gate_up, rows); break;
             case kI8: gemv_typed<kI8>(a, gate_up, rows); break;
-            default: gemv_typed<kI4>(a, gate_up, rows); break;
+            case kI8G: gemv_typed<kI8G>(a, gate_up, rows); break;
+            case kI4: gemv_typed<kI4>(a, gate_up, rows); break;
+            default: gemv_typed<kI4M>(a, gate_up, rows); break;
         }
     }
 
@@ -955,15 +1002,21 @@ class CudaOps final : public Ops {
         const void* W = w.data;
         int ld = w.stride;
         if (w.dtype == DType::I8 || w.dtype == DType::U8) {
-            const size_t nw = size_t(w.rows) * w.cols;
+            const int f = fmt_of(w);
+            check_groups(w, f, "matmul");
+            const size_t nw = size_t(w.rows) * w.cols, rb = row_bytes(w, w.stride);
+            const int group = w.group > 0 ? w.group : 1;
             auto* d = static_cast<__nv_bfloat16*>(workspace(deq_ws_, 2 * nw));
             const uint8_t* q = static_cast<const uint8_t*>(w.data);
-            if (w.dtype == DType::I8)
-                dequantize_kernel<kI8><<<grid_for(nw, 256), 256, 0, stream_>>>(d, q, w.scales, w.zeros, w.rows, w.cols,
-                                                                                row_bytes(w, w.stride), 1);
-            else
-                dequantize_kernel<kI4><<<grid_for(nw, 256), 256, 0, stream_>>>(d, q, w.scales, w.zeros, w.rows, w.cols,
-                                                                                row_bytes(w, w.stride), w.group);
+#define FASTGEN_DEQUANTIZE(F) \
+    dequantize_kernel<F><<<grid_for(nw, 256), 256, 0, stream_>>>(d, q, w.scales, w.zeros, w.mins, w.rows, w.cols, rb, group)
+            switch (f) {
+                case kI8: FASTGEN_DEQUANTIZE(kI8); break;
+                case kI8G: FASTGEN_DEQUANTIZE(kI8G); break;
+                case kI4: FASTGEN_DEQUANTIZE(kI4); break;
+                default: FASTGEN_DEQUANTIZE(kI4M); break;
+            }
+#undef FASTGEN_DEQUANTIZE
             LAUNCH_CHECK("dequantize_kernel");
             W = d;
             ld = w.cols;

@@ -380,8 +380,8 @@ void vector_f32(const SafetensorsFile& f, const std::string& name, int n, std::v
 }
 
 // The pieces of a matrix a backend without host memory needs a copy of: its values, scales and
-// zero points, each [rows][per_row bytes], row r starting `pitch` bytes after row r - 1 in the file
-// (pitch > per_row for a tensor-parallel column slice).
+// zero points or minimums, each [rows][per_row bytes], row r starting `pitch` bytes after row r - 1
+// in the file (pitch > per_row for a tensor-parallel column slice).
 struct Piece {
     const void** ptr;  // the Weight's pointer, moved to the copy
     size_t per_row, pitch;
@@ -389,7 +389,6 @@ struct Piece {
 };
 
 std::vector<Piece> pieces_of(Weight& w, const std::string& name) {
-    const size_t rows = size_t(w.rows);
     switch (w.dtype) {
         case DType::F32:
         case DType::BF16:
@@ -398,22 +397,24 @@ std::vector<Piece> pieces_of(Weight& w, const std::string& name) {
             return {{&w.data, size_t(w.cols) * e, size_t(w.stride) * e, w.rows}};
         }
         case DType::I8:
-            if (w.group > 0)  // grouped scales (GGUF Q8_0): no CUDA kernel yet
-                throw Error(fmt("tensor '%s': grouped int8 (GGUF Q8_0) is not supported by the CUDA backend yet; "
-                                "use --device cpu, or re-encode with quantize --mode int8", name.c_str()));
-            return {{&w.data, size_t(w.cols), size_t(w.stride), w.rows},
-                    {reinterpret_cast<const void**>(&w.scales), sizeof(float), sizeof(float), w.rows}};
+            if (w.group == 0)  // a scale per row
+                return {{&w.data, size_t(w.cols), size_t(w.stride), w.rows},
+                        {reinterpret_cast<const void**>(&w.scales), sizeof(float), sizeof(float), w.rows}};
+            [[fallthrough]];
         case DType::U8: {
-            if (w.mins)  // float minimums (GGUF Q4_1): no CUDA kernel yet
-                throw Error(fmt("tensor '%s': int4 with minimums (GGUF Q4_1) is not supported by the CUDA backend "
-                                "yet; use --device cpu, or re-encode with quantize --mode int4", name.c_str()));
+            // Grouped: the scales (and the zero points or minimums) hold cols/group entries a row of
+            // the copy, stride/group a row of the file.
             const size_t groups = size_t(w.cols / w.group), row_groups = size_t(w.stride / w.group);
-            return {{&w.data, size_t(w.cols) / 2, size_t(w.stride) / 2, w.rows},
-                    {reinterpret_cast<const void**>(&w.scales), groups * sizeof(float), row_groups * sizeof(float), w.rows},
-                    {reinterpret_cast<const void**>(&w.zeros), groups, row_groups, w.rows}};
+            const size_t q = w.dtype == DType::U8 ? 2 : 1;  // weights a byte
+            std::vector<Piece> p = {
+                {&w.data, size_t(w.cols) / q, size_t(w.stride) / q, w.rows},
+                {reinterpret_cast<const void**>(&w.scales), groups * sizeof(float), row_groups * sizeof(float), w.rows}};
+            if (w.zeros) p.push_back({reinterpret_cast<const void**>(&w.zeros), groups, row_groups, w.rows});
+            if (w.mins)
+                p.push_back({reinterpret_cast<const void**>(&w.mins), groups * sizeof(float), row_groups * sizeof(float), w.rows});
+            return p;
         }
         default:
-            (void)rows;
             throw Error(fmt("tensor '%s': dtype %s is not supported by this backend", name.c_str(), dtype_name(w.dtype)));
     }
 }

@@ -13,6 +13,23 @@
 # (stories260K greedy text, CPU vs GPU, through ./generate), bench (scripts/bench_gpu.sh).
 # $OUT/summary.txt gets one line per step; the other files hold each step's full output (8 files at
 # most, the device tool's limit: summary, build, tests, memcheck, racecheck, ptxas, smoke, bench).
+#
+# Owed on a GPU (never run yet), all in the tests step unless named:
+#   - every kernel vs its CPU twin, now including grouped int8 (GGUF Q8_0) and int4 with minimums
+#     (GGUF Q4_1): matmul (GEMV n <= 8, vector and one-weight-at-a-time paths; cuBLAS n > 8 over the
+#     dequantize kernel; 576 columns, groups 32 and 64), fused Q/K/V and gate/up, embed;
+#   - tiny GGUF-shaped models (Q8_0 embedding, Q4_1 layers, mixed groups) logits GPU vs CPU;
+#   - SmolLM2-135M logits and greedy picks GPU vs CPU (skips without its model.bin, see below);
+#   - memcheck over the same kernel and tiny-model cases (sanitizer step).
+# The tolerances of the GPU-vs-CPU logit checks are estimates: record the printed errors.
+#
+# SmolLM2's model.bin (113 MB) is more than one call's 64 MiB carry, so it comes in three parts on
+# one warm machine (30 s idle limit between calls). Here: `echo /.smol/ >> .git/info/exclude;
+# split -n 3 -d models/smollm2-135m-instruct.bin /tmp/smol.part.`; then for part 00 and 01:
+# `rm -rf .smol && mkdir .smol && cp /tmp/smol.part.0K .smol/` and run(command="bash
+# scripts/gpu_session.sh stash", carry=[".smol"]); the last call carries [".carry", ".smol"] with
+# part 02. Each call moves .smol/* into models/ (ignored, so kept on the machine) and joins the
+# model once all three parts are there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -40,6 +57,18 @@ step() {
     return $rc
 }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+# ---- SmolLM2's model.bin, brought in parts (see the top): stash this call's part, join when complete
+if [ -d .smol ] || ls models/smol.part.* >/dev/null 2>&1; then
+    mkdir -p models
+    [ -d .smol ] && cp .smol/smol.part.* models/ 2>/dev/null
+    if [ ! -s models/smollm2-135m-instruct.bin ] && [ -s models/smol.part.00 ] && [ -s models/smol.part.01 ] && [ -s models/smol.part.02 ]; then
+        cat models/smol.part.00 models/smol.part.01 models/smol.part.02 >models/smollm2-135m-instruct.bin.tmp &&
+            mv models/smollm2-135m-instruct.bin.tmp models/smollm2-135m-instruct.bin
+    fi
+    log "SmolLM2 parts here: $(ls models/smol.part.* 2>/dev/null | tr '\n' ' '); model.bin: $(stat -c %s models/smollm2-135m-instruct.bin 2>/dev/null || echo absent)"
+fi
+[ "$STEPS" = stash ] && exit 0
 
 # ---- the machine, and where its libraries are
 {
