@@ -675,42 +675,48 @@ void fill_tensor(const SourceTensor& s, const std::vector<int64_t>& shape, DType
 }
 
 // Quantizes one matrix per ConvertOptions. The value tensor's fill does the work and keeps the
-// scales and zero points for the fills of NAME.scales and NAME.zeros, which the writer calls next.
+// scales (and int4's minimums) for the fills of NAME.scales and NAME.mins, which the writer calls next.
 struct QuantJob {
     SourceTensor src;
     std::vector<int64_t> shape;
     bool int4 = false;
     int group = 0;
     std::vector<float> scales;
-    std::vector<uint8_t> zeros;
+    std::vector<float> mins;
 };
 
 void quantize_into(QuantJob& j, uint8_t* dst, std::vector<std::pair<std::string, double>>* errors,
                    const std::string& name) {
     const int rows = int(j.shape[0]), cols = int(j.shape[1]);
-    std::vector<float> w(size_t(rows) * cols), deq(static_cast<size_t>(cols));
+    std::vector<float> w(size_t(rows) * cols);
     fill_tensor(j.src, j.shape, DType::F32, reinterpret_cast<uint8_t*>(w.data()));
     const int gs = j.int4 ? cols / j.group : 1;
     j.scales.assign(size_t(rows) * gs, 0.0f);
-    if (j.int4) j.zeros.assign(size_t(rows) * gs, 0);
+    if (j.int4) j.mins.assign(size_t(rows) * gs, 0.0f);
     Weight q{j.int4 ? DType::U8 : DType::I8, dst, rows, cols, cols};
     q.scales = j.scales.data();
-    q.zeros = j.zeros.data();
-    q.group = j.group;
-    double err = 0, norm = 0;
+    q.mins = j.int4 ? j.mins.data() : nullptr;
+    q.group = j.int4 ? j.group : 0;  // an int8 fallback matrix is per-row int8, whatever --groupsize says
+    // Rows are independent (int4's search is the slow part): threads over rows, and the error sums
+    // added up in row order afterwards, so the output does not depend on the thread count.
+    std::vector<double> row_err(static_cast<size_t>(rows)), row_norm(static_cast<size_t>(rows));
+#pragma omp parallel for schedule(dynamic, 16)
     for (int r = 0; r < rows; r++) {
         const float* wr = w.data() + size_t(r) * cols;
         if (j.int4)
-            quantize_row_int4(wr, cols, j.group, dst + size_t(r) * cols / 2, j.scales.data() + size_t(r) * gs,
-                              j.zeros.data() + size_t(r) * gs);
+            quantize_row_int4_min(wr, cols, j.group, dst + size_t(r) * cols / 2, j.scales.data() + size_t(r) * gs,
+                                  j.mins.data() + size_t(r) * gs);
         else
             j.scales[size_t(r)] = quantize_row_int8(wr, cols, reinterpret_cast<int8_t*>(dst) + size_t(r) * cols);
+        std::vector<float> deq(static_cast<size_t>(cols));
         dequantize_row(q, r, deq.data());
         for (int i = 0; i < cols; i++) {
-            err += double(wr[i] - deq[size_t(i)]) * (wr[i] - deq[size_t(i)]);
-            norm += double(wr[i]) * wr[i];
+            row_err[size_t(r)] += double(wr[i] - deq[size_t(i)]) * (wr[i] - deq[size_t(i)]);
+            row_norm[size_t(r)] += double(wr[i]) * wr[i];
         }
     }
+    double err = 0, norm = 0;
+    for (int r = 0; r < rows; r++) err += row_err[size_t(r)], norm += row_norm[size_t(r)];
     errors->push_back({name, norm > 0 ? std::sqrt(err / norm) : 0.0});
 }
 
@@ -799,11 +805,11 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
                 w.add(e.name + ".scales", DType::F32, {rows, gs}, [j](uint8_t* dst) {
                     std::memcpy(dst, j->scales.data(), j->scales.size() * sizeof(float));
                 });
-                w.add(e.name + ".zeros", DType::U8, {rows, gs}, [j](uint8_t* dst) {
-                    std::memcpy(dst, j->zeros.data(), j->zeros.size());
+                w.add(e.name + ".mins", DType::F32, {rows, gs}, [j](uint8_t* dst) {
+                    std::memcpy(dst, j->mins.data(), j->mins.size() * sizeof(float));
                     *j = QuantJob();  // done with this matrix: free its scratch
                 });
-                st.quant_matrix_bytes += size_t(rows * cols / 2 + rows * gs * 5);
+                st.quant_matrix_bytes += size_t(rows * cols / 2 + rows * gs * 8);
                 n_tensors += 2;
             } else {
                 w.add(e.name, DType::I8, {rows, cols}, [j, errors, name](uint8_t* dst) { quantize_into(*j, dst, errors, name); });

@@ -25,7 +25,7 @@ struct ConvertStats {
     // int8/int4: each quantized matrix's ||w - dequantize(quantize(w))|| / ||w||, in file order
     std::vector<std::pair<std::string, double>> rel_errors;
     size_t source_matrix_bytes = 0;  // quantized matrices' bytes as f32
-    size_t quant_matrix_bytes = 0;   // the same matrices quantized (values, scales, zero points)
+    size_t quant_matrix_bytes = 0;   // the same matrices quantized (values, scales, int4 minimums)
     size_t tensors = 0;
     size_t bytes = 0;   // size of the written file
     double seconds = 0;

@@ -50,6 +50,10 @@ float quantize_row_int8(const float* w, int n, int8_t* q);
 // zero = round(-min / s) clamped to 0..15, q = clamp(round(w / s) + zero, 0, 15); packs two q per
 // byte into packed[n/2] (low nibble = even column) and writes scales/zeros[n/group].
 void quantize_row_int4(const float* w, int n, int group, uint8_t* packed, float* scales, uint8_t* zeros);
+// int4 with float minimums (quantize --mode int4), one row: per group w ~ q * scales[g] + mins[g],
+// q in 0..15, (scale, min) chosen by a search minimising the group's squared error (never worse than
+// min-max, with or without zero points); packed as above, scales/mins[n/group]; group <= 256.
+void quantize_row_int4_min(const float* w, int n, int group, uint8_t* packed, float* scales, float* mins);
 // Row r of any Weight as f32 (cols values): the dequantize reference for tests and embeddings.
 void dequantize_row(const Weight& w, int r, float* out);
 

@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
         ->check(CLI::Validator(check_output_path, "PATH"));
     app.add_option("-m,--mode", o.mode,
                    "weight format; auto keeps the source's float type; int8: symmetric, a scale per output "
-                   "channel; int4: a scale and a zero point per group of --groupsize columns")
+                   "channel; int4: a scale and a minimum per group of --groupsize columns (w = q * scale + min)")
         ->check(CLI::IsMember({"auto", "f32", "bf16", "f16", "int8", "int4"}))
         ->capture_default_str();
     app.add_option("-g,--groupsize", o.group, "int4: columns per group")

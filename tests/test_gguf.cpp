@@ -543,7 +543,7 @@ TEST_CASE("gguf: other modes dequantize, then take the usual f32/bf16/int8/int4 
         SafetensorsFile f(out);
         CHECK(f.metadata.at("quantization") == "int4-g32");
         CHECK(f.get("layers.1.attention.wq.weight").dtype == DType::U8);
-        CHECK(f.find("layers.1.attention.wq.weight.zeros") != nullptr);
+        CHECK(f.find("layers.1.attention.wq.weight.mins") != nullptr);
         // Requantizing 4-bit values from 16 levels to 16 levels: small but not zero error.
         for (const auto& [name, err] : st.rel_errors) CHECK(err < 0.1);
     }

@@ -2,6 +2,7 @@
 // matmul kernels against dequantize-then-f32, quantized model logits and perplexity, refusals.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -148,6 +149,96 @@ TEST_CASE("int4 quantization error is within half a step") {
     for (int i = 0; i < 256; i++) CHECK(std::fabs(back[size_t(i)] - w[size_t(i)]) <= scales[size_t(i) / 32] * 0.5001f);
 }
 
+// Per group, the squared error of dequantize_row(W)'s row r against w (double).
+std::vector<double> group_sq_errors(const Weight& W, int r, const float* w) {
+    std::vector<float> back(static_cast<size_t>(W.cols));
+    dequantize_row(W, r, back.data());
+    std::vector<double> e(static_cast<size_t>(W.cols / W.group));
+    for (int i = 0; i < W.cols; i++) e[size_t(i / W.group)] += (double(w[i]) - back[size_t(i)]) * (double(w[i]) - back[size_t(i)]);
+    return e;
+}
+
+TEST_CASE("int4 with minimums: per group never worse than plain min-max (zero points or minimums), better on average") {
+    for (int g : {32, 64, 128}) {
+        CAPTURE(g);
+        const int rows = 96, cols = 4 * g, ng = cols / g;
+        std::mt19937 rng{unsigned(g)};
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+        double sum_new = 0, sum_zero = 0, sum_plain = 0;
+        int bad = 0;
+        const size_t nb = size_t(cols) / 2, gn = static_cast<size_t>(ng);
+        std::vector<float> w(static_cast<size_t>(cols)), scales(gn), mins(gn), zscales(gn);
+        std::vector<uint8_t> packed(nb), zpacked(nb), zeros(gn);
+        for (int r = 0; r < rows; r++) {
+            // row kinds: gaussian, off-centre gaussian (all one sign), a few outliers, uniform
+            for (float& v : w) {
+                const float x = nd(rng);
+                v = r % 4 == 0 ? 0.05f * x : r % 4 == 1 ? 0.3f + 0.05f * x : r % 4 == 2 ? (rng() % 16 ? 0.02f * x : 0.2f * x) : ud(rng);
+            }
+            quantize_row_int4_min(w.data(), cols, g, packed.data(), scales.data(), mins.data());
+            quantize_row_int4(w.data(), cols, g, zpacked.data(), zscales.data(), zeros.data());
+            Weight W{DType::U8, packed.data(), 1, cols, cols}, Z{DType::U8, zpacked.data(), 1, cols, cols};
+            W.scales = scales.data(), W.mins = mins.data(), W.group = g;
+            Z.scales = zscales.data(), Z.zeros = zeros.data(), Z.group = g;
+            const std::vector<double> e_new = group_sq_errors(W, 0, w.data()), e_zero = group_sq_errors(Z, 0, w.data());
+            for (int k = 0; k < ng; k++) {
+                // plain min-max with a float minimum, computed here: s = (max - min) / 15, m = min
+                const float* p = w.data() + size_t(k) * g;
+                const float lo = *std::min_element(p, p + g), hi = *std::max_element(p, p + g), s = (hi - lo) / 15;
+                double e_plain = 0;
+                for (int i = 0; i < g; i++) {
+                    const double d = double(p[i]) - (std::clamp(std::nearbyint((p[i] - lo) / s), 0.0f, 15.0f) * double(s) + lo);
+                    e_plain += d * d;
+                }
+                // float rounding of the two formats' expressions: far below the gaps measured
+                if ((e_new[size_t(k)] > e_zero[size_t(k)] * (1 + 1e-5) || e_new[size_t(k)] > e_plain * (1 + 1e-5)) && bad++ < 5)
+                    FAIL_CHECK("row " << r << " group " << k << ": " << e_new[size_t(k)] << " vs zero points " << e_zero[size_t(k)]
+                                      << ", min-max " << e_plain);
+                sum_new += e_new[size_t(k)], sum_zero += e_zero[size_t(k)], sum_plain += e_plain;
+            }
+        }
+        CHECK(bad == 0);
+        MESSAGE("group " << g << ": squared error / zero-point min-max " << sum_new / sum_zero << ", / plain min-max "
+                         << sum_new / sum_plain);
+        CHECK(sum_new < 0.85 * sum_zero);
+        CHECK(sum_new < 0.9 * sum_plain);
+    }
+}
+
+TEST_CASE("int4 with minimums: values on a grid, constant and zero groups come back exactly") {
+    const int g = 32, n = 4 * g;
+    std::mt19937 rng(3);
+    std::vector<float> w(static_cast<size_t>(n)), back(static_cast<size_t>(n)), scales(4), mins(4);
+    std::vector<uint8_t> packed(static_cast<size_t>(n / 2));
+    const float gs[2] = {0.013f, 0.7f}, gm[2] = {-0.0517f, 0.33f};  // minimums off any multiple of the scale
+    for (int i = 0; i < 2 * g; i++) {
+        const int grp = i / g, level = i % g == 0 ? 0 : i % g == 1 ? 15 : int(rng() % 16);
+        w[size_t(i)] = float(level) * gs[grp] + gm[grp];
+    }
+    for (int i = 2 * g; i < 3 * g; i++) w[size_t(i)] = -0.25f;  // constant
+    for (int i = 3 * g; i < n; i++) w[size_t(i)] = 0.0f;
+    quantize_row_int4_min(w.data(), n, g, packed.data(), scales.data(), mins.data());
+    for (int k = 0; k < 2; k++) {
+        CHECK(scales[size_t(k)] == doctest::Approx(gs[k]).epsilon(1e-5));
+        CHECK(mins[size_t(k)] == doctest::Approx(gm[k]).epsilon(1e-5));
+    }
+    Weight W{DType::U8, packed.data(), 1, n, n};
+    W.scales = scales.data(), W.mins = mins.data(), W.group = g;
+    dequantize_row(W, 0, back.data());
+    for (int i = 0; i < n; i++)
+        if (!(std::fabs(back[size_t(i)] - w[size_t(i)]) <= 1e-6f * (1 + std::fabs(w[size_t(i)]))))
+            FAIL_CHECK("column " << i << ": " << back[size_t(i)] << " != " << w[size_t(i)]);
+    // and the same row through quantize_row_int4 cannot hold the offset minimums exactly
+    std::vector<uint8_t> zeros(4);
+    quantize_row_int4(w.data(), n, g, packed.data(), scales.data(), zeros.data());
+    W.mins = nullptr, W.zeros = zeros.data();
+    dequantize_row(W, 0, back.data());
+    double worst = 0;
+    for (int i = 0; i < g; i++) worst = std::max(worst, double(std::fabs(back[size_t(i)] - w[size_t(i)])));
+    CHECK(worst > 1e-4);  // the zero point 4 puts the grid 0.0003 off
+}
+
 TEST_CASE("int8 matmul kernel against dequantize-then-f32") {
     for (int cols : {16, 33, 100, 257}) {
         for (int rows : {1, 7, 13, 66}) {
@@ -189,8 +280,8 @@ TEST_CASE("quantized model logits stay close to f32") {
     const std::vector<int> tokens = {1, 7, 99, 300, 5, 42, 17, 256, 511, 3, 8, 64};
     struct Case { const char* what; Config cfg; const char* mode; int group; bool emb; double tol; };
     Case cases[] = {
-        // Random models pass weight error on with little damping: measured 0.020, 0.025, 0.18, 0.24,
-        // 0.29. A wrong scale, nibble order or group would give errors near 1.
+        // Random models pass weight error on with little damping: measured 0.020, 0.025, 0.18, 0.22,
+        // 0.36. A wrong scale, nibble order or group would give errors near 1.
         {"int8", tiny_config(128, 256, 2, 4, 2, false), "int8", 0, false, 3e-2},
         {"int8, tied, quantized embeddings", tiny_config(128, 256, 2, 4, 2, true), "int8", 0, true, 4e-2},
         {"int4 g32", tiny_config(128, 256, 2, 4, 2, false), "int4", 32, false, 0.25},
@@ -233,7 +324,8 @@ TEST_CASE("quantize refuses a group size that does not divide, naming the tensor
                                                                   "96 columns are not a multiple of the int4 group size 64"),
                          Error);
     o.int8_fallback = true;  // w2 becomes int8, the rest int4; the loader reads each format off its dtype
-    convert_checkpoint(o);
+    ConvertStats st = convert_checkpoint(o);
+    for (const auto& [name, err] : st.rel_errors) CHECK_MESSAGE((err > 0 && err < 0.1), name << ": " << err);
     Model m(o.output, cpu_ops(0));
     CHECK(m.w.layers[0].w2.dtype == DType::I8);
     CHECK(m.w.layers[0].w1.dtype == DType::U8);
@@ -244,7 +336,7 @@ TEST_CASE("quantize refuses a group size that does not divide, naming the tensor
     CHECK(r.err.find("groupsize") != std::string::npos);
 }
 
-TEST_CASE("perplexity on stories260K: int8 within 1% of f32, int4 g32 close") {
+TEST_CASE("perplexity on stories260K: int8 within 1% of f32, int4 g32 within 5%") {
     const std::string dir = temp_dir(), m = models_dir();
     const std::string src = m + "/stories260K.bin --tokenizer " + m + "/tok512.model";
     double ppl[3];
@@ -261,6 +353,17 @@ TEST_CASE("perplexity on stories260K: int8 within 1% of f32, int4 g32 close") {
     }
     MESSAGE("perplexity f32 " << ppl[0] << ", int8 " << ppl[1] << ", int4 g32 " << ppl[2]);
     CHECK(std::fabs(ppl[1] / ppl[0] - 1) < 0.01);
-    // The issue asks for 5%; measured 5.45% on this 746-token text with min-max groups (see README).
-    CHECK(std::fabs(ppl[2] / ppl[0] - 1) < 0.06);
+    // The issue's bounds. Measured -0.24% and +4.0% (min-max int4 groups gave +5.45%; README).
+    CHECK(std::fabs(ppl[2] / ppl[0] - 1) < 0.05);
+}
+
+TEST_CASE("quantize --mode int4 writes the same bytes whatever the thread count") {
+    const std::string dir = temp_dir(), m = models_dir();
+    const std::string cmd = "./quantize -q --input " + m + "/stories260K.bin --tokenizer " + m +
+                            "/tok512.model --mode int4 --groupsize 32 --int8-fallback --output " + dir;
+    for (const char* t : {"1", "3"}) {
+        CommandResult q = sh("env OMP_NUM_THREADS=" + std::string(t) + " " + cmd + "/t" + t + ".bin");
+        REQUIRE_MESSAGE(q.rc == 0, q.err);
+    }
+    CHECK(read_file(dir + "/t1.bin") == read_file(dir + "/t3.bin"));
 }

@@ -552,7 +552,7 @@ TEST_CASE("quantize re-encodes a model.bin in the new formats: auto keeps them, 
         check_same_tensors(a, b);
         CHECK(SafetensorsFile(a).metadata == SafetensorsFile(b).metadata);
         Model m(a, cpu_ops(0));
-        if (int4) CHECK((m.w.tok_embeddings.dtype == DType::U8 && m.w.tok_embeddings.zeros && m.w.tok_embeddings.group == 64));
+        if (int4) CHECK((m.w.tok_embeddings.dtype == DType::U8 && m.w.tok_embeddings.mins && m.w.tok_embeddings.group == 64));
         if (!int4) CHECK(m.w.tok_embeddings.dtype == (std::strcmp(mode, "bf16") == 0 ? DType::BF16 : DType::F32));
         MESSAGE(what << " re-encoding: logits relative error " << worst_rel_error(prefill_logits(m, tokens), q_logits, c.vocab_size));
     }
@@ -561,23 +561,36 @@ TEST_CASE("quantize re-encodes a model.bin in the new formats: auto keeps them, 
 TEST_CASE("per-row int8 and int4-with-zeros files: re-encoded by quantize, dequantized by the reference") {
     const std::string dir = temp_dir();
     const Config c = tiny_config(64, 96, 2, 4, 2, false);  // w2's 96 columns: int8 fallback at group 64
-    write_model_bin(random_weights(c, 21), dir + "/old-f32.bin", DType::F32);
+    const TinyWeights tw = random_weights(c, 21);
+    write_model_bin(tw, dir + "/old-f32.bin", DType::F32);
+    // quantize still writes per-row int8 (here --int8-fallback's w2; the rest int4 with minimums);
+    // it wrote int4 with zero points before its int4 moved to minimums, so that file comes from raw
+    // entries (group 32: every matrix, w2 included, is int4 with zero points).
     convert(dir + "/old-f32.bin", dir + "/old-int4.bin", "int4", true, 64);
-    Model q(dir + "/old-int4.bin", cpu_ops(0));
-    REQUIRE((q.w.layers[0].w2.dtype == DType::I8 && q.w.layers[0].w1.dtype == DType::U8));
-    const std::vector<int> tokens = random_tokens(20, c.vocab_size, 8);
-    const std::vector<float> q_logits = prefill_logits(q, tokens);
-    check_close(q_logits, reference_logits(dir + "/old-int4.bin", tokens, c.vocab_size), c.vocab_size, 1e-4);
-
-    convert(dir + "/old-int4.bin", dir + "/old-auto.bin", "auto");
-    check_same_tensors(dir + "/old-int4.bin", dir + "/old-auto.bin");
-    CHECK(SafetensorsFile(dir + "/old-auto.bin").metadata.at("quantization") == "int4-g64");
-    convert(dir + "/old-int4.bin", dir + "/old-f32-again.bin", "f32");
-    SafetensorsFile fq(dir + "/old-int4.bin"), ff(dir + "/old-f32-again.bin");
+    std::map<std::string, Store> zeros;
     for (const TensorSpec& t : model_tensors(c))
-        if (fq.find(t.name + ".scales")) check_dequantized(fq, ff, t.name);
-    Model f(dir + "/old-f32-again.bin", cpu_ops(0));
-    CHECK(worst_rel_error(prefill_logits(f, tokens), q_logits, c.vocab_size) < 1e-5);
+        if (t.shape.size() == 2 && t.name.rfind("layers.", 0) == 0) zeros[t.name] = {Fmt::I4Zeros, 32};
+    write_entries(model_entries(tw, zeros), c, dir + "/old-zeros.bin", "int4-g32");
+    const std::vector<int> tokens = random_tokens(20, c.vocab_size, 8);
+    for (const std::string old : {"old-int4", "old-zeros"}) {
+        CAPTURE(old);
+        const std::string path = dir + "/" + old + ".bin";
+        Model q(path, cpu_ops(0));
+        if (old == "old-int4") REQUIRE((q.w.layers[0].w2.dtype == DType::I8 && q.w.layers[0].w1.mins));
+        else REQUIRE((q.w.layers[0].w2.zeros && q.w.layers[0].w1.zeros));
+        const std::vector<float> q_logits = prefill_logits(q, tokens);
+        check_close(q_logits, reference_logits(path, tokens, c.vocab_size), c.vocab_size, 1e-4);
+
+        convert(path, dir + "/auto.bin", "auto");
+        check_same_tensors(path, dir + "/auto.bin");
+        CHECK(SafetensorsFile(dir + "/auto.bin").metadata.at("quantization") == (old == "old-int4" ? "int4-g64" : "int4-g32"));
+        convert(path, dir + "/f32-again.bin", "f32");
+        SafetensorsFile fq(path), ff(dir + "/f32-again.bin");
+        for (const TensorSpec& t : model_tensors(c))
+            if (fq.find(t.name + ".scales")) check_dequantized(fq, ff, t.name);
+        Model f(dir + "/f32-again.bin", cpu_ops(0));
+        CHECK(worst_rel_error(prefill_logits(f, tokens), q_logits, c.vocab_size) < 1e-5);
+    }
 }
 
 TEST_CASE("re-encoding a GGUF import keeps its tokenizer.json and chat template") {
