@@ -435,24 +435,58 @@ inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0,
     for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r, xsum);
 }
 
+// Rows [r0, r1) of out[n][W.rows] for all n tokens: 4-token tiles, then the token tail.
 template <DType T>
-void matmul_typed(float* out, const float* x, const Weight& W, int n, const float* xsum = nullptr) {
+void matmul_rows(float* out, const float* x, const Weight& W, int n, int r0, int r1, const float* xsum) {
+    int t = 0;
+    for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, xsum);
+    switch (n - t) {
+        case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1, xsum); break;
+        case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1, xsum); break;
+        case 1: rows_for_tokens<T, 1>(out, x, W, t, r0, r1, xsum); break;
+        default: break;
+    }
+}
+
+// One matmul ready to run a row block at a time, so that several matmuls of one input share a
+// parallel region (matmul_qkv, ffn_gate_up): on 2 cores a small model's decode is bound by the
+// fork/barrier of each region, not by bandwidth. x is in the layout W's kernels read (split_pairs
+// for bf16 and int4), xsum is int4's group sums.
+struct RowBlocks {
+    float* out;
+    const float* x;
+    const Weight* w;
+    const float* xsum;
+    int n, block, n_blocks;
+
     // Row blocks small enough that a block of weights stays in L2 while every token tile uses it.
-    const size_t row_bytes = T == DType::U8 ? size_t(W.cols) / 2 : size_t(W.cols) * dtype_size(T);
-    const int block = n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
-    const int n_blocks = (W.rows + block - 1) / block;
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < n_blocks; b++) {
-        int r0 = b * block, r1 = std::min(W.rows, r0 + block);
-        int t = 0;
-        for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, xsum);
-        switch (n - t) {
-            case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1, xsum); break;
-            case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1, xsum); break;
-            case 1: rows_for_tokens<T, 1>(out, x, W, t, r0, r1, xsum); break;
-            default: break;
+    RowBlocks(float* out_, const float* x_, const Weight& w_, int n_, const float* xsum_)
+        : out(out_), x(x_), w(&w_), xsum(xsum_), n(n_) {
+        const size_t row_bytes = w_.dtype == DType::U8 ? size_t(w_.cols) / 2 : size_t(w_.cols) * dtype_size(w_.dtype);
+        block = n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
+        n_blocks = (w_.rows + block - 1) / block;
+    }
+    // Rows [r0, r1), or the rows of block b; the same arithmetic per row whatever the range.
+    void run_rows(int r0, int r1) const {
+        switch (w->dtype) {
+            case DType::F32: matmul_rows<DType::F32>(out, x, *w, n, r0, r1, xsum); break;
+            case DType::BF16: matmul_rows<DType::BF16>(out, x, *w, n, r0, r1, xsum); break;
+            case DType::F16: matmul_rows<DType::F16>(out, x, *w, n, r0, r1, xsum); break;
+            case DType::I8: matmul_rows<DType::I8>(out, x, *w, n, r0, r1, xsum); break;
+            case DType::U8: matmul_rows<DType::U8>(out, x, *w, n, r0, r1, xsum); break;
+            default: assert(false && "matmul: unsupported weight dtype");
         }
     }
+    void run(int b) const { run_rows(b * block, std::min(w->rows, (b + 1) * block)); }
+};
+
+// silu(h) * up over rows [r0, r1) of h and up [n][rows], in place in h.
+inline void silu_mul_rows(float* h, const float* up, int n, int rows, int r0, int r1) {
+    for (int t = 0; t < n; t++)
+        for (size_t i = size_t(t) * rows + r0; i < size_t(t) * rows + r1; i++) {
+            float g = h[i];
+            h[i] = g / (1.0f + std::exp(-g)) * up[i];
+        }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,32 +506,65 @@ struct CpuOps final : Ops {
     void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
     void zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
 
+    // x as w's kernels read it (bf16 and int4: split_pairs, made once per input: `split` caches
+    // it for the matmuls of one x), with int4's group sums in x_gsum_[slot].
+    RowBlocks prepare(float* out, const float* x, const Weight& w, int n, int slot, const float** split) {
+        assert(w.dtype == DType::F32 || w.dtype == DType::BF16 || w.dtype == DType::F16 || w.dtype == DType::I8 ||
+               w.dtype == DType::U8);
+        if (w.dtype == DType::I8)
+            assert(w.group == 0 || (w.group % 32 == 0 && w.cols % w.group == 0 && w.stride % w.group == 0));
+        const float* xsum = nullptr;
+        if (w.dtype == DType::U8) {  // int4, packed
+            assert(w.group % 32 == 0 && w.group > 0 && w.cols % w.group == 0 && w.stride % w.group == 0);
+            assert((w.zeros == nullptr) != (w.mins == nullptr));
+            group_sums(x, n, w.cols, w.group, x_gsum_[slot]);
+            xsum = x_gsum_[slot].data();
+        }
+        if (kSplitPairs && (w.dtype == DType::BF16 || w.dtype == DType::U8)) {
+            if (!*split) {
+                split_pairs(x, n, w.cols, x_split_);
+                *split = x_split_.data();
+            }
+            x = *split;
+        }
+        return RowBlocks(out, x, w, n, xsum);
+    }
+
     void matmul(float* out, const float* x, const Weight& w, int n) override {
-        switch (w.dtype) {
-            case DType::F32: matmul_typed<DType::F32>(out, x, w, n); break;
-            case DType::BF16:
-                if (kSplitPairs) {
-                    split_pairs(x, n, w.cols, x_split_);
-                    x = x_split_.data();
-                }
-                matmul_typed<DType::BF16>(out, x, w, n);
-                break;
-            case DType::F16: matmul_typed<DType::F16>(out, x, w, n); break;
-            case DType::I8:
-                assert(w.group == 0 || (w.group % 32 == 0 && w.cols % w.group == 0 && w.stride % w.group == 0));
-                matmul_typed<DType::I8>(out, x, w, n);
-                break;
-            case DType::U8:  // int4, packed
-                assert(w.group % 32 == 0 && w.group > 0 && w.cols % w.group == 0 && w.stride % w.group == 0);
-                assert((w.zeros == nullptr) != (w.mins == nullptr));
-                group_sums(x, n, w.cols, w.group, x_gsum_);
-                if (kSplitPairs) {
-                    split_pairs(x, n, w.cols, x_split_);
-                    x = x_split_.data();
-                }
-                matmul_typed<DType::U8>(out, x, w, n, x_gsum_.data());
-                break;
-            default: assert(false && "matmul: unsupported weight dtype");
+        const float* split = nullptr;
+        const RowBlocks m = prepare(out, x, w, n, 0, &split);
+#pragma omp parallel for schedule(static)
+        for (int b = 0; b < m.n_blocks; b++) m.run(b);
+    }
+
+    // One parallel region over the row blocks of wq, then wk, then wv (each blocked as matmul
+    // blocks it), instead of three.
+    void matmul_qkv(float* q, float* k, float* v, const float* x, const Weight& wq, const Weight& wk, const Weight& wv,
+                    int n) override {
+        const float* split = nullptr;
+        const RowBlocks m[3] = {prepare(q, x, wq, n, 0, &split), prepare(k, x, wk, n, 1, &split),
+                                prepare(v, x, wv, n, 2, &split)};
+        const int total = m[0].n_blocks + m[1].n_blocks + m[2].n_blocks;
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < total; i++) {
+            int j = 0, b = i;
+            for (; b >= m[j].n_blocks; j++) b -= m[j].n_blocks;
+            m[j].run(b);
+        }
+    }
+
+    // One parallel region: per block of w1's rows, those rows of w1, the same rows of w3, then
+    // silu * up for those outputs (the unfused path's three regions, in the same arithmetic).
+    void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) override {
+        assert(w1.rows == w3.rows && w1.cols == w3.cols);
+        const float* split = nullptr;
+        const RowBlocks gate = prepare(h, x, w1, n, 0, &split), lin = prepare(up, x, w3, n, 1, &split);
+#pragma omp parallel for schedule(static)
+        for (int b = 0; b < gate.n_blocks; b++) {
+            const int r0 = b * gate.block, r1 = std::min(w1.rows, r0 + gate.block);
+            gate.run_rows(r0, r1);
+            lin.run_rows(r0, r1);
+            silu_mul_rows(h, up, n, w1.rows, r0, r1);
         }
     }
 
@@ -596,19 +663,8 @@ struct CpuOps final : Ops {
         }
     }
 
-    void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) override {
-        matmul(h, x, w1, n);
-        matmul(up, x, w3, n);
-        const size_t count = size_t(n) * w1.rows;
-#pragma omp parallel for schedule(static) if (count > 65536)
-        for (size_t i = 0; i < count; i++) {
-            float g = h[i];
-            h[i] = g / (1.0f + std::exp(-g)) * up[i];
-        }
-    }
-
     std::vector<float> x_split_;  // scratch: x in split_pairs layout for bf16 weights
-    std::vector<float> x_gsum_;   // scratch: per token, the sum of x over each int4 group
+    std::vector<float> x_gsum_[3];  // scratch: per token, the sum of x over each int4 group (q, k, v)
 
     void add(float* x, const float* y, size_t n) override {
         for (size_t i = 0; i < n; i++) x[i] += y[i];
