@@ -822,7 +822,6 @@ float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const
         it = graphs_.emplace(key, ops_->capture_end()).first;
     }
     ops_->graph_launch(it->second);
-    (void)m;
     return out;
 }
 

