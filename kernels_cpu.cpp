@@ -126,6 +126,12 @@ inline void tile_step_bf16_pairs(__m512 (&acc)[NT][NR], const float* x, size_t x
     }
 }
 
+template <int NT, int NR>
+inline void zero_tile(__m512 (&acc)[NT][NR]) {
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
+}
+
 constexpr bool kSplitPairs = true;  // bf16 matmuls read x in split_pairs layout
 
 // NT tokens x NR rows of dot products over all columns; results to out[t][row r].
@@ -133,8 +139,7 @@ template <DType T, int NT, int NR, bool kPrefetch>
 inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride, const uint8_t* w,
                  size_t w_stride, int cols) {
     __m512 acc[NT][NR];
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
+    zero_tile<NT, NR>(acc);
     int k = 0;
     if constexpr (T == DType::BF16)
         for (; k + 2 * kLanes <= cols; k += 2 * kLanes) tile_step_bf16_pairs<NT, NR, kPrefetch>(acc, x, x_stride, w, w_stride, k);
@@ -168,8 +173,7 @@ inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stri
     const int8_t* w = static_cast<const int8_t*>(W.data) + size_t(r0) * W.stride;
     const size_t ws = size_t(W.stride);
     __m512 acc[NT][NR];
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
+    zero_tile<NT, NR>(acc);
     int k = 0;
     for (; k + kLanes <= W.cols; k += kLanes) tile_step_i8<NT, NR, false>(acc, x, x_stride, w, ws, k, 0);
     if (k < W.cols) tile_step_i8<NT, NR, true>(acc, x, x_stride, w, ws, k, __mmask16((1u << (W.cols - k)) - 1));
@@ -189,12 +193,10 @@ inline void tile_i8_grouped(float* out, size_t out_stride, const float* x, size_
     const int8_t* w = static_cast<const int8_t*>(W.data) + r0 * ws;
     const float* sc = W.scales + r0 * gs;
     __m512 acc[NT][NR];
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
+    zero_tile<NT, NR>(acc);
     for (int g = 0; g < ng; g++) {
         __m512 gacc[NT][NR];
-        for (int t = 0; t < NT; t++)
-            for (int r = 0; r < NR; r++) gacc[t][r] = _mm512_setzero_ps();
+        zero_tile<NT, NR>(gacc);
         for (int k = g * W.group; k < (g + 1) * W.group; k += kLanes)
             tile_step_i8<NT, NR, false>(gacc, x, x_stride, w, ws, k, 0);
         for (int r = 0; r < NR; r++) {
@@ -229,12 +231,10 @@ inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stri
     const float* mp = kMins ? W.mins + r0 * gs : nullptr;
     const __m512i nib = _mm512_set1_epi32(0xf);
     __m512 acc[NT][NR];
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
+    zero_tile<NT, NR>(acc);
     for (int g = 0; g < ng; g++) {
         __m512 gacc[NT][NR];
-        for (int t = 0; t < NT; t++)
-            for (int r = 0; r < NR; r++) gacc[t][r] = _mm512_setzero_ps();
+        zero_tile<NT, NR>(gacc);
         for (int k = g * W.group; k < (g + 1) * W.group; k += 2 * kLanes) {
             __m512 even[NR], odd[NR];
             for (int r = 0; r < NR; r++) {

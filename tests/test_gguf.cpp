@@ -103,14 +103,7 @@ struct GgufBuilder {
     }
 };
 
-std::string gguf_error(const std::string& path) {
-    try {
-        GgufFile f(path);
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
+std::string gguf_error(const std::string& path) { return error_of([&] { GgufFile f(path); }); }
 
 ConvertOptions options(const std::string& in, const std::string& out, const std::string& mode = "auto") {
     ConvertOptions o;

@@ -48,14 +48,7 @@ std::string crafted(const std::string& name, const std::string& header, const st
 }
 
 // The Error message of opening `path`, or "" when it opens.
-std::string open_error(const std::string& path) {
-    try {
-        SafetensorsFile f(path);
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
+std::string open_error(const std::string& path) { return error_of([&] { SafetensorsFile f(path); }); }
 
 uint32_t bits(float f) {
     uint32_t u;

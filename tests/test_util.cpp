@@ -39,14 +39,16 @@ std::string shared_model_bin(const std::string& name) {
     return path;
 }
 
-std::string convert_error(const ConvertOptions& o) {
+std::string error_of(const std::function<void()>& f) {
     try {
-        convert_checkpoint(o);
+        f();
     } catch (const Error& e) {
         return e.what();
     }
     return "";
 }
+
+std::string convert_error(const ConvertOptions& o) { return error_of([&] { convert_checkpoint(o); }); }
 
 std::string models_dir() {
     const char* env = std::getenv("FASTGEN_MODELS");

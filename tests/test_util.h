@@ -1,5 +1,6 @@
 // tests/test_util.h: helpers shared by the test files: paths, temp dirs, tiny random models.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,8 @@ bool has(const std::string& s, const std::string& part);              // s conta
 // ../shared/models/NAME.bin (a llama2.c checkpoint, tokenizer tok512.model) converted to model.bin
 // once per test run; its path.
 std::string shared_model_bin(const std::string& name);
+// The message of the Error that f throws, or "" when it throws none.
+std::string error_of(const std::function<void()>& f);
 // The Error message of a conversion, or "" when it succeeds.
 std::string convert_error(const ConvertOptions& o);
 
