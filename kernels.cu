@@ -5,7 +5,9 @@
 //     several loads in flight per lane, one warp per output row, Q/K/V in one launch and the
 //     SwiGLU gate/up pair fused with the SiLU-multiply;
 //   prefill and larger batches: cuBLAS (bf16/f16 operands, f32 accumulation and output);
-//   attention: flash-decoding over the paged cache (splits along the sequence, then a combine);
+//   attention: flash-decoding over the paged cache for decode tokens (splits along the sequence,
+//     then a combine), a FlashAttention-2-style tiled kernel on the tensor cores for runs of tokens
+//     of one sequence (prefill chunks, verify runs), both feeding the same combine;
 //   rmsnorm, RoPE fused with the cache write, residual adds, embedding, argmax and top-k/top-p
 //   sampling on the device; CUDA graphs for the decode step (model.cpp decides when).
 // Every kernel's CPU twin is the same op in kernels_cpu.cpp; tests/test_gpu.cpp compares them.
@@ -13,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -299,7 +302,8 @@ __global__ void rmsnorm_kernel(float* out, const float* x, const float* weight, 
 __device__ __forceinline__ void store_kv(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ float load_kv(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
-// One block per token: rotate its q and k pairs, then write k and v into the cache slot.
+// One block per token: rotate its q and k pairs, then write k and v into the cache slot (none for
+// a negative slot: a padding token of a captured batch).
 template <typename KV>
 __global__ void rope_kv_write_kernel(float* q, float* k, const float* v, KV* k_cache, KV* v_cache,
                                      const float* cos_sin, const int* slots, int n_heads, int n_kv_heads, int head_dim) {
@@ -308,8 +312,9 @@ __global__ void rope_kv_write_kernel(float* q, float* k, const float* v, KV* k_c
     float* qt = q + size_t(t) * n_heads * head_dim;
     float* kt = k + size_t(t) * kv_dim;
     const float* vt = v + size_t(t) * kv_dim;
-    KV* kc = k_cache + size_t(slots[t]) * kv_dim;
-    KV* vc = v_cache + size_t(slots[t]) * kv_dim;
+    const int slot = slots[t];
+    KV* kc = k_cache + size_t(max(slot, 0)) * kv_dim;
+    KV* vc = v_cache + size_t(max(slot, 0)) * kv_dim;
     for (int p = threadIdx.x; p < (n_heads + n_kv_heads) * half; p += blockDim.x) {
         const bool is_q = p < n_heads * half;
         const int pp = is_q ? p : p - n_heads * half, h = pp / half, i = pp % half;
@@ -317,8 +322,9 @@ __global__ void rope_kv_write_kernel(float* q, float* k, const float* v, KV* k_c
         const float c = cs[2 * i], s = cs[2 * i + 1], a = x[0], b = x[1];
         const float r0 = a * c - b * s, r1 = a * s + b * c;
         x[0] = r0, x[1] = r1;
-        if (!is_q) store_kv(kc + h * head_dim + 2 * i, r0), store_kv(kc + h * head_dim + 2 * i + 1, r1);
+        if (!is_q && slot >= 0) store_kv(kc + h * head_dim + 2 * i, r0), store_kv(kc + h * head_dim + 2 * i + 1, r1);
     }
+    if (slot < 0) return;
     for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) store_kv(vc + j, vt[j]);
 }
 
@@ -383,19 +389,27 @@ __global__ void dequantize_kernel(__nv_bfloat16* out, const uint8_t* w, const fl
 // accumulators, which threads hold as (head, dim) pairs. Each block writes its unnormalised
 // output with its max and sum; attention_combine_kernel merges a token's splits. The number of
 // splits depends only on the batch size and the context length, never on the positions, so a
-// captured step stays valid; blocks past a token's position exit at once.
+// captured step stays valid; blocks past a token's position exit at once. With skip_runs, tokens
+// that share their block table with a neighbour are the tiled kernel's (below) and exit at once.
 
 constexpr int kAttnThreads = 256, kAttnChunk = 32, kAttnMaxAcc = 16;  // group * head_dim <= 4096
+
+// Whether token t of n shares its block table with a neighbour in the batch: it belongs to a run
+// (AttentionBatch) and the tiled kernel computes it; otherwise (a decode token) the split kernel.
+__device__ __forceinline__ bool in_run(const AttentionBatch& b, int t, int n) {
+    const int off = b.table_offsets[t];
+    return (t > 0 && b.table_offsets[t - 1] == off) || (t + 1 < n && b.table_offsets[t + 1] == off);
+}
 
 template <typename KV>
 __global__ void __launch_bounds__(kAttnThreads)
 attention_split_kernel(float* o_part, float* ml_part, const float* q, const KV* k_cache, const KV* v_cache,
-                       const AttentionBatch b, int splits, int split_len) {
+                       const AttentionBatch b, int n, bool skip_runs, int splits, int split_len) {
     extern __shared__ float smem[];
     const int s = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
     const int hd = b.head_dim, group = b.n_heads / b.n_kv_heads, kv_dim = b.n_kv_heads * hd;
     const int len = b.positions[t] + 1, start = s * split_len, end = min(len, start + split_len);
-    if (start >= len) return;
+    if (start >= len || (skip_runs && in_run(b, t, n))) return;
     float* qs = smem;                              // [group][hd], pre-scaled
     float* sc = qs + group * hd;                   // [group][kAttnChunk] scores, then weights
     float* corr = sc + group * kAttnChunk;         // [group] rescale of the accumulators
@@ -484,6 +498,262 @@ __global__ void attention_combine_kernel(float* out, const float* o_part, const 
         float o = 0.0f;
         for (int s = 0; s < used; s++) o += expf(ml_part[(base * splits + s) * 2] - M) * o_part[(base * splits + s) * hd + d];
         out[base * hd + d] = o / L;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention over runs of tokens that share a block table (prefill chunks, verify runs): tiled
+//
+// FlashAttention-2's scheme over the paged cache. For one KV head the queries are rows of
+// (token, query head of its group) in batch order, row = token * group + g. Block (row tile, KV
+// head, split) takes kTileRows consecutive rows; each of its 4 warps owns 16 of them and keeps
+// their [16][head_dim] outputs in tensor-core accumulators (registers). The tile's rows fall into
+// segments of adjacent tokens with one block table (a tile may end one sequence's run and start the
+// next one's); for each segment the block walks the split's keys up to the segment's last position
+// in tiles of kTileKeys: the K and V rows are gathered from the cache pages into shared memory once
+// and serve every row of the tile, i.e. all the query heads of the group (GQA) and all the tokens.
+// Per key tile each warp computes S = Q K^T (16 x kTileKeys) on the tensor cores, bf16 operands
+// and f32 accumulation; Q enters as two bf16 parts (hi + lo, 16 significant bits) so the scores
+// keep f32-level accuracy like the CPU twin's. An online softmax over S (causal: keys past a row's
+// position are masked) gives P, which enters the same way (hi + lo) into O += P V. Dropping the lo
+// parts would halve the tensor work at bf16-level accuracy. The results go out unnormalised with
+// each row's max and sum into the flash-decoding kernel's per-split buffers, and
+// attention_combine_kernel finishes both kinds. Tokens that share their table with neither
+// neighbour (decode tokens) are skipped here: the flash-decoding kernel takes them.
+//
+// WMMA keeps the fragment layouts its own: S goes through shared memory for the softmax, and the
+// row of each accumulator element (for rescaling O per row) is read once from a loaded tile of
+// row numbers.
+
+constexpr int kTileWarps = 4, kTileRows = 16 * kTileWarps, kTileKeys = 32;
+constexpr int kLdS = kTileKeys + 4;  // f32 scores [16][kLdS] per warp: a multiple of 4 floats (wmma)
+constexpr int kLdP = kTileKeys + 8;  // bf16 P [16][kLdP] per warp: a multiple of 8 halves (wmma)
+static_assert(kTileKeys == 32, "the softmax gives each row two lanes of 16 keys");
+
+__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+// The tiled kernel's shared memory for one head_dim (host and device compute it alike). Every
+// matrix starts 128-byte aligned (wmma needs 32); bf16 rows are head_dim + 8 long, so each row is a
+// whole number of 16-byte pieces and successive rows start 4 banks apart.
+struct TileSmem {
+    int ld;                                        // row stride of q_hi, q_lo, k, v (bf16 elements)
+    size_t q_hi, q_lo;                             // [kTileRows][ld] Q / sqrt(head_dim), bf16 parts
+    size_t k, v;                                   // [kTileKeys][ld] the key tile's K and V rows
+    size_t s;                                      // [kTileWarps][16][kLdS] f32 scores (and staging)
+    size_t p_hi, p_lo;                             // [kTileWarps][16][kLdP] softmax weights, bf16 parts
+    size_t rows;                                   // int tok, off, pos, run; float m, l, corr [kTileRows]
+    size_t slots;                                  // int [kTileKeys] cache slots of the key tile
+    size_t bytes;
+    __host__ __device__ explicit TileSmem(int head_dim) {
+        ld = head_dim + 8;
+        const size_t qb = align128(2 * size_t(kTileRows) * ld), kb = align128(2 * size_t(kTileKeys) * ld);
+        q_hi = 0, q_lo = qb, k = 2 * qb, v = k + kb, s = v + kb;
+        p_hi = s + align128(4 * size_t(kTileWarps) * 16 * kLdS);
+        p_lo = p_hi + align128(2 * size_t(kTileWarps) * 16 * kLdP);
+        rows = p_lo + align128(2 * size_t(kTileWarps) * 16 * kLdP);
+        slots = rows + 7 * 4 * size_t(kTileRows);
+        bytes = slots + 4 * size_t(kTileKeys);
+    }
+};
+
+// kFrags: head_dim / 16 at most (the warp's output accumulators, kept in registers).
+template <int kFrags>
+__global__ void __launch_bounds__(kTileWarps * kWarp)
+attention_tiled_kernel(float* o_part, float* ml_part, const float* q, const __nv_bfloat16* k_cache,
+                       const __nv_bfloat16* v_cache, const AttentionBatch b, int n, int splits, int split_len) {
+    namespace wmma = nvcuda::wmma;
+    using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+    using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+    extern __shared__ __align__(128) unsigned char tile_smem[];
+    const int hd = b.head_dim, nf = hd / 16, group = b.n_heads / b.n_kv_heads, kv_dim = b.n_kv_heads * hd;
+    const int kvh = blockIdx.y, split = blockIdx.z, row0 = blockIdx.x * kTileRows, total = n * group;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, wr0 = warp * 16;  // the warp's rows
+    const TileSmem L(hd);
+    const int ld = L.ld;
+    __nv_bfloat16* q_hi = reinterpret_cast<__nv_bfloat16*>(tile_smem + L.q_hi);
+    __nv_bfloat16* q_lo = reinterpret_cast<__nv_bfloat16*>(tile_smem + L.q_lo);
+    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(tile_smem + L.k);
+    __nv_bfloat16* v_s = reinterpret_cast<__nv_bfloat16*>(tile_smem + L.v);
+    float* s_w = reinterpret_cast<float*>(tile_smem + L.s) + warp * 16 * kLdS;
+    __nv_bfloat16* ph_w = reinterpret_cast<__nv_bfloat16*>(tile_smem + L.p_hi) + warp * 16 * kLdP;
+    __nv_bfloat16* pl_w = reinterpret_cast<__nv_bfloat16*>(tile_smem + L.p_lo) + warp * 16 * kLdP;
+    int* row_tok = reinterpret_cast<int*>(tile_smem + L.rows);  // token of the row; -1 past the batch
+    int* row_off = row_tok + kTileRows;                          // its table offset
+    int* row_pos = row_off + kTileRows;                          // its position
+    int* row_run = row_pos + kTileRows;                          // 1: its token is in a run (ours)
+    float* row_m = reinterpret_cast<float*>(row_run + kTileRows);  // running max of the scores
+    float* row_l = row_m + kTileRows;                              // running sum of e^(s - m)
+    float* row_corr = row_l + kTileRows;                           // this key tile's rescale of O
+    int* slot = reinterpret_cast<int*>(tile_smem + L.slots);
+
+    for (int r = threadIdx.x; r < kTileRows; r += blockDim.x) {
+        const int R = row0 + r, t = R < total ? R / group : -1;
+        row_tok[r] = t;
+        row_off[r] = t >= 0 ? b.table_offsets[t] : 0;
+        row_pos[r] = t >= 0 ? b.positions[t] : 0;
+        row_run[r] = t >= 0 && in_run(b, t, n);
+    }
+    // Q / sqrt(head_dim) as bf16 hi + lo (lo: the rounding error of hi, itself rounded); zero past
+    // the batch
+    const float scale = rsqrtf(float(hd));
+    for (int i = threadIdx.x; i < kTileRows * hd; i += blockDim.x) {
+        const int r = i / hd, d = i % hd, R = row0 + r;
+        float x = 0.0f;
+        if (R < total) x = q[(size_t(R / group) * b.n_heads + size_t(kvh) * group + R % group) * hd + d] * scale;
+        const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+        q_hi[r * ld + d] = hi;
+        q_lo[r * ld + d] = __float2bfloat16_rn(x - __bfloat162float(hi));
+    }
+    // The row (0..15) of each accumulator element of this lane, from a tile holding row numbers.
+    for (int i = lane; i < 16 * 16; i += kWarp) s_w[(i / 16) * kLdS + i % 16] = float(i / 16);
+    __syncwarp();
+    Acc rowmap;
+    wmma::load_matrix_sync(rowmap, s_w, kLdS, wmma::mem_row_major);
+    __syncthreads();
+
+    for (int a = 0; a < kTileRows && row_tok[a] >= 0;) {
+        // the segment [sa, se): adjacent rows whose tokens share a block table
+        const int sa = a;
+        int se = a + 1, last = row_pos[a];
+        while (se < kTileRows && row_tok[se] >= 0 && row_off[se] == row_off[sa]) last = max(last, row_pos[se++]);
+        a = se;
+        const int k0 = split * split_len, k1 = min(k0 + split_len, last + 1);  // the keys it reads here
+        if (!row_run[sa] || k0 >= k1) continue;  // a decode token (the split kernel's), or no key here
+        const int* table = b.block_tables + row_off[sa];
+        const bool mine = wr0 < se && wr0 + 16 > sa;  // this warp holds rows of the segment
+        for (int r = threadIdx.x; r < kTileRows; r += blockDim.x) row_m[r] = -INFINITY, row_l[r] = 0.0f;
+        Acc o[kFrags];
+#pragma unroll
+        for (int j = 0; j < kFrags; j++) wmma::fill_fragment(o[j], 0.0f);
+
+        for (int kb = k0; kb < k1; kb += kTileKeys) {
+            const int nk = min(kTileKeys, k1 - kb);
+            __syncthreads();  // the previous key tile (and the row state's reset) is done with
+            if (threadIdx.x < kTileKeys) {
+                const int p = kb + threadIdx.x;
+                slot[threadIdx.x] = threadIdx.x < nk ? table[p / b.block_size] * b.block_size + p % b.block_size : -1;
+            }
+            __syncthreads();
+            // The key tile's K and V rows in 16-byte pieces; rows past the keys are zeros (their
+            // weights are 0, and 0 * V must not meet a stale NaN).
+            const int pieces = hd / 8;
+            for (int i = threadIdx.x; i < kTileKeys * pieces; i += blockDim.x) {
+                const int j = i / pieces, c = i % pieces;
+                uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+                if (slot[j] >= 0) {
+                    const size_t at = size_t(slot[j]) * kv_dim + size_t(kvh) * hd + size_t(c) * 8;
+                    kx = *reinterpret_cast<const uint4*>(k_cache + at);
+                    vx = *reinterpret_cast<const uint4*>(v_cache + at);
+                }
+                *reinterpret_cast<uint4*>(k_s + j * ld + c * 8) = kx;
+                *reinterpret_cast<uint4*>(v_s + j * ld + c * 8) = vx;
+            }
+            __syncthreads();
+            if (!mine) continue;
+
+            // S = (Q / sqrt(hd)) K^T for the warp's 16 rows: K's rows read as a column-major B.
+#pragma unroll
+            for (int kt = 0; kt < kTileKeys / 16; kt++) {
+                Acc sf;
+                wmma::fill_fragment(sf, 0.0f);
+                for (int d = 0; d < nf; d++) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kf;
+                    FragA qf;
+                    wmma::load_matrix_sync(kf, k_s + kt * 16 * ld + d * 16, ld);
+                    wmma::load_matrix_sync(qf, q_hi + wr0 * ld + d * 16, ld);
+                    wmma::mma_sync(sf, qf, kf, sf);
+                    wmma::load_matrix_sync(qf, q_lo + wr0 * ld + d * 16, ld);
+                    wmma::mma_sync(sf, qf, kf, sf);
+                }
+                wmma::store_matrix_sync(s_w + kt * 16, sf, kLdS, wmma::mem_row_major);
+            }
+            __syncwarp();
+            // Online softmax: two lanes per row, 16 keys each. Rows outside the segment, keys past
+            // the tile or past the row's position count as -inf; a row with no key yet keeps m = -inf
+            // and gets weights 0 and rescale 1 (no NaN from -inf - -inf).
+            {
+                const int rr = lane / 2, half = lane % 2, r = wr0 + rr;
+                const bool active = r >= sa && r < se;
+                const int pos = row_pos[r];
+                float sv[16], mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < 16; j++) {
+                    const int col = half * 16 + j;
+                    sv[j] = active && col < nk && kb + col <= pos ? s_w[rr * kLdS + col] : -INFINITY;
+                    mx = fmaxf(mx, sv[j]);
+                }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
+                const bool any = m_new != -INFINITY;
+                float sum = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 16; j++) {
+                    const float p = any ? expf(sv[j] - m_new) : 0.0f;
+                    sum += p;
+                    const __nv_bfloat16 hi = __float2bfloat16_rn(p);
+                    ph_w[rr * kLdP + half * 16 + j] = hi;
+                    pl_w[rr * kLdP + half * 16 + j] = __float2bfloat16_rn(p - __bfloat162float(hi));
+                }
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                __syncwarp();  // both lanes of the row have read row_m
+                if (half == 0) {
+                    const float corr = active && any ? expf(m_old - m_new) : 1.0f;  // 0 on a row's first key
+                    row_corr[r] = corr;
+                    if (active) row_l[r] = row_l[r] * corr + sum, row_m[r] = m_new;
+                }
+            }
+            __syncwarp();
+            // O = O * corr (per row) + P V, V's rows read as a row-major B.
+            float corr[Acc::num_elements];
+#pragma unroll
+            for (int e = 0; e < Acc::num_elements; e++) corr[e] = row_corr[wr0 + int(rowmap.x[e])];
+            FragA ph[kTileKeys / 16], pl[kTileKeys / 16];
+#pragma unroll
+            for (int kt = 0; kt < kTileKeys / 16; kt++) {
+                wmma::load_matrix_sync(ph[kt], ph_w + kt * 16, kLdP);
+                wmma::load_matrix_sync(pl[kt], pl_w + kt * 16, kLdP);
+            }
+#pragma unroll
+            for (int j = 0; j < kFrags; j++) {
+                if (j >= nf) break;
+#pragma unroll
+                for (int e = 0; e < Acc::num_elements; e++) o[j].x[e] *= corr[e];
+#pragma unroll
+                for (int kt = 0; kt < kTileKeys / 16; kt++) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vf;
+                    wmma::load_matrix_sync(vf, v_s + kt * 16 * ld + j * 16, ld);
+                    wmma::mma_sync(o[j], ph[kt], vf, o[j]);
+                    wmma::mma_sync(o[j], pl[kt], vf, o[j]);
+                }
+            }
+        }
+
+        // The segment's rows that have keys in this split (the combine reads exactly those): O
+        // through the warp's staging tile, then the max and the sum.
+        if (mine) {
+#pragma unroll
+            for (int j = 0; j < kFrags; j++) {
+                if (j >= nf) break;
+                __syncwarp();  // the staging tile's previous contents are read
+                wmma::store_matrix_sync(s_w, o[j], kLdS, wmma::mem_row_major);
+                __syncwarp();
+                for (int i = lane; i < 16 * 16; i += kWarp) {
+                    const int rr = i / 16, r = wr0 + rr, R = row0 + r;
+                    if (r < sa || r >= se || row_pos[r] < k0) continue;
+                    const size_t head = size_t(R / group) * b.n_heads + size_t(kvh) * group + R % group;
+                    o_part[(head * splits + split) * hd + j * 16 + i % 16] = s_w[rr * kLdS + i % 16];
+                }
+            }
+            if (lane < 16) {
+                const int r = wr0 + lane, R = row0 + r;
+                if (r >= sa && r < se && row_pos[r] >= k0) {
+                    const size_t head = size_t(R / group) * b.n_heads + size_t(kvh) * group + R % group;
+                    ml_part[(head * splits + split) * 2] = row_m[r];
+                    ml_part[(head * splits + split) * 2 + 1] = row_l[r];
+                }
+            }
+        }
+        __syncthreads();  // the next segment resets the row state and reuses the tiles
     }
 }
 
@@ -690,6 +960,11 @@ class CudaOps final : public Ops {
         }
         CUDA_CHECK(cudaFuncSetAttribute(attention_split_kernel<__nv_bfloat16>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+        smem_optin_ = prop.sharedMemPerBlockOptin;
+        const int optin = int(smem_optin_);
+        CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+        CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+        CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
         std::fprintf(stderr, "cuda: %s, %d SMs, %.1f GB, compute capability %d.%d\n", prop.name, sms_,
                      prop.totalGlobalMem / 1e9, prop.major, prop.minor);
     }
@@ -828,28 +1103,51 @@ class CudaOps final : public Ops {
         LAUNCH_CHECK("rope_kv_write_kernel");
     }
 
+    // Runs of tokens that share a block table (prefill chunks, verify runs) go to the tiled kernel
+    // when the batch has any, tokens alone with their table (decode) to the flash-decoding kernel;
+    // both write per-split partials that one combine finishes. Which kernels run depends on n, the
+    // context length and the batch's has_runs / has_singles alone, never on the positions, so a
+    // captured graph stays valid for any batch with the same ones.
     void attention(float* out, const float* q, const void* k_cache, const void* v_cache, const AttentionBatch& b,
                    int n) override {
         if (n == 0) return;
+        if (n > 65535) throw Error(fmt("CUDA attention: %d tokens in one batch; at most 65535", n));
         const int group = b.n_heads / b.n_kv_heads;
-        if (group * b.head_dim > kAttnThreads * kAttnMaxAcc)
+        const int frags = tiled_frags(b.head_dim);
+        const bool tiled = b.has_runs && frags > 0 && TileSmem(b.head_dim).bytes <= smem_optin_;
+        const bool split_kernel = !tiled || b.has_singles;
+        if (split_kernel && group * b.head_dim > kAttnThreads * kAttnMaxAcc)
             throw Error(fmt("CUDA attention: %d query heads per KV head x head_dim %d is more than %d", group, b.head_dim,
                             kAttnThreads * kAttnMaxAcc));
         // Splits: enough blocks for two per SM when one sequence is long, none past the context.
+        const int row_tiles = (n * group + kTileRows - 1) / kTileRows;
+        const int units = (tiled ? row_tiles : n) * b.n_kv_heads;
         const int max_splits = (b.max_len + 255) / 256;
-        const int want = (2 * sms_ + n * b.n_kv_heads - 1) / (n * b.n_kv_heads);
+        const int want = (2 * sms_ + units - 1) / units;
         const int splits = std::max(1, std::min(max_splits, want));
         const int split_len = ((b.max_len + splits - 1) / splits + kAttnChunk - 1) / kAttnChunk * kAttnChunk;
         const size_t heads = size_t(n) * b.n_heads;
         float* o_part = static_cast<float*>(workspace(attn_ws_, sizeof(float) * heads * splits * (b.head_dim + 2)));
         float* ml_part = o_part + heads * splits * b.head_dim;
-        const size_t smem = sizeof(float) * (size_t(group) * b.head_dim + size_t(group) * kAttnChunk + 3 * size_t(group)) +
-                            sizeof(int) * kAttnChunk;
-        if (smem > 64 * 1024) throw Error(fmt("CUDA attention: %zu bytes of shared memory needed", smem));
-        attention_split_kernel<__nv_bfloat16><<<dim3(splits, b.n_kv_heads, n), kAttnThreads, smem, stream_>>>(
-            o_part, ml_part, q, static_cast<const __nv_bfloat16*>(k_cache), static_cast<const __nv_bfloat16*>(v_cache), b,
-            splits, split_len);
-        LAUNCH_CHECK("attention_split_kernel");
+        const auto* kc = static_cast<const __nv_bfloat16*>(k_cache);
+        const auto* vc = static_cast<const __nv_bfloat16*>(v_cache);
+        if (tiled) {
+            const dim3 grid(row_tiles, b.n_kv_heads, splits);
+            const size_t smem = TileSmem(b.head_dim).bytes;
+            const int threads = kTileWarps * kWarp;
+            if (frags == 4) attention_tiled_kernel<4><<<grid, threads, smem, stream_>>>(o_part, ml_part, q, kc, vc, b, n, splits, split_len);
+            else if (frags == 8) attention_tiled_kernel<8><<<grid, threads, smem, stream_>>>(o_part, ml_part, q, kc, vc, b, n, splits, split_len);
+            else attention_tiled_kernel<16><<<grid, threads, smem, stream_>>>(o_part, ml_part, q, kc, vc, b, n, splits, split_len);
+            LAUNCH_CHECK("attention_tiled_kernel");
+        }
+        if (split_kernel) {
+            const size_t smem = sizeof(float) * (size_t(group) * b.head_dim + size_t(group) * kAttnChunk + 3 * size_t(group)) +
+                                sizeof(int) * kAttnChunk;
+            if (smem > 64 * 1024) throw Error(fmt("CUDA attention: %zu bytes of shared memory needed", smem));
+            attention_split_kernel<__nv_bfloat16><<<dim3(splits, b.n_kv_heads, n), kAttnThreads, smem, stream_>>>(
+                o_part, ml_part, q, kc, vc, b, n, tiled, splits, split_len);
+            LAUNCH_CHECK("attention_split_kernel");
+        }
         attention_combine_kernel<<<dim3(b.n_heads, n), std::min(256, (b.head_dim + 31) / 32 * 32), 0, stream_>>>(
             out, o_part, ml_part, b.positions, b.n_heads, b.head_dim, splits, split_len);
         LAUNCH_CHECK("attention_combine_kernel");
@@ -901,6 +1199,13 @@ class CudaOps final : public Ops {
     static constexpr int kGemvMaxTokens = 8;
     static constexpr size_t kBlasWorkspace = 32u << 20, kStaging = 64u << 20;
     int sms_ = 0;
+    size_t smem_optin_ = 0;  // shared memory one block may use (cudaFuncAttributeMaxDynamicSharedMemorySize)
+    // The tiled attention kernel's accumulator count for a head_dim (a multiple of 16, at most
+    // 256); 0: the head_dim is not one it takes (the flash-decoding kernel does everything).
+    static int tiled_frags(int head_dim) {
+        if (head_dim % 16 != 0 || head_dim > 256) return 0;
+        return head_dim <= 64 ? 4 : head_dim <= 128 ? 8 : 16;
+    }
     cudaStream_t stream_ = nullptr;
     cublasHandle_t blas_ = nullptr;
     void* blas_ws_ = nullptr;

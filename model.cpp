@@ -585,7 +585,8 @@ void Model::upload_weights() {
 
 size_t Model::scratch_bytes() const {
     size_t n = meta_dev_.bytes();
-    for (const Buffer* b : {&x_, &xb_, &q_, &k_, &v_, &att_, &hb_, &hb2_, &xlast_, &logits_, &router_, &xg_, &yg_, &moe_})
+    for (const Buffer* b : {&x_, &xb_, &q_, &k_, &v_, &att_, &hb_, &hb2_, &xlast_, &logits_, &picked_, &router_, &xg_,
+                            &yg_, &moe_})
         n += b->bytes();
     return n;
 }
@@ -725,22 +726,52 @@ void Model::reserve_scratch(int n, int m) {
     if (!ops_->host_memory()) grow(logits_, f * m * c.vocab_size);  // [m][vocab]
 }
 
+// CUDA graphs per batch-size bucket. A dense batch of n <= kGraphMaxTokens entries (decode steps,
+// verify runs, short prefills) runs as a bucket of N = 1, 2, 4, ..., 64 entries, padded with
+// entries that change nothing: token 0 at position 0, cache slot -1 (rope_kv_write writes no K/V
+// for it: ops.h) and a one-entry block table of its own (block 0, only read), so no sequence's
+// cache is touched, no real token attends to a padding entry (tables are per entry), and padding
+// rows are never logit rows. A graph is captured per key: the bucket, whether the classifier
+// runs, the attention hints (has_runs, has_singles: they choose the attention kernels), and the
+// cache; everything else that changes between steps (tokens, positions, slots, tables, RoPE
+// angles) is read on the device from meta_dev_, whose layout depends on N alone, and scratch
+// buffers that move drop every graph (grow). The classifier runs over all N rows, which costs what
+// m rows cost when N <= 8 (one pass over its weights in the decode-sized product) or when every
+// entry wants its logits (a decode step); other batches run op by op. Buckets rather than exact n:
+// at most 7 sizes to capture (each capture is a full eager run plus instantiation) and a bounded
+// number of graphs per cache; the padding costs little (padding rows ride along in products that
+// read the weights once, and their attention reads one key).
+namespace {
+constexpr int kGraphMaxTokens = 64;
+constexpr size_t kMaxGraphs = 64;  // captures stop here (keys seen later run op by op)
+int graph_bucket(int n) {
+    int b = 1;
+    while (b < n) b *= 2;
+    return b;
+}
+}  // namespace
+
 // Builds this batch's metadata on the host and makes it visible to the backend, then runs it.
-// Returns where the logits are: `host_logits` on a host-memory backend, else logits_.
+// Returns where the logits are: `host_logits` on a host-memory backend, else logits_ (or picked_).
 float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
                         float* host_logits) {
     const Config& c = cfg;
     const int n = int(batch.size()), m = int(logit_rows.size());
     assert(kv.kv_dim == c.n_kv_heads * c.head_dim && kv.n_layers == c.n_layers);
     kv.allocate(ops_);
-    reserve_scratch(n, m);
+    const int bucket = graph_bucket(n);
+    const bool graph = ops_->graphs() && !comm_ && c.n_experts == 0 && n >= 1 && n <= kGraphMaxTokens &&
+                       (m == 0 || m == n || bucket <= 8);
+    const int padded = graph ? bucket : n;  // entries run: the batch, then padding
+    const int classified = graph && m > 0 ? padded : m;  // rows through the classifier
+    reserve_scratch(padded, classified);
 
     // Where each token's K/V go, and its block table: each sequence's table once, as far as the
     // batch's furthest position in it needs.
-    tokens_.resize(size_t(n));
-    positions_.resize(size_t(n));
-    slots_.resize(size_t(n));
-    table_offsets_.resize(size_t(n));
+    tokens_.resize(size_t(padded));
+    positions_.resize(size_t(padded));
+    slots_.resize(size_t(padded));
+    table_offsets_.resize(size_t(padded));
     tables_.clear();
     for (int i = 0; i < n; i++) {
         const BatchToken& t = batch[i];
@@ -763,25 +794,40 @@ float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const
         table_offsets_[i] = int(tables_.size());
         tables_.insert(tables_.end(), it->second.begin(), it->second.begin() + (last / kv.block_size + 1));
     }
+    for (int i = n; i < padded; i++) {  // padding (see above)
+        tokens_[i] = 0;
+        positions_[i] = 0;
+        slots_[i] = -1;
+        table_offsets_[i] = int(tables_.size());
+        tables_.push_back(0);
+    }
+    // Runs (adjacent entries sharing a table) and singles, for the attention kernels' choice.
+    bool has_runs = false, has_singles = false;
+    for (int i = 0; i < padded; i++) {
+        const int off = table_offsets_[i];
+        const bool shared = (i > 0 && table_offsets_[i - 1] == off) || (i + 1 < padded && table_offsets_[i + 1] == off);
+        has_runs = has_runs || shared;
+        has_singles = has_singles || !shared;
+    }
     // RoPE angles, once for every layer: pos * frequency in double (positions times small
     // frequencies lose digits in f32), then cos and sin.
     if (rope_freq_.empty()) rope_freq_ = c.rope_frequencies();
-    rope_.resize(size_t(n) * c.head_dim);
-    for (int t = 0; t < n; t++)
+    rope_.resize(size_t(padded) * c.head_dim);
+    for (int t = 0; t < padded; t++)
         for (int i = 0; i < c.head_dim / 2; i++) {
             const double angle = positions_[t] * rope_freq_[i];
             rope_[size_t(t) * c.head_dim + 2 * i] = float(std::cos(angle));
             rope_[size_t(t) * c.head_dim + 2 * i + 1] = float(std::sin(angle));
         }
     const int max_blocks = (c.max_seq_len + kv.block_size - 1) / kv.block_size;
-    const MetaLayout L(n, c.head_dim, max_blocks);
+    const MetaLayout L(padded, c.head_dim, max_blocks);
     const size_t used = L.tables + sizeof(int) * tables_.size();
     assert(used <= L.end);
     meta_.resize(used);
-    std::memcpy(meta_.data() + L.tokens, tokens_.data(), sizeof(int) * size_t(n));
-    std::memcpy(meta_.data() + L.positions, positions_.data(), sizeof(int) * size_t(n));
-    std::memcpy(meta_.data() + L.slots, slots_.data(), sizeof(int) * size_t(n));
-    std::memcpy(meta_.data() + L.offsets, table_offsets_.data(), sizeof(int) * size_t(n));
+    std::memcpy(meta_.data() + L.tokens, tokens_.data(), sizeof(int) * size_t(padded));
+    std::memcpy(meta_.data() + L.positions, positions_.data(), sizeof(int) * size_t(padded));
+    std::memcpy(meta_.data() + L.slots, slots_.data(), sizeof(int) * size_t(padded));
+    std::memcpy(meta_.data() + L.offsets, table_offsets_.data(), sizeof(int) * size_t(padded));
     std::memcpy(meta_.data() + L.rope, rope_.data(), sizeof(float) * rope_.size());
     std::memcpy(meta_.data() + L.tables, tables_.data(), sizeof(int) * tables_.size());
     const uint8_t* meta = meta_.data();  // the CPU reads the host bytes in place
@@ -791,38 +837,51 @@ float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const
         meta = static_cast<const uint8_t*>(meta_dev_.data());
     }
     auto ints = [&](size_t at) { return reinterpret_cast<const int*>(meta + at); };
-    const AttentionBatch ab{ints(L.positions), ints(L.tables), ints(L.offsets), kv.block_size,
-                            c.n_heads, c.n_kv_heads, c.head_dim, c.max_seq_len};
+    AttentionBatch ab{ints(L.positions), ints(L.tables), ints(L.offsets), kv.block_size,
+                      c.n_heads, c.n_kv_heads, c.head_dim, c.max_seq_len};
+    ab.has_runs = has_runs;
+    ab.has_singles = has_singles;
     float* out = ops_->host_memory() ? host_logits : logits_.f32();
     const float* rope = reinterpret_cast<const float*>(meta + L.rope);
-
-    // Small dense batches on a backend with graphs: the first step of each shape runs the ops,
-    // the second captures them, every later one replays the capture (the metadata above is all
-    // that changes between steps).
-    const bool graph = ops_->graphs() && !comm_ && c.n_experts == 0 && n <= 8;
     if (!graph) {
         run_ops(kv, n, logit_rows, out, ab, ints(L.tokens), rope, ints(L.slots));
         return out;
     }
-    std::string key = fmt("%d %p %d:", n, kv.k.data(), kv.block_size);
-    for (int r : logit_rows) key += fmt(" %d", r);
+
+    // The bucket's graph: the first step of each key runs the ops, the second captures them, every
+    // later one replays the capture.
+    assert(!ops_->host_memory());
+    all_rows_.resize(size_t(classified));
+    for (int r = 0; r < classified; r++) all_rows_[size_t(r)] = r;
+    const std::string key = fmt("%d %d %d %d %p %d", padded, classified > 0, int(has_runs), int(has_singles),
+                                kv.k.data(), kv.block_size);
     auto it = graphs_.find(key);
-    if (it == graphs_.end()) {
-        if (graph_seen_[key]++ == 0) {
-            run_ops(kv, n, logit_rows, out, ab, ints(L.tokens), rope, ints(L.slots));
-            return out;
+    if (it == graphs_.end() && (graph_seen_[key]++ == 0 || graphs_.size() >= kMaxGraphs)) {
+        run_ops(kv, padded, all_rows_, out, ab, ints(L.tokens), rope, ints(L.slots));
+    } else {
+        if (it == graphs_.end()) {
+            ops_->capture_begin();
+            try {
+                run_ops(kv, padded, all_rows_, out, ab, ints(L.tokens), rope, ints(L.slots));
+            } catch (...) {
+                ops_->graph_destroy(ops_->capture_end());
+                throw;
+            }
+            it = graphs_.emplace(key, ops_->capture_end()).first;
         }
-        ops_->capture_begin();
-        try {
-            run_ops(kv, n, logit_rows, out, ab, ints(L.tokens), rope, ints(L.slots));
-        } catch (...) {
-            ops_->graph_destroy(ops_->capture_end());
-            throw;
-        }
-        it = graphs_.emplace(key, ops_->capture_end()).first;
+        ops_->graph_launch(it->second);
     }
-    ops_->graph_launch(it->second);
-    return out;
+    // The rows asked for, in their order: the first m rows when they are 0..m-1 (a decode step),
+    // else gathered.
+    bool prefix = true;
+    for (int r = 0; r < m; r++) prefix = prefix && logit_rows[size_t(r)] == r;
+    if (prefix) return out;
+    const size_t row = sizeof(float) * size_t(c.vocab_size);
+    if (picked_.bytes() < row * size_t(m)) picked_ = Buffer(ops_, row * size_t(m));  // no graph reads it
+    for (int r = 0; r < m; r++)
+        ops_->copy(static_cast<uint8_t*>(picked_.data()) + row * size_t(r),
+                   reinterpret_cast<const uint8_t*>(out) + row * size_t(logit_rows[size_t(r)]), row);
+    return picked_.f32();
 }
 
 // The model proper, as PyTorch's Llama reads: embed, then per layer attention and the FFN, each a
@@ -857,9 +916,16 @@ void Model::run_ops(KVCache& kv, int n, const std::vector<int>& logit_rows, floa
     }
     const int m = int(logit_rows.size());
     if (m == 0) return;
+    bool contiguous = true;  // rows r0, r0 + 1, ...: one copy (a captured step's classifier takes all rows)
     for (int r = 0; r < m; r++) {
         assert(logit_rows[r] >= 0 && logit_rows[r] < n);
-        ops_->copy(xlast_.f32() + size_t(r) * c.dim, x + size_t(logit_rows[r]) * c.dim, sizeof(float) * c.dim);
+        contiguous = contiguous && logit_rows[r] == logit_rows[0] + r;
+    }
+    if (contiguous) {
+        ops_->copy(xlast_.f32(), x + size_t(logit_rows[0]) * c.dim, sizeof(float) * c.dim * size_t(m));
+    } else {
+        for (int r = 0; r < m; r++)
+            ops_->copy(xlast_.f32() + size_t(r) * c.dim, x + size_t(logit_rows[r]) * c.dim, sizeof(float) * c.dim);
     }
     ops_->rmsnorm(xlast_.f32(), xlast_.f32(), w.norm, m, c.dim, c.norm_eps);
     ops_->matmul(out, xlast_.f32(), w.output, m);

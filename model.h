@@ -187,6 +187,7 @@ class Model {
     size_t weight_bytes_per_token() const;
     size_t device_weight_bytes() const { return weights_.bytes() + norms_.bytes(); }  // copies on the backend
     size_t scratch_bytes() const;  // activation buffers now allocated
+    size_t graphs_captured() const { return graphs_.size(); }  // CUDA graphs held (tests)
 
   private:
     std::unique_ptr<SafetensorsFile> file_;
@@ -197,6 +198,7 @@ class Model {
     void upload_weights();
     // Scratch activations in the backend's memory, grown to the largest batch seen: [n_tokens][width] each.
     Buffer x_, xb_, q_, k_, v_, att_, hb_, hb2_, xlast_, logits_;
+    Buffer picked_;  // [m][vocab] logit rows gathered out of a captured step's logits_ (run_batch)
     // This forward's token ids, positions, cache slots, block tables and RoPE table, built on the
     // host in meta_ and seen by the backend at meta_dev_ (the same bytes on the CPU; an upload on CUDA).
     std::vector<int> tokens_, positions_, slots_, table_offsets_, tables_;
@@ -209,16 +211,18 @@ class Model {
     Buffer router_, xg_, yg_, moe_;
     std::vector<float> router_host_;
     void moe_ffn(const LayerWeights& L, int n);  // xb_ [n][dim] -> moe_ [n][dim] (this rank's part)
-    // The layers, the final norm and the classifier into logits_ (or `out` on a host-memory
-    // backend), for a batch whose meta_dev_ is in place; replays a captured graph where it can.
-    void run(KVCache& kv, int n, const std::vector<int>& logit_rows, float* out);
+    // The layers, the final norm and the classifier into `out` (logits_, or the caller's host
+    // memory on a host-memory backend), for a batch whose metadata is in place.
     void run_ops(KVCache& kv, int n, const std::vector<int>& logit_rows, float* out, const AttentionBatch& ab,
                  const int* tokens, const float* rope, const int* slots);
+    // Builds the metadata, then runs the batch op by op or as a captured graph (per bucket).
     float* run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const std::vector<int>& logit_rows,
                      float* host_logits);
-    // Captured decode steps by (batch size, logit rows, cache); dropped when scratch buffers move.
+    // Captured steps per batch-size bucket (model.cpp, run_batch), by (bucket, classifier or not,
+    // attention hints, cache); dropped when scratch buffers move.
     std::map<std::string, void*> graphs_;
-    std::map<std::string, int> graph_seen_;  // eager runs of each key before its capture
+    std::map<std::string, int> graph_seen_;  // sightings of each key (the first runs op by op)
+    std::vector<int> all_rows_;              // 0..N-1: a captured step's classifier rows
     void drop_graphs();
     bool grow(Buffer& b, size_t bytes);  // true when b was reallocated
 };

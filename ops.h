@@ -67,6 +67,11 @@ struct AttentionBatch {
     int block_size;
     int n_heads, n_kv_heads, head_dim;
     int max_len;               // no token attends to more than this many positions (launch sizes)
+    // What the batch holds, for the backend's choice of kernels (the host knows it; the arrays above
+    // may be in device memory). A "run": adjacent entries with the same table offset (a prefill
+    // chunk, a verify run). The defaults are always safe; has_singles = false only when exact.
+    bool has_runs = false;     // some entry shares its table offset with a neighbouring entry
+    bool has_singles = true;   // some entry shares it with neither neighbour (a decode token)
 };
 
 struct SamplingParams;
@@ -121,7 +126,8 @@ struct Ops {
     // pairs (2i, 2i+1) of each head of token t by the angle whose cosine and sine are
     // cos_sin[t][i][0..1] (model.cpp builds the table once per forward: every layer and both q and
     // k use the same angles); then k and v rows [n][kv_dim] go to the cache slots of kv_dtype()
-    // (slot = block * block_size + offset).
+    // (slot = block * block_size + offset). Backends with graphs() write nothing for a slot < 0
+    // (the padding of a captured batch, model.cpp); others are never given one.
     virtual void rope_kv_write(float* q, float* k, const float* v, void* k_cache, void* v_cache,
                                const float* cos_sin, const int* slots, int n, int n_heads, int n_kv_heads,
                                int head_dim) = 0;

@@ -20,7 +20,15 @@
 #     dequantize kernel; 576 columns, groups 32 and 64), fused Q/K/V and gate/up, embed;
 #   - tiny GGUF-shaped models (Q8_0 embedding, Q4_1 layers, mixed groups) logits GPU vs CPU;
 #   - SmolLM2-135M logits and greedy picks GPU vs CPU (skips without its model.bin, see below);
-#   - memcheck over the same kernel and tiny-model cases (sanitizer step).
+#   - the tiled prefill attention (WMMA bf16 hi+lo, runs of one sequence) beside flash-decoding in
+#     one batch, 9 shapes (GQA 1-8, head_dim 32-256, block 16/32, a 1500-token prompt): look at
+#     `-tc="*tiled attention*"` FIRST (it prints each case's error; f32-level, < 1e-4, is expected);
+#   - CUDA graphs per batch-size bucket (model.cpp: padding entries with slot -1 write no K/V):
+#     `-tc="*bucketed CUDA graphs*"` (logits vs CPU per step, cache outside the batch unchanged,
+#     5 graphs), the negative-slot RoPE case, and tiny models' logits (int8/int4 now 8e-2);
+#   - ptxas: attention_tiled_kernel<4/8/16> compiled to 128/168/254 registers, 0 spills on sm_90a;
+#   - memcheck over the same kernel and tiny-model cases and the bucketed graphs, memcheck and
+#     racecheck over the tiled attention's short-context cases (sanitizer step).
 # The tolerances of the GPU-vs-CPU logit checks are estimates: record the printed errors.
 #
 # SmolLM2's model.bin (113 MB) is more than one call's 64 MiB carry, so it comes in three parts on
@@ -101,9 +109,9 @@ want tests && step tests 150 ./build/run_tests -ts=gpu -d
 # ---- memory and race checks on the small cases
 if want sanitizer; then
     step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        ./build/run_tests -ts=gpu -tc="*fused*,*rmsnorm*,*RoPE*,*tiny random*"
+        ./build/run_tests -ts=gpu -tc="*fused*,*rmsnorm*,*RoPE*,*negative slot*,*tiled attention*short*,*bucketed*,*tiny random*"
     step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
-        ./build/run_tests -ts=gpu -tc="*RoPE*,*sampling*"
+        ./build/run_tests -ts=gpu -tc="*RoPE*,*sampling*,*tiled attention*short*"
 fi
 
 # ---- what the compiler made of the kernels: registers, spills, 16-byte loads

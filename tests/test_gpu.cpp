@@ -1,11 +1,15 @@
 // tests/test_gpu.cpp: suite "gpu": every CUDA op against its CPU twin (kernels_cpu.cpp) on fresh
 // random inputs, odd sizes included, with per-format tolerances (f32, bf16, f16, int8 per row,
-// grouped int8 = GGUF Q8_0, int4 with zero points, int4 with minimums = GGUF Q4_1); whole-model
+// grouped int8 = GGUF Q8_0, int4 with zero points, int4 with minimums = GGUF Q4_1); attention over
+// batches mixing prefill runs (the tiled kernel) and decode tokens (flash-decoding); whole-model
 // logits of tiny random models (f32, bf16, int8, int4, GGUF-shaped Q8_0 + Q4_1, GQA, tied, MoE)
-// against the CPU backend, prefill and token by token (which replays captured CUDA graphs);
+// against the CPU backend, prefill and token by token (which replays captured CUDA graphs), and a
+// serving-like series of mixed batches through the bucketed graphs (padding writes no K/V);
 // stories260K's and SmolLM2-135M's (when models/ has it) greedy tokens on the GPU equal to the
 // CPU's. Without a GPU (or in a CPU-only build) each case returns at once and the run prints one
-// line, "gpu tests skipped: no GPU (<reason>)".
+// line, "gpu tests skipped: no GPU (<reason>)". Outside the suite (run everywhere): the weight
+// upload's bookkeeping through a copying CPU backend, and model.cpp's bucketed graphs through a
+// CPU backend that records and replays ops as a graph would.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -15,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -171,8 +176,14 @@ struct TestWeight {
 };
 
 // Decode (n <= 8) runs f32 arithmetic on the same weights: rounding-level differences. Larger n
-// goes through cuBLAS with x rounded to bf16 (and quantized weights dequantized to bf16).
-double matmul_tolerance(Fmt f, int n) { return n <= 8 || f == Fmt::F32 ? 2e-5 : 1.5e-2; }
+// goes through cuBLAS with x rounded to bf16 (and quantized weights dequantized to bf16). int8 and
+// int4 weights at every n: the CPU twin multiplies them by x rounded to integers per 32-column
+// block (ops.h quantize_activations, for integer dot products), the GPU by the exact f32 x; with
+// 8-bit blocks that is up to ~1% relative, so 1.5e-2 (a wrong scale, nibble or group is O(1)).
+double matmul_tolerance(Fmt f, int n) {
+    if (f == Fmt::I8 || f == Fmt::I8Group || f == Fmt::I4 || f == Fmt::I4Mins) return 1.5e-2;
+    return n <= 8 || f == Fmt::F32 ? 2e-5 : 1.5e-2;
+}
 
 // A model.bin as a GGUF Q4_1 import looks (SmolLM2's layout): a grouped int8 embedding (Q8_0,
 // group 32), every other matrix int4 with minimums (Q4_1, group 32), except one grouped int8
@@ -276,6 +287,159 @@ struct CopyingCpuOps final : Ops {
     void embed(float* out, const Weight& table, const int* tokens, int n) override { cpu->embed(out, table, tokens, n); }
 };
 
+
+// The CPU kernels behind a backend with graphs(): a capture records each op with its arguments, as
+// a CUDA graph records launches, and a launch replays the record, reading whatever the pointers
+// hold then. model.cpp's bucketed graphs (padding, keys, replays over new metadata, gathered logit
+// rows) thereby run without a GPU. Memory as CopyingCpuOps (host_memory() false); a negative
+// cache slot is not written, as ops.h asks of backends with graphs.
+struct RecordingCpuOps final : Ops {
+    using Tape = std::vector<std::function<void()>>;
+    CopyingCpuOps mem;
+    Ops* cpu = cpu_ops(0);
+    bool recording = false;
+    Tape tape;
+    int launches = 0;
+    void run(std::function<void()> f) {
+        if (recording) tape.push_back(std::move(f));
+        else f();
+    }
+    const char* name() const override { return "cpu-recording"; }
+    bool host_memory() const override { return false; }
+    void* alloc(size_t bytes) override { return mem.alloc(bytes); }
+    void free(void* p) override { mem.free(p); }
+    void upload(void* dst, const void* src, size_t bytes) override {
+        REQUIRE(!recording);
+        std::memcpy(dst, src, bytes);
+    }
+    void download(void* dst, const void* src, size_t bytes) override {
+        REQUIRE(!recording);
+        std::memcpy(dst, src, bytes);
+    }
+    void copy(void* dst, const void* src, size_t bytes) override { run([=] { std::memcpy(dst, src, bytes); }); }
+    void zero(void* p, size_t bytes) override { run([=] { std::memset(p, 0, bytes); }); }
+    bool graphs() const override { return true; }
+    void capture_begin() override {
+        REQUIRE(!recording);
+        recording = true;
+        tape.clear();
+    }
+    void* capture_end() override {
+        recording = false;
+        return new Tape(std::move(tape));
+    }
+    void graph_launch(void* g) override {
+        launches++;
+        for (auto& f : *static_cast<Tape*>(g)) f();
+    }
+    void graph_destroy(void* g) override { delete static_cast<Tape*>(g); }
+    void matmul(float* out, const float* x, const Weight& w, int n) override {
+        run([=, this] { cpu->matmul(out, x, w, n); });
+    }
+    void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) override {
+        run([=, this] { cpu->ffn_gate_up(h, up, x, w1, w3, n); });
+    }
+    void rmsnorm(float* out, const float* x, const float* weight, int n, int dim, float eps) override {
+        run([=, this] { cpu->rmsnorm(out, x, weight, n, dim, eps); });
+    }
+    void rope_kv_write(float* q, float* k, const float* v, void* k_cache, void* v_cache, const float* cos_sin,
+                       const int* slots, int n, int n_heads, int n_kv_heads, int head_dim) override {
+        run([=, this] {
+            const size_t kv_dim = size_t(n_kv_heads) * head_dim;
+            std::vector<float> spare_k(kv_dim), spare_v(kv_dim);  // where a padding entry's K/V go instead
+            for (int t = 0; t < n; t++) {
+                const int zero = 0;
+                const bool pad = slots[t] < 0;
+                cpu->rope_kv_write(q + size_t(t) * n_heads * head_dim, k + size_t(t) * kv_dim, v + size_t(t) * kv_dim,
+                                   pad ? spare_k.data() : k_cache, pad ? spare_v.data() : v_cache,
+                                   cos_sin + size_t(t) * head_dim, pad ? &zero : slots + t, 1, n_heads, n_kv_heads,
+                                   head_dim);
+            }
+        });
+    }
+    void attention(float* out, const float* q, const void* k_cache, const void* v_cache, const AttentionBatch& b,
+                   int n) override {
+        run([=, this] { cpu->attention(out, q, k_cache, v_cache, b, n); });
+    }
+    void add(float* x, const float* y, size_t n) override { run([=, this] { cpu->add(x, y, n); }); }
+    void add_scaled(float* x, const float* y, float a, size_t n) override {
+        run([=, this] { cpu->add_scaled(x, y, a, n); });
+    }
+    void embed(float* out, const Weight& table, const int* tokens, int n) override {
+        run([=, this] { cpu->embed(out, table, tokens, n); });
+    }
+};
+
+// A tiny bf16 model whose runs take the GPU's tiled attention (head_dim 64, GQA 2), context 512.
+std::string bucket_model() {
+    static std::string path;
+    if (path.empty()) {
+        Config c = tiny_config(256, 344, 2, 4, 2, false);
+        c.max_seq_len = 512;
+        path = temp_dir() + "/buckets.bin";
+        write_model_bin(random_weights(c, 21), path, DType::BF16);
+    }
+    return path;
+}
+
+// A serving-like series of forwards that takes every path of model.cpp's run_batch: prompts
+// together (op by op), decode steps of 2, 3 and 11 sequences (buckets 2, 4 and 16: run, captured,
+// replayed, with 0, 1 and 5 padding entries), a prompt chunk among decode tokens, verify runs of 5
+// (bucket 8: a run beside padding), logit rows 2 and 0 of a decode step (gathered), prompts of 6
+// without logits (bucket 8 without the classifier).
+struct BucketStep {
+    std::vector<BatchToken> batch;
+    std::vector<int> rows;
+    std::string what;
+};
+std::vector<BucketStep> bucket_scenario(int vocab) {
+    std::mt19937 rng(8);
+    std::vector<int> next(16, 0);  // per sequence: its next position
+    std::vector<BucketStep> steps;
+    auto step = [&](const std::string& what) -> BucketStep& {
+        steps.push_back({{}, {}, what});
+        return steps.back();
+    };
+    auto add = [&](BucketStep& s, int seq, int count, bool logits) {
+        for (int i = 0; i < count; i++) s.batch.push_back({seq, next[size_t(seq)]++, int(rng() % unsigned(vocab))});
+        if (logits) s.rows.push_back(int(s.batch.size()) - 1);
+    };
+    BucketStep& two = step("two prompts (32 entries, 2 logit rows: op by op)");
+    add(two, 0, 25, true);
+    add(two, 1, 7, true);
+    for (int i = 0; i < 4; i++) {
+        BucketStep& s = step("decode x2 (bucket 2)");
+        for (int q : {0, 1}) add(s, q, 1, true);
+    }
+    BucketStep& mixed = step("decodes and a prompt (12 entries, 3 logit rows: op by op)");
+    for (int q : {0, 1}) add(mixed, q, 1, true);
+    add(mixed, 2, 10, true);
+    for (int i = 0; i < 4; i++) {
+        BucketStep& s = step("decode x3 (bucket 4, one padding entry)");
+        for (int q : {0, 1, 2}) add(s, q, 1, true);
+    }
+    for (int i = 0; i < 3; i++) {
+        BucketStep& s = step("verify run of 5 (bucket 8)");
+        add(s, 1, 5, false);
+        s.rows = {0, 1, 2, 3, 4};
+    }
+    for (int i = 0; i < 3; i++) {
+        BucketStep& s = step("decode x3, logit rows 2 and 0 (gathered)");
+        for (int q : {2, 0, 1}) add(s, q, 1, false);
+        s.rows = {2, 0};
+    }
+    for (int q = 11; q < 14; q++) {  // as decode() prefills a prompt: no logit rows
+        BucketStep& s = step("a prompt of 6 without logits (bucket 8, no classifier)");
+        add(s, q, 6, false);
+    }
+    BucketStep& eight = step("eight prompts of 3 (24 entries: op by op)");
+    for (int q = 3; q < 11; q++) add(eight, q, 3, true);
+    for (int i = 0; i < 3; i++) {
+        BucketStep& s = step("decode x11 (bucket 16, five padding entries)");
+        for (int q = 0; q < 11; q++) add(s, q, 1, true);
+    }
+    return steps;
+}
 }  // namespace
 
 // Not in the gpu suite: it runs everywhere.
@@ -328,6 +492,35 @@ TEST_CASE("weights copied to a backend's own memory (as for CUDA): every format'
         CHECK(prefill_logits(copied, tokens) == prefill_logits(host, tokens));
         CHECK(decode_logits(copied, tokens) == decode_logits(host, tokens));
     }
+}
+
+// Not in the gpu suite: it runs everywhere.
+TEST_CASE("bucketed graphs (model.cpp) over a recording CPU backend: logits and KV cache equal the plain CPU's") {
+    RecordingCpuOps rec;
+    const std::string path = bucket_model();
+    Model plain(path, cpu_ops(0)), graphed(path, &rec);
+    graphed.reserve_scratch(64, 64);
+    KVCache ka(plain.cfg, 1024, 16), kb(graphed.cfg, 1024, 16);
+    const int V = plain.cfg.vocab_size;
+    for (const BucketStep& st : bucket_scenario(V)) {
+        CAPTURE(st.what);
+        for (const BatchToken& t : st.batch) {
+            REQUIRE(ka.reserve(t.seq, t.pos + 1));
+            REQUIRE(kb.reserve(t.seq, t.pos + 1));
+        }
+        std::vector<float> want(st.rows.size() * size_t(V)), got(want.size(), NAN);
+        plain.forward(ka, st.batch, st.rows, want.data());
+        graphed.forward(kb, st.batch, st.rows, got.data());
+        // The CPU kernels compute each row on its own: padding and replays change no bit.
+        CHECK(got == want);
+        REQUIRE(ka.bytes() == kb.bytes());
+        CHECK(std::memcmp(ka.k.data(), kb.k.data(), ka.bytes() / 2) == 0);
+        CHECK(std::memcmp(ka.v.data(), kb.v.data(), ka.bytes() / 2) == 0);
+    }
+    // buckets 2, 4 (also the gathered rows' steps), 8 (verify), 8 without the classifier, 16
+    CHECK(graphed.graphs_captured() == 5);
+    // launches from each key's second step on: bucket 2: 3; 4: 3 + 3 (gathered); 8: 2; 8 without: 2; 16: 2
+    CHECK(rec.launches == 15);
 }
 
 TEST_SUITE("gpu") {
@@ -522,6 +715,196 @@ TEST_CASE("gpu: RoPE with the KV-cache write, and paged attention, match the CPU
     }
 }
 
+// Whether entry t of a batch shares its table offset with a neighbour: a run (ops.h AttentionBatch).
+bool shares_table(const std::vector<int>& offsets, size_t t) {
+    return (t > 0 && offsets[t - 1] == offsets[t]) || (t + 1 < offsets.size() && offsets[t + 1] == offsets[t]);
+}
+
+// The worst ||a - b|| / ||b|| over rows of `len` values (one token's heads): a wrong token stands
+// out even in a batch of a thousand.
+double worst_row_rel_l2(const std::vector<float>& a, const std::vector<float>& b, size_t len) {
+    REQUIRE(a.size() == b.size());
+    double worst = 0;
+    for (size_t r = 0; r < b.size() / len; r++) {
+        const std::vector<float> x(a.begin() + r * len, a.begin() + (r + 1) * len), y(b.begin() + r * len, b.begin() + (r + 1) * len);
+        worst = std::max(worst, rel_l2(x, y));
+    }
+    return worst;
+}
+
+// A piece is one sequence whose positions [start, start + count) are adjacent batch entries, as
+// batch.cpp lays a step out: count 1 is a decode token, more a prefill chunk (start > 0: it
+// continues a cached prefix) or a verify run. Lengths are no multiples of the tiles (64 query
+// rows, 32 keys); max_len sets the splits.
+struct Piece { int start, count; };
+struct AttentionCase { const char* name; int n_heads, n_kv_heads, head_dim, block_size, max_len; std::vector<Piece> pieces; };
+
+// One batch of pieces through the GPU's attention, with the batch's own hints (runs to the tiled
+// kernel, decode tokens to flash-decoding), with the defaults (flash-decoding for every token), and
+// with "decode tokens may be present" over a batch with none (flash-decoding skips every run
+// token), each against the CPU twin over the same bf16 cache.
+void check_attention_case(Ops* g, const AttentionCase& cs, std::mt19937& rng) {
+    Ops* cpu = cpu_ops(0);
+    CAPTURE(cs.name);
+    const int hd = cs.head_dim, kv_dim = cs.n_kv_heads * hd, bs = cs.block_size;
+    int blocks = 0;
+    for (Piece p : cs.pieces) blocks += (p.start + p.count + bs - 1) / bs;
+    std::vector<int> ids(static_cast<size_t>(blocks));
+    for (int i = 0; i < blocks; i++) ids[size_t(i)] = i;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<int> tables, positions, offsets;
+    for (Piece p : cs.pieces) {
+        const int offset = int(tables.size()), nb = (p.start + p.count + bs - 1) / bs;
+        tables.insert(tables.end(), ids.begin() + offset, ids.begin() + offset + nb);
+        for (int i = 0; i < p.count; i++) positions.push_back(p.start + i), offsets.push_back(offset);
+    }
+    const int n = int(positions.size());
+    bool runs = false, singles = false;
+    for (size_t t = 0; t < offsets.size(); t++) (shares_table(offsets, t) ? runs : singles) = true;
+    // Cache contents and queries: random, the cache rounded to bf16 (the CPU reads the same values).
+    const size_t cache = size_t(blocks) * bs * kv_dim;
+    std::vector<float> kc = randn(cache, rng), vc = randn(cache, rng), q = randn(size_t(n) * cs.n_heads * hd, rng);
+    std::vector<uint16_t> kb(cache), vb(cache);
+    convert_floats(kc.data(), DType::F32, kb.data(), DType::BF16, cache);
+    convert_floats(vc.data(), DType::F32, vb.data(), DType::BF16, cache);
+    convert_floats(kb.data(), DType::BF16, kc.data(), DType::F32, cache);
+    convert_floats(vb.data(), DType::BF16, vc.data(), DType::F32, cache);
+    std::vector<float> want(size_t(n) * cs.n_heads * hd);
+    AttentionBatch hb{positions.data(), tables.data(), offsets.data(), bs, cs.n_heads, cs.n_kv_heads, hd, cs.max_len};
+    cpu->attention(want.data(), q.data(), kc.data(), vc.data(), hb, n);
+
+    Buffer dkc = put(g, kb), dvc = put(g, vb), dq = put(g, q), dpos = put(g, positions), dtab = put(g, tables),
+           doff = put(g, offsets);
+    struct Hints { const char* what; bool runs, singles; };
+    for (Hints h : {Hints{"exact hints", runs, singles}, Hints{"defaults", false, true}, Hints{"runs and singles", runs, true}}) {
+        CAPTURE(h.what);
+        AttentionBatch db{static_cast<const int*>(dpos.data()), static_cast<const int*>(dtab.data()),
+                          static_cast<const int*>(doff.data()), bs, cs.n_heads, cs.n_kv_heads, hd, cs.max_len};
+        db.has_runs = h.runs;
+        db.has_singles = h.singles;
+        Buffer out = poisoned(g, want.size());
+        g->attention(out.f32(), dq.f32(), dkc.data(), dvc.data(), db, n);
+        const double err = worst_row_rel_l2(get(g, out, want.size()), want, size_t(cs.n_heads) * hd);
+        MESSAGE(cs.name << ", " << h.what << ": worst token relative L2 error " << err);
+        // f32-level on both kernels: the tiled one's bf16 hi + lo operands carry 16 bits
+        CHECK(err < 1e-4);
+    }
+}
+
+TEST_CASE("gpu: tiled attention over runs beside flash-decoding tokens matches the CPU twin (short contexts)") {
+    Ops* g = gpu();
+    if (!g) return;
+    std::mt19937 rng(4242);
+    for (const AttentionCase& cs : std::vector<AttentionCase>{
+             {"GQA 8 hd64 bs32, one verify run (no decode tokens: splits)", 16, 2, 64, 32, 1600, {{1490, 9}}},
+             {"GQA 3 hd96: a token's heads across two tiles", 6, 2, 96, 16, 300, {{0, 30}, {2, 1}, {40, 25}, {7, 3}}},
+             {"MHA hd32, two runs side by side, no decode tokens", 8, 8, 32, 16, 200, {{0, 33}, {10, 30}}},
+             {"GQA 2 hd256 (the tiled kernel where shared memory allows)", 4, 2, 256, 16, 400, {{0, 100}, {50, 1}}},
+             {"hd8: the flash-decoding kernel for everything", 8, 4, 8, 16, 100, {{0, 20}, {3, 1}}}})
+        check_attention_case(g, cs, rng);
+}
+
+TEST_CASE("gpu: tiled attention over runs beside flash-decoding tokens matches the CPU twin (long contexts)") {
+    Ops* g = gpu();
+    if (!g) return;
+    std::mt19937 rng(4343);
+    for (const AttentionCase& cs : std::vector<AttentionCase>{
+             {"MHA hd64 bs16, prompts and chunks among decodes", 4, 4, 64, 16, 1600,
+              {{37, 1}, {0, 45}, {120, 77}, {300, 1}, {1499, 1}, {0, 1}}},
+             {"GQA 4 hd128 bs32, a 1500-token prompt", 8, 2, 128, 32, 1600, {{5, 1}, {0, 1500}, {1499, 1}, {63, 1}}},
+             {"GQA 8 hd128 bs16, chunks of two sequences", 8, 1, 128, 16, 1200,
+              {{700, 1}, {0, 63}, {1000, 20}, {5, 1}, {33, 31}}},
+             {"GQA 4 hd128 bs16, a long chunk after a cached prefix", 16, 4, 128, 16, 2100, {{1000, 600}, {3, 1}}}})
+        check_attention_case(g, cs, rng);
+}
+
+TEST_CASE("gpu: rope_kv_write with a negative slot (padding) rotates q and k and writes no K/V") {
+    Ops* g = gpu();
+    if (!g) return;
+    Ops* cpu = cpu_ops(0);
+    std::mt19937 rng(31);
+    const int n = 3, n_heads = 4, n_kv_heads = 2, hd = 32, kv_dim = n_kv_heads * hd, slots_total = 16;
+    const std::vector<int> slots = {5, -1, 9}, cpu_slots = {5, 15, 9};  // the CPU writes token 1 to a spare slot
+    std::vector<float> rope(size_t(n) * hd);
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < hd / 2; i++) {
+            const double a = (7 + t) * std::pow(10000.0, -2.0 * i / hd);
+            rope[size_t(t) * hd + 2 * i] = float(std::cos(a)), rope[size_t(t) * hd + 2 * i + 1] = float(std::sin(a));
+        }
+    std::vector<float> q = randn(size_t(n) * n_heads * hd, rng), k = randn(size_t(n) * kv_dim, rng), v = randn(size_t(n) * kv_dim, rng);
+    std::vector<float> kc = randn(size_t(slots_total) * kv_dim, rng), vc = randn(size_t(slots_total) * kv_dim, rng);
+    std::vector<uint16_t> kb(kc.size()), vb(vc.size());
+    convert_floats(kc.data(), DType::F32, kb.data(), DType::BF16, kc.size());
+    convert_floats(vc.data(), DType::F32, vb.data(), DType::BF16, vc.size());
+    Buffer dq = put(g, q), dk = put(g, k), dv = put(g, v), drope = put(g, rope), dslots = put(g, slots), dkc = put(g, kb),
+           dvc = put(g, vb);
+    std::vector<float> kc2 = kc, vc2 = vc;
+    cpu->rope_kv_write(q.data(), k.data(), v.data(), kc2.data(), vc2.data(), rope.data(), cpu_slots.data(), n, n_heads,
+                       n_kv_heads, hd);
+    g->rope_kv_write(dq.f32(), dk.f32(), dv.f32(), dkc.data(), dvc.data(), drope.f32(), static_cast<const int*>(dslots.data()),
+                     n, n_heads, n_kv_heads, hd);
+    CHECK(rel_l2(get(g, dq, q.size()), q) < 1e-6);
+    CHECK(rel_l2(get(g, dk, k.size()), k) < 1e-6);
+    std::vector<uint16_t> kb2(kb.size()), vb2(vb.size());
+    g->download(kb2.data(), dkc.data(), kb2.size() * 2);
+    g->download(vb2.data(), dvc.data(), vb2.size() * 2);
+    for (int s = 0; s < slots_total; s++) {
+        CAPTURE(s);
+        const size_t at = size_t(s) * kv_dim;
+        if (s != 5 && s != 9) {  // untouched, bit for bit (slot 15 included)
+            CHECK(std::equal(kb2.begin() + at, kb2.begin() + at + kv_dim, kb.begin() + at));
+            CHECK(std::equal(vb2.begin() + at, vb2.begin() + at + kv_dim, vb.begin() + at));
+            continue;
+        }
+        std::vector<float> a(static_cast<size_t>(kv_dim)), b(kc2.begin() + at, kc2.begin() + at + kv_dim);
+        convert_floats(kb2.data() + at, DType::BF16, a.data(), DType::F32, size_t(kv_dim));
+        CHECK(rel_l2(a, b) < 5e-3);  // the CPU's f32 row, rounded to bf16
+        std::vector<float> c(static_cast<size_t>(kv_dim)), d(vc2.begin() + at, vc2.begin() + at + kv_dim);
+        convert_floats(vb2.data() + at, DType::BF16, c.data(), DType::F32, size_t(kv_dim));
+        CHECK(rel_l2(c, d) < 5e-3);
+    }
+}
+
+TEST_CASE("gpu: mixed batches and bucketed CUDA graphs: logits match the CPU, padding writes no K/V") {
+    Ops* g = gpu();
+    if (!g) return;
+    const std::string path = bucket_model();
+    Model cpu(path, cpu_ops(0)), dev(path, g);
+    dev.reserve_scratch(64, 64);  // as generate does: no buffer moves (which drop the graphs) later
+    KVCache kc(cpu.cfg, 1024, 16), kg(dev.cfg, 1024, 16);
+    const int V = cpu.cfg.vocab_size;
+    for (const BucketStep& st : bucket_scenario(V)) {
+        CAPTURE(st.what);
+        for (const BatchToken& t : st.batch) {
+            REQUIRE(kc.reserve(t.seq, t.pos + 1));
+            REQUIRE(kg.reserve(t.seq, t.pos + 1));
+        }
+        std::vector<float> want(st.rows.size() * size_t(V)), got(want.size());
+        cpu.forward(kc, st.batch, st.rows, want.data());
+        const size_t bytes = kg.bytes() / 2;  // of K, and of V (0 before the first forward)
+        std::vector<uint8_t> k0(bytes), v0(bytes), k1(bytes), v1(bytes);
+        if (bytes > 0) g->download(k0.data(), kg.k.data(), bytes), g->download(v0.data(), kg.v.data(), bytes);
+        dev.forward(kg, st.batch, st.rows, got.data());
+        CHECK(worst_rel_error(got, want, V) < 3e-2);  // bf16 KV cache (and bf16 cuBLAS operands past 8 entries)
+        if (bytes == 0) continue;
+        // No slot but the batch's own changed: the padding entries wrote nothing.
+        g->download(k1.data(), kg.k.data(), bytes);
+        g->download(v1.data(), kg.v.data(), bytes);
+        std::set<int> written;
+        for (const BatchToken& t : st.batch) written.insert(kg.tables[t.seq][size_t(t.pos / 16)] * 16 + t.pos % 16);
+        const size_t slot_bytes = size_t(kg.kv_dim) * 2, layer = kg.layer_bytes();
+        int changed = 0;
+        for (size_t at = 0; at < bytes; at += slot_bytes) {
+            if (written.count(int((at % layer) / slot_bytes))) continue;
+            changed += std::memcmp(k0.data() + at, k1.data() + at, slot_bytes) != 0;
+            changed += std::memcmp(v0.data() + at, v1.data() + at, slot_bytes) != 0;
+        }
+        CHECK(changed == 0);
+    }
+    // buckets 2, 4 (also the gathered rows' steps), 8 (verify), 8 without the classifier, 16
+    CHECK(dev.graphs_captured() == 5);
+}
+
 TEST_CASE("gpu: argmax and top-k / top-p sampling on the device match the host Sampler") {
     Ops* g = gpu();
     if (!g) return;
@@ -589,10 +972,17 @@ TEST_CASE("gpu: tiny random models: logits on the GPU match the CPU backend, pre
         }
         Model cpu(path, cpu_ops(0)), dev(path, g);
         std::vector<int> tokens = random_tokens(40, m.c.vocab_size, unsigned(seed));
-        // bf16 KV cache and (prefill) bf16 operands on the GPU: bf16-level differences
+        // bf16 KV cache and (prefill) bf16 operands on the GPU: bf16-level differences. int8 / int4
+        // models: the CPU's matmuls also round x per 32-column block (matmul_tolerance); rounding
+        // to 8 bits alone moved such tiny models' logits from the exact-x ones by up to 0.045 in
+        // this metric (12 models measured with reference.py), hence 8e-2 for them.
         const int V = m.c.vocab_size;
-        CHECK(worst_rel_error(prefill_logits(dev, tokens), prefill_logits(cpu, tokens), V) < 3e-2);
-        CHECK(worst_rel_error(decode_logits(dev, tokens), decode_logits(cpu, tokens), V) < 3e-2);
+        const double tol = m.quant ? 8e-2 : 3e-2;
+        const double pre = worst_rel_error(prefill_logits(dev, tokens), prefill_logits(cpu, tokens), V);
+        const double dec = worst_rel_error(decode_logits(dev, tokens), decode_logits(cpu, tokens), V);
+        MESSAGE(m.name << ": worst relative logit error GPU vs CPU: prefill " << pre << ", decode " << dec);
+        CHECK(pre < tol);
+        CHECK(dec < tol);
     }
 }
 
