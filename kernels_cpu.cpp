@@ -21,7 +21,142 @@
 #define FASTGEN_AVX512 1
 #endif
 
+void quantize_activations(const float* x, int cols, int16_t* v, float* d) {
+    // 127 * 128: the int4 kernel splits v into two int8 digits, and the int8 kernel's four
+    // products of v by 256 * w (|w| <= 128) per 32-bit lane stay below 2^31.
+    constexpr float kMax = 16256.0f;
+    for (int b = 0; b * 32 < cols; b++) {
+        const int k0 = b * 32, len = std::min(32, cols - k0);
+        float amax = 0.0f;
+        for (int i = 0; i < len; i++) amax = std::max(amax, std::fabs(x[k0 + i]));
+        d[b] = amax / kMax;
+        const float inv = amax > 0.0f ? kMax / amax : 0.0f;
+        for (int i = 0; i < 32; i++)
+            v[k0 + i] = i < len ? int16_t(std::clamp(std::nearbyint(x[k0 + i] * inv), -kMax, kMax)) : 0;
+    }
+}
+
 namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Activations of the int8/int4 matmuls. These multiply by x rounded to 15-bit integers per
+// 32-column block (quantize_activations): a dot product is then integer multiply-adds (AVX-512
+// VNNI: 32 or 64 a vpdpwssd / vpdpbusd) and the scales apply once per block, where widening and
+// converting every weight to f32 kept these formats compute-bound at ~18 GB/s on two cores. 15
+// bits, not llama.cpp's 8: with 8-bit blocks, a model with massive activations (SmolLM2) turned
+// chaotic (a 1e-6 change of x moved its logits by 3-30%, as rounding flipped around outliers);
+// 15 bits round 128x finer. The rounding is per token: a token's result does not depend on its
+// batch.
+struct QuantizedX {
+    int n = 0, cols = 0, stride = 0;  // stride: cols rounded up to 128, the widest kernel step
+    std::vector<int16_t> v;           // [n][stride] rounded x, zero-padded
+    std::vector<float> d;             // [n][stride / 32] the blocks' scales (0 for padding)
+    std::vector<float> bsum;          // [n][stride / 32] d * sum of the block's v: its sum of rounded x
+    std::vector<int16_t> v8;          // int8 kernel (AVX-512): per 64 columns, in the order unpacking
+                                      // a 64-byte row of weights to 16 bits gives (see tile_i8)
+    std::vector<int8_t> digits;       // int4 kernel (AVX-512): per 128 columns (4 blocks), v = 128 h + l
+                                      // as int8 digits: h of the blocks' even columns (16 each), h of
+                                      // their odd ones, then l of the even ones, l of the odd ones
+    std::vector<float> lanes8, lanes4;  // AVX-512, per step of 64 (int8) / 128 (int4) columns: each of
+                                        // the 16 lanes' block scale (8 / 4 lanes per block); int8's
+                                        // divided by 256 (its kernel multiplies by 256 w)
+
+    void make(const float* x, int n_, int cols_) {
+        n = n_, cols = cols_, stride = (cols + 127) / 128 * 128;
+        const int blocks = stride / 32;
+        v.assign(size_t(n) * stride, 0);
+        d.assign(size_t(n) * blocks, 0.0f);
+        bsum.assign(size_t(n) * blocks, 0.0f);
+        v8.clear(), digits.clear(), lanes8.clear(), lanes4.clear();
+        for (int t = 0; t < n; t++) {
+            int16_t* vt = v.data() + size_t(t) * stride;
+            float* dt = d.data() + size_t(t) * blocks;
+            quantize_activations(x + size_t(t) * cols, cols, vt, dt);
+            for (int b = 0; b < blocks; b++) {
+                int s = 0;
+                for (int i = 0; i < 32; i++) s += vt[b * 32 + i];
+                bsum[size_t(t) * blocks + b] = dt[b] * float(s);
+            }
+        }
+    }
+    // Each lane's block scale times `f`, per step of `step` columns (16 / (step / 32) lanes per block).
+    void make_lanes(int step, float f, std::vector<float>& lanes) const {
+        const int steps = stride / step, per_block = 16 / (step / 32), blocks = stride / 32;
+        lanes.resize(size_t(n) * steps * 16);
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < steps * 16; i++)
+                lanes[size_t(t) * steps * 16 + i] = f * d[size_t(t) * blocks + (i / 16) * (step / 32) + (i % 16) / per_block];
+    }
+    // Per 64 columns: within each 16-column quarter j, columns 0..7 go to words 8j..8j+7 of the
+    // first half, columns 8..15 to the same words of the second (vpunpcklbw / vpunpckhbw order).
+    void make_int8_layout() {
+        if (!v8.empty()) return;
+        v8.resize(v.size());
+        for (size_t s = 0; s < v.size(); s += 64)
+            for (int j = 0; j < 4; j++)
+                for (int i = 0; i < 8; i++) {
+                    v8[s + 8 * j + i] = v[s + 16 * j + i];
+                    v8[s + 32 + 8 * j + i] = v[s + 16 * j + 8 + i];
+                }
+        make_lanes(64, 1.0f / 256, lanes8);
+    }
+    void make_int4_layout() {
+        if (!digits.empty()) return;
+        digits.resize(v.size() * 2);
+        for (size_t s = 0; s < v.size(); s += 128) {  // a 128-column step: 4 blocks
+            int8_t* o = digits.data() + 2 * s;
+            for (int j = 0; j < 4; j++)
+                for (int i = 0; i < 16; i++)
+                    for (int odd = 0; odd < 2; odd++) {
+                        const int x = v[s + 32 * j + 2 * i + odd], h = (x + 64) >> 7;  // l = x - 128 h in [-64, 63]
+                        o[64 * odd + 16 * j + i] = int8_t(h);
+                        o[128 + 64 * odd + 16 * j + i] = int8_t(x - 128 * h);
+                    }
+        }
+        make_lanes(128, 1.0f, lanes4);
+    }
+};
+
+// What an int8/int4 tile reads besides W: the rounded x, and for W's groups the sums of rounded x
+// per group (int4's zero points and minimums) and the step tables (grouped_steps).
+struct IntX {
+    const QuantizedX* x = nullptr;
+    const float* gsum = nullptr;         // [n][cols / group]
+    const int32_t* step_idx = nullptr;   // [steps][16]
+    const uint8_t* step_mask = nullptr;  // [steps]
+};
+
+// For a grouped W, per kernel step of `step` columns (64: int8, 128: int4): each lane's group,
+// relative to the step's first group (lanes split evenly over the step's 32-column blocks; blocks
+// past the last column repeat the last one's), and the mask of the scales the step reads (at most
+// 4, one per block).
+void grouped_steps(int cols, int group, int step, std::vector<int32_t>& idx, std::vector<uint8_t>& mask) {
+    const int steps = (cols + step - 1) / step, per_block = 16 / (step / 32);
+    idx.resize(size_t(steps) * 16);
+    mask.resize(size_t(steps));
+    for (int s = 0; s < steps; s++) {
+        const int k = s * step;
+        int last = 0;
+        for (int i = 0; i < 16; i++) {
+            const int col = std::min(k + 32 * (i / per_block), cols - 32);
+            idx[size_t(s) * 16 + i] = col / group - k / group;
+            last = std::max(last, idx[size_t(s) * 16 + i]);
+        }
+        mask[size_t(s)] = uint8_t((1u << (last + 1)) - 1);
+    }
+}
+
+// gsum[t][g] = sum of rounded x over W's group g: its blocks' bsum in order.
+void group_sums(const QuantizedX& x, int group, std::vector<float>& gsum) {
+    const int ng = x.cols / group, bpg = group / 32, blocks = x.stride / 32;
+    gsum.resize(size_t(x.n) * ng);
+    for (int t = 0; t < x.n; t++)
+        for (int g = 0; g < ng; g++) {
+            float s = 0.0f;
+            for (int b = g * bpg; b < (g + 1) * bpg; b++) s += x.bsum[size_t(t) * blocks + b];
+            gsum[size_t(t) * ng + g] = s;
+        }
+}
 
 // ---------------------------------------------------------------------------------------------
 // matmul: out[n][rows] = x[n][cols] . W[rows][cols]^T, W in f32/bf16/f16, f32 accumulation.
@@ -150,122 +285,159 @@ inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride,
     for (int t = 0; t < NT; t++)
         for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r];
 }
-// int8: 16 weights per step, widened in registers (vpmovsxbd, vcvtdq2ps); the row's one scale
-// multiplies the finished dot product. Same NT x NR register tiling as the float formats.
-template <int NT, int NR, bool kMasked>
-inline void tile_step_i8(__m512 (&acc)[NT][NR], const float* x, size_t x_stride, const int8_t* w, size_t w_stride,
-                         int k, __mmask16 m) {
-    __m512 wv[NR];
-    for (int r = 0; r < NR; r++) {
-        const int8_t* p = w + r * w_stride + k;
-        __m128i b = kMasked ? _mm_maskz_loadu_epi8(m, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-        wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-    }
-    for (int t = 0; t < NT; t++) {
-        const float* xp = x + t * x_stride + k;
-        __m512 xv = kMasked ? _mm512_maskz_loadu_ps(m, xp) : _mm512_loadu_ps(xp);
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-    }
+// Integer dot products added to acc, with or without VNNI (the fallbacks are exact here: no pair
+// sum reaches 16 bits' saturation, |w| <= 15 against int8 digits, and 32-bit sums stay small):
+// u8 x s8, 4 products per 32-bit lane (vpdpbusd), and s16 x s16, 2 per lane (vpdpwssd).
+inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+inline __m512i dot_s16(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
 }
 
+// int8 weights (per row or grouped) x rounded x: 64 columns a step. The 64 weight bytes become
+// 16-bit words 256 w by unpacking under a zero byte (each 16-column quarter's columns 0..7 into
+// the first vector, 8..15 into the second; x comes in that order, v8), so that two vpdpwssd leave
+// block 0's integer sums in lanes 0..7 and block 1's in lanes 8..15, converted once per step and
+// scaled by the block's d / 256 (grouped: times the group's scale, gathered to the lanes by a
+// permute). Unpacking under the sign bytes instead would cost two mask instructions per 64 weights.
+// The row's one scale (per-row int8) multiplies the finished dot product. Each token's lanes see
+// the same operations whatever NT (batch invariance).
 template <int NT, int NR>
-inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
-    const int8_t* w = static_cast<const int8_t*>(W.data) + size_t(r0) * W.stride;
-    const size_t ws = size_t(W.stride);
-    __m512 acc[NT][NR];
-    zero_tile<NT, NR>(acc);
-    int k = 0;
-    for (; k + kLanes <= W.cols; k += kLanes) tile_step_i8<NT, NR, false>(acc, x, x_stride, w, ws, k, 0);
-    if (k < W.cols) tile_step_i8<NT, NR, true>(acc, x, x_stride, w, ws, k, __mmask16((1u << (W.cols - k)) - 1));
-    float sums[NT][NR];
-    reduce_tile<NT, NR>(acc, sums);
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r] * W.scales[r0 + r];
-}
-
-// Grouped int8 (GGUF Q8_0): as tile_i4 below, x*q is summed per group (tile_step_i8, 16 columns a
-// step; the group is a multiple of 32, so there is no column tail) and the group's scale multiplies
-// that sum once, into the row's accumulator. Same operation sequence for every token whatever NT.
-template <int NT, int NR>
-inline void tile_i8_grouped(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
-    const size_t ws = size_t(W.stride), gs = size_t(W.stride) / W.group;  // bytes, groups per row
-    const int ng = W.cols / W.group;
+inline void tile_i8(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
+    const QuantizedX& X = *ix.x;
+    const size_t ws = size_t(W.stride), gs = W.group ? size_t(W.stride) / W.group : 0;
     const int8_t* w = static_cast<const int8_t*>(W.data) + r0 * ws;
     const float* sc = W.scales + r0 * gs;
+    const size_t ls = size_t(X.stride) / 64 * 16;
+    const int16_t* xv = X.v8.data() + size_t(t0) * X.stride;
+    const float* xl = X.lanes8.data() + size_t(t0) * ls;
     __m512 acc[NT][NR];
     zero_tile<NT, NR>(acc);
-    for (int g = 0; g < ng; g++) {
-        __m512 gacc[NT][NR];
-        zero_tile<NT, NR>(gacc);
-        for (int k = g * W.group; k < (g + 1) * W.group; k += kLanes)
-            tile_step_i8<NT, NR, false>(gacc, x, x_stride, w, ws, k, 0);
+    auto step = [&](int s, auto masked) {
+        const int k = 64 * s;
+        __m512i lo[NR], hi[NR];
+        __m512 sw[NR];
         for (int r = 0; r < NR; r++) {
-            const __m512 s = _mm512_set1_ps(sc[r * gs + g]);
-            for (int t = 0; t < NT; t++) acc[t][r] = _mm512_fmadd_ps(gacc[t][r], s, acc[t][r]);
+            const int8_t* p = w + r * ws + k;
+            const __m512i b = masked ? _mm512_maskz_loadu_epi8((1ull << (W.cols - k)) - 1, p) : _mm512_loadu_si512(p);
+            lo[r] = _mm512_unpacklo_epi8(_mm512_setzero_si512(), b);
+            hi[r] = _mm512_unpackhi_epi8(_mm512_setzero_si512(), b);
+            // decode: rows 4 tiles ahead (short rows from several arrays outrun the hardware
+            // prefetcher: measured 34 -> 4x GB/s for int4 at SmolLM2's shapes)
+            if constexpr (NT == 1 && NR == 4) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ws), _MM_HINT_T0);
         }
-    }
+        if (W.group) {
+            const __m512i idx = _mm512_loadu_si512(ix.step_idx + 16 * s);
+            const float* g0 = sc + k / W.group;
+            for (int r = 0; r < NR; r++) {
+                sw[r] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_maskz_loadu_ps(ix.step_mask[s], g0 + r * gs)));
+                if constexpr (NT == 1 && NR == 4) _mm_prefetch(reinterpret_cast<const char*>(g0 + (r + 16) * gs), _MM_HINT_T0);
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const __m512i xa = _mm512_loadu_si512(xv + t * X.stride + k), xb = _mm512_loadu_si512(xv + t * X.stride + k + 32);
+            const __m512 dv = _mm512_loadu_ps(xl + t * ls + 16 * s);
+            for (int r = 0; r < NR; r++) {
+                const __m512i i = dot_s16(dot_s16(_mm512_setzero_si512(), lo[r], xa), hi[r], xb);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), W.group ? _mm512_mul_ps(dv, sw[r]) : dv, acc[t][r]);
+            }
+        }
+    };
+    const int full = W.cols / 64;
+    for (int s = 0; s < full; s++) step(s, std::false_type());
+    if (full * 64 < W.cols) step(full, std::true_type());
     float sums[NT][NR];
     reduce_tile<NT, NR>(acc, sums);
     for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r];
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = W.group ? sums[t][r] : sums[t][r] * W.scales[r0 + r];
 }
 
-// int4: 32 columns per step from 16 bytes. Widening the bytes to 32-bit lanes puts column 2i in
-// the low nibble and 2i+1 in the high nibble of lane i, so a mask gives the 16 even columns and a
-// shift the 16 odd ones; x comes in the same split_pairs layout as for bf16. Per group,
-// sum x*w = s * sum x*q - s*z * sum x: the inner loop only converts q to f32 and accumulates x*q
-// into a per-group sum (no per-weight dequantization), which is scaled into the row's accumulator
-// once per group; the zero points' s*z*sum(x) terms (xsum: per token, the sum of x over each group,
-// computed once per matmul) go in 16 groups at a time at the end. With float minimums instead of
-// zero points (kMins, GGUF Q4_1: w = s*q + m), the same loop and + m * sum x at the end. Every
-// token's dot product is the same operation sequence whatever NT (batch invariance). cols is a
-// multiple of the group (>= 32), so there is no column tail.
+// int4 x rounded x: 128 columns (64 bytes, 4 blocks) a step. A mask of the bytes gives each block's
+// even columns (low nibbles) in its 128-bit lane, a shift and mask the odd ones. x comes as two
+// int8 digits, v = 128 h + l, in the same order (digits), so vpdpbusd (unsigned nibbles x signed
+// digits) twice per digit and 128 * sum(q h) + sum(q l) leave block j's exact integer sum in lanes
+// 4j..4j+3, scaled once per step by the block's d times its group's scale. Per group,
+// sum x*w = s * sum x*q + m * sum x (minimums) or s * sum x*q - s*z * sum x (zero points): the
+// second terms go in at the end, 16 groups at a time, from the sums of rounded x per group (gsum).
+// cols is a multiple of the group.
 template <int NT, int NR, bool kMins>
-inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0,
-                    const float* xsum, size_t xsum_stride) {
+inline void tile_i4(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
+    const QuantizedX& X = *ix.x;
     const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;  // bytes, groups per row
     const int ng = W.cols / W.group;
     const uint8_t* w = static_cast<const uint8_t*>(W.data) + r0 * ws;
     const float* sc = W.scales + r0 * gs;
-    const uint8_t* zp = kMins ? nullptr : W.zeros + r0 * gs;
-    const float* mp = kMins ? W.mins + r0 * gs : nullptr;
-    const __m512i nib = _mm512_set1_epi32(0xf);
+    const size_t ls = size_t(X.stride) / 128 * 16, xs = size_t(X.stride) * 2;
+    const int8_t* xd = X.digits.data() + size_t(t0) * xs;
+    const float* xl = X.lanes4.data() + size_t(t0) * ls;
+    const float* xsum = ix.gsum + size_t(t0) * ng;
+    const __m512i nib = _mm512_set1_epi8(0x0f);
     __m512 acc[NT][NR];
     zero_tile<NT, NR>(acc);
-    for (int g = 0; g < ng; g++) {
-        __m512 gacc[NT][NR];
-        zero_tile<NT, NR>(gacc);
-        for (int k = g * W.group; k < (g + 1) * W.group; k += 2 * kLanes) {
-            __m512 even[NR], odd[NR];
-            for (int r = 0; r < NR; r++) {
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ws + k / 2)));
-                even[r] = _mm512_cvtepi32_ps(_mm512_and_si512(v, nib));
-                odd[r] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-            }
-            for (int t = 0; t < NT; t++) {
-                __m512 xe = _mm512_loadu_ps(x + t * x_stride + k), xo = _mm512_loadu_ps(x + t * x_stride + k + 16);
-                for (int r = 0; r < NR; r++)
-                    gacc[t][r] = _mm512_fmadd_ps(xo, odd[r], _mm512_fmadd_ps(xe, even[r], gacc[t][r]));
-            }
-        }
+    auto step = [&](int s, auto masked) {
+        const int k = 128 * s;
+        __m512i lo[NR], hi[NR];
+        __m512 sw[NR];
+        const __m512i idx = _mm512_loadu_si512(ix.step_idx + 16 * s);
+        const float* g0 = sc + k / W.group;
         for (int r = 0; r < NR; r++) {
-            const __m512 s = _mm512_set1_ps(sc[r * gs + g]);
-            for (int t = 0; t < NT; t++) acc[t][r] = _mm512_fmadd_ps(gacc[t][r], s, acc[t][r]);
+            const uint8_t* p = w + r * ws + k / 2;
+            const __m512i b = masked ? _mm512_maskz_loadu_epi8((1ull << ((W.cols - k) / 2)) - 1, p) : _mm512_loadu_si512(p);
+            lo[r] = _mm512_and_si512(b, nib);
+            hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+            // Masked loads cost far more than plain ones here; a full step of group 32 has 4 scales.
+            const __m128 s4 = !masked && W.group == 32 ? _mm_loadu_ps(g0 + r * gs) : _mm_maskz_loadu_ps(ix.step_mask[s], g0 + r * gs);
+            sw[r] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+            if constexpr (NT == 1 && NR == 4) {  // decode: rows, scales and minimums 4 tiles ahead
+                _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ws), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(g0 + (r + 16) * gs), _MM_HINT_T0);
+                if constexpr (kMins) _mm_prefetch(reinterpret_cast<const char*>(W.mins + (r0 + r + 16) * gs + k / W.group), _MM_HINT_T0);
+            }
         }
-    }
+        for (int t = 0; t < NT; t++) {
+            const int8_t* p = xd + t * xs + 2 * k;
+            const __m512i eh = _mm512_loadu_si512(p), oh = _mm512_loadu_si512(p + 64);
+            const __m512i el = _mm512_loadu_si512(p + 128), ol = _mm512_loadu_si512(p + 192);
+            const __m512 dv = _mm512_loadu_ps(xl + t * ls + 16 * s);
+            for (int r = 0; r < NR; r++) {
+                const __m512i h = dot_u8s8(dot_u8s8(_mm512_setzero_si512(), lo[r], eh), hi[r], oh);
+                const __m512i l = dot_u8s8(dot_u8s8(_mm512_setzero_si512(), lo[r], el), hi[r], ol);
+                const __m512i i = _mm512_add_epi32(_mm512_slli_epi32(h, 7), l);
+                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, sw[r]), acc[t][r]);
+            }
+        }
+    };
+    const int full = W.cols / 128;
+    for (int s = 0; s < full; s++) step(s, std::false_type());
+    if (full * 128 < W.cols) step(full, std::true_type());
+    const uint8_t* zp = kMins ? nullptr : W.zeros + r0 * gs;
+    const float* mp = kMins ? W.mins + r0 * gs : nullptr;
     for (int g = 0; g < ng; g += kLanes) {  // acc -= s * z * xsum (or += m * xsum), 16 groups per step
-        const __mmask16 m = ng - g >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
+        const bool full = ng - g >= kLanes;
+        const __mmask16 m = full ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
         for (int r = 0; r < NR; r++) {
             if constexpr (kMins) {
-                const __m512 mn = _mm512_maskz_loadu_ps(m, mp + r * gs + g);
-                for (int t = 0; t < NT; t++)
-                    acc[t][r] = _mm512_fmadd_ps(mn, _mm512_maskz_loadu_ps(m, xsum + t * xsum_stride + g), acc[t][r]);
+                const float* mr = mp + r * gs + g;
+                const __m512 mn = full ? _mm512_loadu_ps(mr) : _mm512_maskz_loadu_ps(m, mr);
+                for (int t = 0; t < NT; t++) {
+                    const float* xg = xsum + t * ng + g;
+                    acc[t][r] = _mm512_fmadd_ps(mn, full ? _mm512_loadu_ps(xg) : _mm512_maskz_loadu_ps(m, xg), acc[t][r]);
+                }
                 continue;
             }
             __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + r * gs + g),
                                       _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zp + r * gs + g))));
             for (int t = 0; t < NT; t++)
-                acc[t][r] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, xsum + t * xsum_stride + g), acc[t][r]);
+                acc[t][r] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, xsum + t * ng + g), acc[t][r]);
         }
     }
     float sums[NT][NR];
@@ -298,51 +470,51 @@ inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride,
         for (int r = 0; r < NR; r++) out[t * out_stride + r] = acc[t][r];
 }
 
-// int8 / int4 on the portable path: the row dequantized one value at a time (dequantize_row's
-// arithmetic), x in plain layout.
+// int8 / int4 on the portable path: the same arithmetic as the AVX-512 tiles, one value at a time:
+// per 32-column block an integer sum of x's v times w's q, scaled by the block's d (and the
+// group's scale), then int4's minimum or zero-point terms from the group sums of rounded x.
 template <int NT, int NR>
-inline void tile_i8(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
-    float acc[NT][NR] = {};
-    for (int r = 0; r < NR; r++) {
-        const int8_t* w = static_cast<const int8_t*>(W.data) + size_t(r0 + r) * W.stride;
-        for (int k = 0; k < W.cols; k++)
-            for (int t = 0; t < NT; t++) acc[t][r] += x[t * x_stride + k] * float(w[k]);
-    }
+inline void tile_i8(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
+    const QuantizedX& X = *ix.x;
+    const int blocks = X.stride / 32;
     for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = acc[t][r] * W.scales[r0 + r];
-}
-
-template <int NT, int NR>
-inline void tile_i8_grouped(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0) {
-    const size_t gs = size_t(W.stride) / W.group;
-    float acc[NT][NR] = {};
-    for (int r = 0; r < NR; r++) {
-        const int8_t* w = static_cast<const int8_t*>(W.data) + size_t(r0 + r) * W.stride;
-        for (int k = 0; k < W.cols; k++) {
-            float wv = float(w[k]) * W.scales[(r0 + r) * gs + size_t(k / W.group)];
-            for (int t = 0; t < NT; t++) acc[t][r] += x[t * x_stride + k] * wv;
+        for (int r = 0; r < NR; r++) {
+            const int8_t* w = static_cast<const int8_t*>(W.data) + size_t(r0 + r) * W.stride;
+            const int16_t* xq = X.v.data() + size_t(t0 + t) * X.stride;
+            const float* d = X.d.data() + size_t(t0 + t) * blocks;
+            float acc = 0.0f;
+            for (int k0 = 0; k0 < W.cols; k0 += 32) {
+                int s = 0;
+                for (int k = k0; k < std::min(W.cols, k0 + 32); k++) s += int(xq[k]) * int(w[k]);
+                const float scale = W.group ? W.scales[size_t(r0 + r) * (W.stride / W.group) + k0 / W.group] : 1.0f;
+                acc += float(s) * (d[k0 / 32] * scale);
+            }
+            out[t * out_stride + r] = W.group ? acc : acc * W.scales[r0 + r];
         }
-    }
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = acc[t][r];
 }
 
 template <int NT, int NR, bool kMins>
-inline void tile_i4(float* out, size_t out_stride, const float* x, size_t x_stride, const Weight& W, int r0,
-                    const float*, size_t) {
-    const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;
-    float acc[NT][NR] = {};
-    for (int r = 0; r < NR; r++) {
-        const uint8_t* w = static_cast<const uint8_t*>(W.data) + (r0 + r) * ws;
-        for (int k = 0; k < W.cols; k++) {
-            size_t g = (r0 + r) * gs + size_t(k / W.group);
-            int q = k % 2 ? w[k / 2] >> 4 : w[k / 2] & 0xf;
-            float wv = kMins ? float(q) * W.scales[g] + W.mins[g] : float(q - int(W.zeros[g])) * W.scales[g];
-            for (int t = 0; t < NT; t++) acc[t][r] += x[t * x_stride + k] * wv;
-        }
-    }
+inline void tile_i4(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
+    const QuantizedX& X = *ix.x;
+    const int blocks = X.stride / 32, ng = W.cols / W.group;
+    const size_t gs = size_t(W.stride) / W.group;
     for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = acc[t][r];
+        for (int r = 0; r < NR; r++) {
+            const uint8_t* w = static_cast<const uint8_t*>(W.data) + size_t(r0 + r) * (W.stride / 2);
+            const int16_t* xq = X.v.data() + size_t(t0 + t) * X.stride;
+            const float* d = X.d.data() + size_t(t0 + t) * blocks;
+            const float* sc = W.scales + (r0 + r) * gs;
+            float acc = 0.0f;
+            for (int k0 = 0; k0 < W.cols; k0 += 32) {
+                int s = 0;
+                for (int k = k0; k < k0 + 32; k++) s += int(xq[k]) * (k % 2 ? w[k / 2] >> 4 : w[k / 2] & 0xf);
+                acc += float(s) * (d[k0 / 32] * sc[k0 / W.group]);
+            }
+            const float* xsum = ix.gsum + size_t(t0 + t) * ng;
+            for (int g = 0; g < ng; g++)
+                acc += kMins ? W.mins[(r0 + r) * gs + g] * xsum[g] : -(sc[g] * float(W.zeros[(r0 + r) * gs + g])) * xsum[g];
+            out[t * out_stride + r] = acc;
+        }
 }
 #endif
 
@@ -361,27 +533,6 @@ void split_pairs(const float* x, int n, int cols, std::vector<float>& out) {
             }
         for (; k < cols; k++) ot[k] = xt[k];
     }
-}
-
-// xsum[t][g] = sum of x[t] over columns [g * group, (g + 1) * group), for tile_i4's zero points
-// and minimums;
-// per token, always in the same order (batch invariance).
-void group_sums(const float* x, int n, int cols, int group, std::vector<float>& out) {
-    const int ng = cols / group;
-    out.resize(size_t(n) * ng + 1);
-    for (int t = 0; t < n; t++)
-        for (int g = 0; g < ng; g++) {
-            const float* p = x + size_t(t) * cols + size_t(g) * group;
-#ifdef FASTGEN_AVX512
-            __m512 a = _mm512_loadu_ps(p);
-            for (int k = kLanes; k < group; k += kLanes) a = _mm512_add_ps(a, _mm512_loadu_ps(p + k));
-            out[size_t(t) * ng + g] = _mm512_reduce_add_ps(a);
-#else
-            float a = 0.0f;
-            for (int k = 0; k < group; k++) a += p[k];
-            out[size_t(t) * ng + g] = a;
-#endif
-        }
 }
 
 // sum a[i] * b[i]; explicit lanes because the compiler may not reorder a float reduction.
@@ -404,16 +555,14 @@ inline float dot(const float* a, const float* b, int n) {
 
 // NT tokens x NR rows starting at row r: the tile for format T.
 template <DType T, int NT, int NR, bool kPrefetch>
-inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, const float* xsum) {
+inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, const IntX& ix) {
     float* o = out + size_t(t0) * W.rows + r;
     const float* xt = x + size_t(t0) * W.cols;
     if constexpr (T == DType::I8) {
-        if (W.group) tile_i8_grouped<NT, NR>(o, W.rows, xt, W.cols, W, r);
-        else tile_i8<NT, NR>(o, W.rows, xt, W.cols, W, r);
+        tile_i8<NT, NR>(o, W.rows, ix, t0, W, r);
     } else if constexpr (T == DType::U8) {
-        const size_t ng = size_t(W.cols / W.group);
-        if (W.mins) tile_i4<NT, NR, true>(o, W.rows, xt, W.cols, W, r, xsum + size_t(t0) * ng, ng);
-        else tile_i4<NT, NR, false>(o, W.rows, xt, W.cols, W, r, xsum + size_t(t0) * ng, ng);
+        if (W.mins) tile_i4<NT, NR, true>(o, W.rows, ix, t0, W, r);
+        else tile_i4<NT, NR, false>(o, W.rows, ix, t0, W, r);
     } else {
         const size_t ws = size_t(W.stride) * dtype_size(T);
         tile<T, NT, NR, kPrefetch>(o, W.rows, xt, W.cols, static_cast<const uint8_t*>(W.data) + r * ws, ws, W.cols);
@@ -425,25 +574,25 @@ inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, 
 // rows; later token tiles find the block in L2, where prefetching into L1 measured much slower
 // (n = 64: 79 -> 155+ ms). Larger tiles (8x2, 8x3, 6x4) measured slower too (BENCHMARKS.md).
 template <DType T, int NT>
-inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1, const float* xsum) {
+inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1, const IntX& ix) {
     constexpr int NR = 4;
     int r = r0;
     if (NT > 1 && t0 == 0)
-        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, true>(out, x, W, t0, r, xsum);
+        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, true>(out, x, W, t0, r, ix);
     else
-        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, false>(out, x, W, t0, r, xsum);
-    for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r, xsum);
+        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, false>(out, x, W, t0, r, ix);
+    for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r, ix);
 }
 
 // Rows [r0, r1) of out[n][W.rows] for all n tokens: 4-token tiles, then the token tail.
 template <DType T>
-void matmul_rows(float* out, const float* x, const Weight& W, int n, int r0, int r1, const float* xsum) {
+void matmul_rows(float* out, const float* x, const Weight& W, int n, int r0, int r1, const IntX& ix) {
     int t = 0;
-    for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, xsum);
+    for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, ix);
     switch (n - t) {
-        case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1, xsum); break;
-        case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1, xsum); break;
-        case 1: rows_for_tokens<T, 1>(out, x, W, t, r0, r1, xsum); break;
+        case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1, ix); break;
+        case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1, ix); break;
+        case 1: rows_for_tokens<T, 1>(out, x, W, t, r0, r1, ix); break;
         default: break;
     }
 }
@@ -451,17 +600,17 @@ void matmul_rows(float* out, const float* x, const Weight& W, int n, int r0, int
 // One matmul ready to run a row block at a time, so that several matmuls of one input share a
 // parallel region (matmul_qkv, ffn_gate_up): on 2 cores a small model's decode is bound by the
 // fork/barrier of each region, not by bandwidth. x is in the layout W's kernels read (split_pairs
-// for bf16 and int4), xsum is int4's group sums.
+// for bf16), ix what int8/int4 kernels read.
 struct RowBlocks {
     float* out;
     const float* x;
     const Weight* w;
-    const float* xsum;
+    IntX ix;
     int n, block, n_blocks;
 
     // Row blocks small enough that a block of weights stays in L2 while every token tile uses it.
-    RowBlocks(float* out_, const float* x_, const Weight& w_, int n_, const float* xsum_)
-        : out(out_), x(x_), w(&w_), xsum(xsum_), n(n_) {
+    RowBlocks(float* out_, const float* x_, const Weight& w_, int n_, const IntX& ix_)
+        : out(out_), x(x_), w(&w_), ix(ix_), n(n_) {
         const size_t row_bytes = w_.dtype == DType::U8 ? size_t(w_.cols) / 2 : size_t(w_.cols) * dtype_size(w_.dtype);
         block = n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
         n_blocks = (w_.rows + block - 1) / block;
@@ -469,11 +618,11 @@ struct RowBlocks {
     // Rows [r0, r1), or the rows of block b; the same arithmetic per row whatever the range.
     void run_rows(int r0, int r1) const {
         switch (w->dtype) {
-            case DType::F32: matmul_rows<DType::F32>(out, x, *w, n, r0, r1, xsum); break;
-            case DType::BF16: matmul_rows<DType::BF16>(out, x, *w, n, r0, r1, xsum); break;
-            case DType::F16: matmul_rows<DType::F16>(out, x, *w, n, r0, r1, xsum); break;
-            case DType::I8: matmul_rows<DType::I8>(out, x, *w, n, r0, r1, xsum); break;
-            case DType::U8: matmul_rows<DType::U8>(out, x, *w, n, r0, r1, xsum); break;
+            case DType::F32: matmul_rows<DType::F32>(out, x, *w, n, r0, r1, ix); break;
+            case DType::BF16: matmul_rows<DType::BF16>(out, x, *w, n, r0, r1, ix); break;
+            case DType::F16: matmul_rows<DType::F16>(out, x, *w, n, r0, r1, ix); break;
+            case DType::I8: matmul_rows<DType::I8>(out, x, *w, n, r0, r1, ix); break;
+            case DType::U8: matmul_rows<DType::U8>(out, x, *w, n, r0, r1, ix); break;
             default: assert(false && "matmul: unsupported weight dtype");
         }
     }
@@ -506,33 +655,54 @@ struct CpuOps final : Ops {
     void copy(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
     void zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
 
-    // x as w's kernels read it (bf16 and int4: split_pairs, made once per input: `split` caches
-    // it for the matmuls of one x), with int4's group sums in x_gsum_[slot].
-    RowBlocks prepare(float* out, const float* x, const Weight& w, int n, int slot, const float** split) {
+    // The forms of one input x that its matmuls' kernels read, each made at most once per x
+    // (matmul_qkv and ffn_gate_up run several matmuls of one x): bf16 reads x in split_pairs layout
+    // (AVX-512), int8 and int4 read it rounded to int8 (x_q_).
+    struct XForms {
+        const float* split = nullptr;
+        bool quantized = false;
+    };
+
+    // One matmul ready to run; `slot` (0..2) keeps the scratch of W's group sums and step tables
+    // apart for the matmuls of one parallel region.
+    RowBlocks prepare(float* out, const float* x, const Weight& w, int n, int slot, XForms& xf) {
         assert(w.dtype == DType::F32 || w.dtype == DType::BF16 || w.dtype == DType::F16 || w.dtype == DType::I8 ||
                w.dtype == DType::U8);
-        if (w.dtype == DType::I8)
+        IntX ix;
+        if (w.dtype == DType::I8 || w.dtype == DType::U8) {
             assert(w.group == 0 || (w.group % 32 == 0 && w.cols % w.group == 0 && w.stride % w.group == 0));
-        const float* xsum = nullptr;
-        if (w.dtype == DType::U8) {  // int4, packed
-            assert(w.group % 32 == 0 && w.group > 0 && w.cols % w.group == 0 && w.stride % w.group == 0);
-            assert((w.zeros == nullptr) != (w.mins == nullptr));
-            group_sums(x, n, w.cols, w.group, x_gsum_[slot]);
-            xsum = x_gsum_[slot].data();
-        }
-        if (kSplitPairs && (w.dtype == DType::BF16 || w.dtype == DType::U8)) {
-            if (!*split) {
-                split_pairs(x, n, w.cols, x_split_);
-                *split = x_split_.data();
+            assert(w.dtype == DType::I8 || (w.group > 0 && (w.zeros == nullptr) != (w.mins == nullptr)));
+            if (!xf.quantized) x_q_.make(x, n, w.cols);
+            xf.quantized = true;
+            assert(x_q_.n == n && x_q_.cols == w.cols);
+            ix.x = &x_q_;
+            if (w.dtype == DType::U8) {
+                group_sums(x_q_, w.group, x_gsum_[slot]);
+                ix.gsum = x_gsum_[slot].data();
             }
-            x = *split;
+#ifdef FASTGEN_AVX512
+            if (w.dtype == DType::U8) x_q_.make_int4_layout();
+            else x_q_.make_int8_layout();
+            if (w.group) {
+                grouped_steps(w.cols, w.group, w.dtype == DType::U8 ? 128 : 64, step_idx_[slot], step_mask_[slot]);
+                ix.step_idx = step_idx_[slot].data();
+                ix.step_mask = step_mask_[slot].data();
+            }
+#endif
         }
-        return RowBlocks(out, x, w, n, xsum);
+        if (kSplitPairs && w.dtype == DType::BF16) {
+            if (!xf.split) {
+                split_pairs(x, n, w.cols, x_split_);
+                xf.split = x_split_.data();
+            }
+            x = xf.split;
+        }
+        return RowBlocks(out, x, w, n, ix);
     }
 
     void matmul(float* out, const float* x, const Weight& w, int n) override {
-        const float* split = nullptr;
-        const RowBlocks m = prepare(out, x, w, n, 0, &split);
+        XForms xf;
+        const RowBlocks m = prepare(out, x, w, n, 0, xf);
 #pragma omp parallel for schedule(static)
         for (int b = 0; b < m.n_blocks; b++) m.run(b);
     }
@@ -541,9 +711,8 @@ struct CpuOps final : Ops {
     // blocks it), instead of three.
     void matmul_qkv(float* q, float* k, float* v, const float* x, const Weight& wq, const Weight& wk, const Weight& wv,
                     int n) override {
-        const float* split = nullptr;
-        const RowBlocks m[3] = {prepare(q, x, wq, n, 0, &split), prepare(k, x, wk, n, 1, &split),
-                                prepare(v, x, wv, n, 2, &split)};
+        XForms xf;
+        const RowBlocks m[3] = {prepare(q, x, wq, n, 0, xf), prepare(k, x, wk, n, 1, xf), prepare(v, x, wv, n, 2, xf)};
         const int total = m[0].n_blocks + m[1].n_blocks + m[2].n_blocks;
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < total; i++) {
@@ -557,8 +726,8 @@ struct CpuOps final : Ops {
     // silu * up for those outputs (the unfused path's three regions, in the same arithmetic).
     void ffn_gate_up(float* h, float* up, const float* x, const Weight& w1, const Weight& w3, int n) override {
         assert(w1.rows == w3.rows && w1.cols == w3.cols);
-        const float* split = nullptr;
-        const RowBlocks gate = prepare(h, x, w1, n, 0, &split), lin = prepare(up, x, w3, n, 1, &split);
+        XForms xf;
+        const RowBlocks gate = prepare(h, x, w1, n, 0, xf), lin = prepare(up, x, w3, n, 1, xf);
 #pragma omp parallel for schedule(static)
         for (int b = 0; b < gate.n_blocks; b++) {
             const int r0 = b * gate.block, r1 = std::min(w1.rows, r0 + gate.block);
@@ -664,7 +833,10 @@ struct CpuOps final : Ops {
     }
 
     std::vector<float> x_split_;  // scratch: x in split_pairs layout for bf16 weights
-    std::vector<float> x_gsum_[3];  // scratch: per token, the sum of x over each int4 group (q, k, v)
+    QuantizedX x_q_;                  // scratch: x rounded to int8 for int8/int4 weights
+    std::vector<float> x_gsum_[3];     // scratch per slot: int4 group sums of rounded x
+    std::vector<int32_t> step_idx_[3];  // scratch per slot: grouped_steps tables
+    std::vector<uint8_t> step_mask_[3];
 
     void add(float* x, const float* y, size_t n) override {
         for (size_t i = 0; i < n; i++) x[i] += y[i];

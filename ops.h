@@ -54,6 +54,11 @@ void quantize_row_int4(const float* w, int n, int group, uint8_t* packed, float*
 // q in 0..15, (scale, min) chosen by a search minimising the group's squared error (never worse than
 // min-max, with or without zero points); packed as above, scales/mins[n/group]; group <= 256.
 void quantize_row_int4_min(const float* w, int n, int group, uint8_t* packed, float* scales, float* mins);
+// The CPU's int8/int4 matmuls multiply by x rounded to 15-bit integers per 32-column block
+// (integer dot products): per block d = max|x| / 16256 and v = round(x * (16256 / max|x|)) in f32,
+// ties to even (all zero for a zero block). v[round_up(cols, 32)] (zero-padded), d[blocks].
+// scripts/reference.py --int16-activations rounds the same way.
+void quantize_activations(const float* x, int cols, int16_t* v, float* d);
 // Row r of any Weight as f32 (cols values): the dequantize reference for tests and embeddings.
 void dequantize_row(const Weight& w, int r, float* out);
 

@@ -6,6 +6,8 @@
 #                                                    argmax per position (comma-separated) to stdout
 #   reference.py MODEL --tokens 1,5,9 --greedy N     generate N tokens greedily; print their ids
 #   --prompt TEXT instead of --tokens encodes TEXT with the embedded tokenizer (BOS first).
+#   --int16-activations: the input of every int8/int4 matrix rounded to 15-bit integers per
+#                       32-column block, as fastgen's CPU kernels multiply (its tests use this).
 #
 # The model is written like Meta's llama model.py: RMSNorm, RoPE on adjacent pairs (complex
 # multiply), GQA by repeating each kv head n_heads/n_kv_heads times, causal softmax attention,
@@ -184,6 +186,36 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
+def round_activations(x):
+    """x rounded to 15-bit integers per 32-column block as fastgen's CPU int8/int4 matmuls round it
+    (ops.h, quantize_activations): in float32, d = max|x| / 16256 and v = round(x * (16256 / max|x|)),
+    ties to even; the matmul then sees v * d."""
+    cols = x.shape[-1]
+    x32 = F.pad(x.to(torch.float32), (0, (-cols) % 32))
+    blocks = x32.reshape(*x32.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 16256 / amax, torch.zeros_like(amax))
+    v = torch.round(blocks * inv).clamp(-16256, 16256)
+    return (v.to(DTYPE) * (amax / 16256).to(DTYPE)).reshape(x32.shape)[..., :cols]
+
+
+def round_int_inputs(model, path, config):
+    """Every Linear whose weight the file stores as int8/int4 (I8/U8) gets round_activations on
+    its input; with tied embeddings the classifier reads tok_embeddings."""
+    dtypes = modelbin.tensor_dtypes(path)
+    modules = dict(model.named_modules())
+    for name, dtype in dtypes.items():
+        if dtype not in ("I8", "U8") or not name.endswith(".weight"):
+            continue
+        module = name[:-len(".weight")]
+        if module == "tok_embeddings":
+            if not config["tie_embeddings"]:
+                continue
+            module = "output"
+        if isinstance(modules.get(module), nn.Linear):
+            modules[module].register_forward_pre_hook(lambda _m, inputs: (round_activations(inputs[0]),))
+
+
 def load_transformer(path):
     # Quantized matrices (int8, int4, as GGUF imports keep them) come back dequantized: the
     # reference runs the weights the file holds, in float64.
@@ -241,11 +273,15 @@ def main():
     ap.add_argument("--stop-at-eos", action="store_true", help="with --greedy: stop after eos_id")
     ap.add_argument("--text", action="store_true", help="with --greedy: also print the decoded text")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--int16-activations", action="store_true",
+                    help="round the input of int8/int4 matrices to int16 per 32 columns, as fastgen's CPU does")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     model, config, tok_bytes = load_transformer(args.model)
+    if args.int16_activations:
+        round_int_inputs(model, args.model, config)
     if args.prompt is not None:
         sp = sp_processor(tok_bytes)
         tokens = [config["bos_id"]] + sp.EncodeAsIds(args.prompt)

@@ -46,24 +46,33 @@ struct QMatrix {
 
 // out = x . W^T through the kernels against dequantize_row then a double-precision dot product.
 // Tolerance relative to sum |x w| of each output: the kernels may only differ in rounding.
+// The kernel multiplies by x rounded to 15-bit integers per 32-column block (quantize_activations): against
+// the double sum over that rounded x (xr), a few float roundings of the magnitudes summed (1e-5
+// relative); against the exact x, at most the rounding, half a step d/2 per column, times |w|.
 void check_matmul(const Weight& W, int n, unsigned seed) {
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
     std::vector<float> x(size_t(n) * W.cols), out(size_t(n) * W.rows, NAN), row(size_t(W.cols));
     for (float& v : x) v = ud(rng);
+    const std::vector<double> xr = rounded_activations(x, n, W.cols);
     cpu_ops(0)->matmul(out.data(), x.data(), W, n);
     int bad = 0;
     for (int r = 0; r < W.rows; r++) {
         dequantize_row(W, r, row.data());
         for (int t = 0; t < n; t++) {
-            double ref = 0, mag = 0;
+            double ref = 0, exact = 0, mag = 0, rounding = 0;
             for (int k = 0; k < W.cols; k++) {
-                ref += double(x[size_t(t) * W.cols + k]) * row[size_t(k)];
-                mag += std::fabs(double(x[size_t(t) * W.cols + k]) * row[size_t(k)]);
+                const size_t i = size_t(t) * W.cols + k;
+                ref += xr[i] * row[size_t(k)];
+                exact += double(x[i]) * row[size_t(k)];
+                mag += std::fabs(xr[i] * row[size_t(k)]);
+                rounding += std::fabs(xr[i] - x[i]) * std::fabs(row[size_t(k)]);
             }
             double got = out[size_t(t) * W.rows + r];
             if (!(std::fabs(got - ref) <= 1e-5 * mag + 1e-6) && bad++ < 5)
                 FAIL_CHECK("row " << r << " token " << t << ": got " << got << ", expected " << ref);
+            if (!(std::fabs(got - exact) <= rounding + 1e-5 * mag + 1e-6) && bad++ < 5)
+                FAIL_CHECK("row " << r << " token " << t << ": got " << got << ", exact x gives " << exact);
         }
     }
     CHECK(bad == 0);

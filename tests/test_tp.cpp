@@ -101,7 +101,9 @@ TEST_CASE("tp worker: sharded forward equals the whole model" * doctest::skip(!l
         CHECK(shard.weight_bytes_per_token() < whole.weight_bytes_per_token());
         std::vector<int> tokens = {1, 7, 99, 300, 5, 42, 17, 256, 511, 3, 8, 64, 128, 77, 9, 1, 2, 300, 12, 19};
         double err = max_rel_error(all_logits(shard, tokens), all_logits(whole, tokens));
-        CHECK(err < 1e-5);  // only the summation order differs
+        // Only the summation order differs; with int8/int4 weights x's last bits then move its
+        // 15-bit rounding in the matmuls by a step here and there.
+        CHECK(err < (*c.quant ? 1e-3 : 1e-5));
         // And the output a user sees: greedy generation identical to one process.
         auto greedy = [&](Model& m) {
             KVCache kv(m.cfg, m.cfg.max_seq_len);

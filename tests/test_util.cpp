@@ -89,18 +89,32 @@ std::vector<float> prefill_logits(Model& m, const std::vector<int>& tokens) {
     return logits;
 }
 
-// Logits for every position of `tokens` from scripts/reference.py (float64 PyTorch).
+// Logits for every position of `tokens` from scripts/reference.py (float64 PyTorch), rounding the
+// inputs of int8/int4 matrices as the CPU kernels do (--int16-activations).
 std::vector<float> reference_logits(const std::string& model, const std::vector<int>& tokens, int vocab) {
     std::string ids;
     for (int t : tokens) ids += (ids.empty() ? "" : ",") + std::to_string(t);
     std::string out = model + ".ref";
-    std::string cmd = "/usr/bin/python3 scripts/reference.py " + model + " --tokens " + ids + " --out " + out;
+    std::string cmd =
+        "/usr/bin/python3 scripts/reference.py " + model + " --int16-activations --tokens " + ids + " --out " + out;
     if (std::system(cmd.c_str()) != 0) throw std::runtime_error("failed: " + cmd);
     std::string bytes = read_file(out);
     if (bytes.size() != tokens.size() * size_t(vocab) * sizeof(float)) throw std::runtime_error("bad size: " + out);
     std::vector<float> v(bytes.size() / sizeof(float));
     std::memcpy(v.data(), bytes.data(), bytes.size());
     return v;
+}
+
+std::vector<double> rounded_activations(const std::vector<float>& x, int n, int cols) {
+    const int blocks = (cols + 31) / 32;
+    std::vector<int16_t> q(size_t(blocks) * 32);
+    std::vector<float> d(static_cast<size_t>(blocks));
+    std::vector<double> out(size_t(n) * cols);
+    for (int t = 0; t < n; t++) {
+        quantize_activations(x.data() + size_t(t) * cols, cols, q.data(), d.data());
+        for (int k = 0; k < cols; k++) out[size_t(t) * cols + k] = double(q[size_t(k)]) * d[size_t(k / 32)];
+    }
+    return out;
 }
 
 std::vector<int> random_tokens(int n, int vocab, unsigned seed) {

@@ -34,6 +34,9 @@ void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype
 std::vector<float> reference_logits(const std::string& model_bin, const std::vector<int>& tokens, int vocab);
 // BOS, then n - 1 random ids below vocab, deterministic in seed.
 std::vector<int> random_tokens(int n, int vocab, unsigned seed);
+// x [n][cols] as the CPU's int8/int4 matmuls multiply it: rounded to 15-bit integers per 32-column block
+// (quantize_activations), back in double.
+std::vector<double> rounded_activations(const std::vector<float>& x, int n, int cols);
 // Logits at every position, one token per forward through the KV cache, as decoding does.
 std::vector<float> decode_logits(Model& m, const std::vector<int>& tokens);
 // max |a - b| / max |b| over one row of n logits: the relative error the tests bound.
