@@ -40,6 +40,12 @@ BatchRunner::BatchRunner(Model& model, KVCache& kv, const Tokenizer* tok, BatchO
 
 BatchRunner::~BatchRunner() {
     for (auto& s : running_) kv_.release(s->kv_id);
+    drop_pads();
+}
+
+void BatchRunner::drop_pads() {
+    for (const Pad& p : pads_) kv_.release(p.kv_id);
+    pads_.clear();
 }
 
 void BatchRunner::add(Request r) {
@@ -78,8 +84,8 @@ void BatchRunner::preempt_newest() {
     waiting_.push_front(std::move(s));
 }
 
-void BatchRunner::finish(std::unique_ptr<Seq> s, const std::string& reason, const std::string& error) {
-    kv_.release(s->kv_id);
+void BatchRunner::finish(std::unique_ptr<Seq> s, const std::string& reason, const std::string& error, bool keep_kv) {
+    if (!keep_kv) kv_.release(s->kv_id);
     Result& r = s->res;
     if (s->dec && reason != "stop") r.text += s->dec->flush();
     r.finish_reason = reason;
@@ -156,6 +162,11 @@ bool BatchRunner::step() {
         if (s.remaining() != 1) continue;
         bool self_preempted = false, fits = true;
         while (!kv_.reserve(s.kv_id, s.computed + 1)) {
+            if (!pads_.empty()) {  // padding gives its blocks back first
+                kv_.release(pads_.back().kv_id);
+                pads_.pop_back();
+                continue;
+            }
             if (running_.size() == 1) {
                 fits = false;
                 break;
@@ -176,6 +187,12 @@ bool BatchRunner::step() {
         }
         schedule(s, 1);
     }
+    // Static batching with padding: the group's finished members, as if still decoding.
+    for (const Pad& p : pads_) {
+        batch_.push_back({p.kv_id, p.pos, p.token});
+        budget--;
+        stats_.padding_tokens++;
+    }
     // 2. Prefill chunks of running sequences (blocks reserved at admission), oldest first.
     for (auto& sp : running_) {
         Seq& s = *sp;
@@ -185,7 +202,10 @@ bool BatchRunner::step() {
     // 3. Admit waiting requests while the budget, max_seqs and the KV cache allow. A new sequence
     //    reserves blocks for all its tokens at once, and (unless it would run alone) must leave a
     //    block per running sequence free so the decodes it joins do not preempt it at once.
-    if (opt_.static_batching && running_.empty()) group_slots_ = opt_.max_seqs;
+    if (opt_.static_batching && running_.empty()) {  // the group is over (its padding went with it)
+        assert(pads_.empty());
+        group_slots_ = opt_.max_seqs;
+    }
     while (budget > 0 && !waiting_.empty() && int(running_.size()) < opt_.max_seqs &&
            (!opt_.static_batching || group_slots_ > 0)) {
         Seq& s = *waiting_.front();
@@ -234,8 +254,11 @@ bool BatchRunner::step() {
         std::unique_ptr<Seq> s = std::move(*it);
         running_.erase(it);
         const std::string reason = s->res.finish_reason;
-        finish(std::move(s), reason);
+        const bool pad = opt_.static_batching && opt_.static_padding && !running_.empty();
+        if (pad) pads_.push_back({s->kv_id, s->computed - 1, s->tokens[size_t(s->computed - 1)]});
+        finish(std::move(s), reason, "", pad);
     }
+    if (running_.empty()) drop_pads();  // the group is over
     return true;
 }
 

@@ -39,6 +39,10 @@ struct BatchOptions {
     int max_batch_tokens = 512;  // tokens per forward: decodes first, prefill chunks fill the rest
     int max_seqs = 32;           // running sequences at most
     bool static_batching = false;  // groups of max_seqs that wait for their longest member
+    // Static batching as fixed-shape engines run it (HF generate, FasterTransformer): a finished
+    // member keeps its slot and is computed every step (a padding token, discarded) until its group
+    // ends. False: finished members leave the forward, their slots idle until the group ends.
+    bool static_padding = true;
 };
 
 struct BatchStats {
@@ -46,7 +50,8 @@ struct BatchStats {
     int preemptions = 0;
     long prompt_tokens = 0;     // prompt tokens of finished requests
     long output_tokens = 0;     // tokens sampled
-    long computed_tokens = 0;   // tokens through forward, recomputation included
+    long computed_tokens = 0;   // tokens through forward, recomputation and padding included
+    long padding_tokens = 0;    // static batching: finished members' discarded tokens
     int peak_blocks = 0;        // KV blocks in use, most at once
     int peak_running = 0;
 };
@@ -79,6 +84,10 @@ class BatchRunner {
     std::vector<std::unique_ptr<Seq>> running_;  // admission order: the back is the newest
     int next_seq_id_ = 0;
     int group_slots_ = 0;  // static batching: admissions left in the current group
+    struct Pad {           // static batching with padding: a finished member's last position,
+        int kv_id, pos, token;  // recomputed every step (same K/V) until its group ends
+    };
+    std::vector<Pad> pads_;
     BatchStats stats_;
     std::vector<BatchToken> batch_;
     std::vector<int> rows_;
@@ -86,7 +95,8 @@ class BatchRunner {
     std::vector<float> logits_;
 
     void preempt_newest();
-    void finish(std::unique_ptr<Seq> s, const std::string& reason, const std::string& error = "");
+    void finish(std::unique_ptr<Seq> s, const std::string& reason, const std::string& error = "", bool keep_kv = false);
+    void drop_pads();
     bool emit(Seq& s, int token);  // appends a sampled token; true when the sequence is finished
 };
 

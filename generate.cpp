@@ -55,7 +55,7 @@ struct Options {
     int max_batch_tokens = 512;
     int max_seqs = 32;
     int kv_capacity = 0;  // tokens; 0 = max_seqs full contexts, at most ~1 GiB of cache
-    std::string batching = "continuous";  // continuous | static
+    std::string batching = "continuous";  // continuous | static | static-unpadded
     // chat: --interactive
     bool interactive = false;
     std::string system_prompt;
@@ -357,7 +357,8 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
     BatchOptions bo;
     bo.max_batch_tokens = o.max_batch_tokens;
     bo.max_seqs = o.max_seqs;
-    bo.static_batching = o.batching == "static";
+    bo.static_batching = o.batching != "continuous";
+    bo.static_padding = o.batching == "static";
     std::fprintf(stderr,
                  "batch: %zu requests from %s (%d bad lines skipped, %d already in %s); %s batching, max %d seqs, "
                  "max %d tokens per step; KV cache %d tokens (%d blocks of %d, %.1f MB)\n",
@@ -388,12 +389,12 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
                  "requests %zu (%s) in %.2f s | output %ld tokens, %.1f tok/s | total %.1f tok/s (prompt %ld + output)\n"
                  "TTFT ms p50 %.1f p90 %.1f p99 %.1f | TPOT ms p50 %.2f p90 %.2f p99 %.2f\n"
                  "peak KV blocks %d of %d (%.0f%%), peak running %d, preemptions %d, forward steps %d, "
-                 "tokens computed %ld\n",
+                 "tokens computed %ld (padding %ld)\n",
                  reqs.size(), why.empty() ? "none" : why.c_str(), secs, st.output_tokens, st.output_tokens / secs,
                  (st.prompt_tokens + st.output_tokens) / secs, st.prompt_tokens, percentile(ttft, 50),
                  percentile(ttft, 90), percentile(ttft, 99), percentile(tpot, 50), percentile(tpot, 90),
                  percentile(tpot, 99), st.peak_blocks, kv.num_blocks, 100.0 * st.peak_blocks / kv.num_blocks,
-                 st.peak_running, st.preemptions, st.steps, st.computed_tokens);
+                 st.peak_running, st.preemptions, st.steps, st.computed_tokens, st.padding_tokens);
     return 0;
 }
 
@@ -471,8 +472,11 @@ int run(int argc, char** argv, ErrorOut* err) {
     app.add_option("--chat-template", o.chat_template,
                    "--interactive: auto (from the model's chat template), llama2, llama3 or chatml")
         ->check(CLI::IsMember({"auto", "llama2", "llama3", "chatml"}));
-    app.add_option("--batching", o.batching, "continuous, or static (groups of max-seqs that wait for their longest member)")
-        ->check(CLI::IsMember({"continuous", "static"}));
+    app.add_option("--batching", o.batching,
+                   "continuous; static (groups of max-seqs that wait for their longest member, finished members "
+                   "computed as padding, as fixed-shape batches run); or static-unpadded (finished members leave "
+                   "the forward)")
+        ->check(CLI::IsMember({"continuous", "static", "static-unpadded"}));
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

@@ -4,12 +4,15 @@
 # N requests with prompts of a fixed length and output lengths drawn from an exponential
 # distribution (mean 128, at least 1; EOS ignored so every request produces exactly its length),
 # all queued at time 0, run three ways through `generate --prompts-file`: one at a time
-# (--max-seqs 1), static batches of --seqs (each group waits for its longest member), and
-# continuous batching with up to --seqs running. Prints each run's stats lines and a markdown
-# table: output tok/s, total tok/s, TTFT and TPOT percentiles, forward steps, preemptions.
+# (--max-seqs 1), static batches of --seqs (each group waits for its longest member; finished
+# members computed as padding, as fixed-shape batching runs them), the same groups without the
+# padding (static-unpadded: finished members leave the forward), and continuous batching with up to
+# --seqs running. Prints each run's stats lines and a markdown table: output tok/s, total tok/s,
+# TTFT and TPOT percentiles, forward steps, tokens computed, preemptions.
 #
 # Usage: scripts/bench_batch.sh [--n 64] [--seqs 16] [--prompt-tokens 64] [--mean-output 128]
-#                               [--max-batch-tokens 512] [--model PATH] [--threads N] [--modes one,static,continuous]
+#                               [--max-batch-tokens 512] [--model PATH] [--threads N]
+#                               [--modes one,static,static-unpadded,continuous]
 # Default model: $FASTGEN_BENCH_DIR/random-110m-bf16.bin (made by scripts/make_random_model.py if missing).
 set -euo pipefail
 
@@ -20,7 +23,7 @@ PROMPT_TOKENS=64
 MEAN_OUTPUT=128
 MAX_BATCH_TOKENS=512
 THREADS=$(nproc)
-MODES=one,static,continuous
+MODES=one,static,static-unpadded,continuous
 DIR=${FASTGEN_BENCH_DIR:-/tmp/fastgen-bench}
 MODEL=$DIR/random-110m-bf16.bin
 PY=/usr/bin/python3
@@ -35,7 +38,7 @@ while [ $# -gt 0 ]; do
         --model) MODEL=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --modes) MODES=$2; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench_batch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -73,8 +76,9 @@ for mode in "${mode_list[@]}"; do
     case "$mode" in
         one) args="--max-seqs 1" ;;
         static) args="--batching static --max-seqs $SEQS" ;;
+        static-unpadded) args="--batching static-unpadded --max-seqs $SEQS" ;;
         continuous) args="--batching continuous --max-seqs $SEQS" ;;
-        *) echo "bench_batch.sh: unknown mode '$mode' (one, static, continuous)" >&2; exit 2 ;;
+        *) echo "bench_batch.sh: unknown mode '$mode' (one, static, static-unpadded, continuous)" >&2; exit 2 ;;
     esac
     echo "== $mode: ./generate ... $args --max-batch-tokens $MAX_BATCH_TOKENS"
     # shellcheck disable=SC2086
@@ -84,10 +88,10 @@ for mode in "${mode_list[@]}"; do
     n_done=$(wc -l <"$WORK/$mode.jsonl")
     [ "$n_done" -eq "$N" ] || { echo "bench_batch.sh: $mode finished $n_done of $N requests" >&2; exit 1; }
     f() { sed -n "s#.*$1.*#\1#p" <<<"$err" | head -1; }
-    ROWS+=("$mode|$(f 'in \([0-9.]*\) s |')|$(f 'tokens, \([0-9.]*\) tok/s')|$(f 'total \([0-9.]*\) tok/s')|$(f 'TTFT ms p50 \([0-9.]*\) ')|$(f 'TTFT ms p50 [0-9.]* p90 \([0-9.]*\) ')|$(f 'TTFT ms p50 [0-9.]* p90 [0-9.]* p99 \([0-9.]*\) ')|$(f 'TPOT ms p50 \([0-9.]*\) ')|$(f 'TPOT ms p50 [0-9.]* p90 \([0-9.]*\) ')|$(f 'TPOT ms p50 [0-9.]* p90 [0-9.]* p99 \([0-9.]*\)')|$(f 'forward steps \([0-9]*\)')|$(f 'preemptions \([0-9]*\)')")
+    ROWS+=("$mode|$(f 'in \([0-9.]*\) s |')|$(f 'tokens, \([0-9.]*\) tok/s')|$(f 'total \([0-9.]*\) tok/s')|$(f 'TTFT ms p50 \([0-9.]*\) ')|$(f 'TTFT ms p50 [0-9.]* p90 \([0-9.]*\) ')|$(f 'TTFT ms p50 [0-9.]* p90 [0-9.]* p99 \([0-9.]*\) ')|$(f 'TPOT ms p50 \([0-9.]*\) ')|$(f 'TPOT ms p50 [0-9.]* p90 \([0-9.]*\) ')|$(f 'TPOT ms p50 [0-9.]* p90 [0-9.]* p99 \([0-9.]*\)')|$(f 'forward steps \([0-9]*\)')|$(f 'tokens computed \([0-9]*\)')|$(f 'preemptions \([0-9]*\)')")
 done
 
 echo
-echo "| mode | wall s | output tok/s | total tok/s | TTFT p50 ms | TTFT p90 | TTFT p99 | TPOT p50 ms | TPOT p90 | TPOT p99 | forward steps | preemptions |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| mode | wall s | output tok/s | total tok/s | TTFT p50 ms | TTFT p90 | TTFT p99 | TPOT p50 ms | TPOT p90 | TPOT p99 | forward steps | tokens computed | preemptions |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for row in "${ROWS[@]}"; do echo "| ${row//|/ | } |"; done

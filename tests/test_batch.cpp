@@ -161,7 +161,7 @@ TEST_CASE("batch: a KV cache too small for all at once forces preemption; output
     CHECK(preempted == b.stats.preemptions);
 }
 
-TEST_CASE("batch: static batching gives the same outputs, in groups") {
+TEST_CASE("batch: static batching gives the same outputs, in groups, with or without padding") {
     Model& m = stories260k();
     Tokenizer tok(m.tokenizer_model, "stories260K");
     std::vector<Request> reqs = mixed_requests(tok, 16, 3);
@@ -169,16 +169,32 @@ TEST_CASE("batch: static batching gives the same outputs, in groups") {
     opt.max_batch_tokens = 512;
     opt.max_seqs = 8;
     opt.static_batching = true;
-    BatchRun b = run_batch(m, reqs, opt, m.cfg.max_seq_len * 8);
-    check_matches_solo(m, reqs, b);
+    BatchRun padded = run_batch(m, reqs, opt, m.cfg.max_seq_len * 8);
+    check_matches_solo(m, reqs, padded);
     // The first group (r0..r7) all finish before any of the second starts, so before any finishes.
     for (int i = 0; i < 8; i++) {
-        auto at = std::find(b.order.begin(), b.order.end(), "r" + std::to_string(i)) - b.order.begin();
+        auto at = std::find(padded.order.begin(), padded.order.end(), "r" + std::to_string(i)) - padded.order.begin();
         CHECK(at < 8);
     }
+    // Finished members were computed as padding: every step of a group ran all its members.
+    CHECK(padded.stats.padding_tokens > 0);
+    CHECK(padded.stats.computed_tokens ==
+          padded.stats.prompt_tokens + padded.stats.output_tokens - 16 + padded.stats.padding_tokens);
+    opt.static_padding = false;
+    BatchRun unpadded = run_batch(m, reqs, opt, m.cfg.max_seq_len * 8);
+    check_matches_solo(m, reqs, unpadded);
+    CHECK(unpadded.stats.padding_tokens == 0);
+    CHECK(unpadded.stats.steps == padded.stats.steps);  // the same groups, the same number of forwards
     opt.static_batching = false;
     BatchRun c = run_batch(m, reqs, opt, m.cfg.max_seq_len * 8);
-    CHECK(c.stats.steps < b.stats.steps);  // continuous batching needs fewer forwards
+    CHECK(c.stats.steps < padded.stats.steps);  // continuous batching needs fewer forwards
+    // A cache too small for a whole padded group: padding gives its blocks back first, and
+    // preemption does the rest; every output is still the solo one.
+    opt.static_batching = true;
+    opt.static_padding = true;
+    opt.max_batch_tokens = 64;
+    BatchRun tight = run_batch(m, reqs, opt, 384);
+    check_matches_solo(m, reqs, tight);
 }
 
 TEST_CASE("batch: a tiny GQA model, requests running into the context end, match solo") {
