@@ -8,10 +8,11 @@
 # share of the measured read bandwidth, the bandwidth-bound prediction (read GB/s / bytes per
 # token) and prefill tok/s, then a markdown table.
 #
-# Usage: scripts/bench.sh [--sizes 110m,1b] [--dtypes f32,bf16,f16] [--threads N] [--tokens N]
+# Usage: scripts/bench.sh [--sizes 110m,1b] [--dtypes f32,bf16,f16,int8,int4] [--threads N] [--tokens N]
 #                         [--prefill-tokens N] [--runs N] [--dir DIR] [--quick]
 # The same settings as env vars: SIZES, DTYPES, THREADS, TOKENS, PREFILL_TOKENS, RUNS, FASTGEN_BENCH_DIR.
 # Default dtypes: f32,bf16,f16 for 110m and f32,bf16 for 1b; --dtypes applies to every size.
+# int8 / int4 (group 32) are quantized from the f32 model with `./quantize --quantize-embeddings`.
 # --quick: 110m only, f32 and bf16, 32 new tokens, 64-token prefill, 1 run, small membw pass.
 # --gpu: the GPU decode benchmark instead (scripts/bench_gpu.sh; the other arguments go to it).
 set -euo pipefail
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
         --dir) DIR=$2; shift 2 ;;
         --quick) SIZES=110m; DTYPES=${DTYPES:-f32,bf16}; TOKENS=32; PREFILL_TOKENS=64; RUNS=1
                  MEMBW_ARGS="512 3"; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -50,7 +51,7 @@ for size in "${size_list[@]}"; do
     case "$size" in 110m|1b) ;; *) echo "bench.sh: unknown size '$size' (110m or 1b)" >&2; exit 2 ;; esac
 done
 [ -z "$DTYPES" ] || for dtype in ${DTYPES//,/ }; do
-    case "$dtype" in f32|bf16|f16) ;; *) echo "bench.sh: unknown dtype '$dtype' (f32, bf16, f16)" >&2; exit 2 ;; esac
+    case "$dtype" in f32|bf16|f16|int8|int4) ;; *) echo "bench.sh: unknown dtype '$dtype' (f32, bf16, f16, int8, int4)" >&2; exit 2 ;; esac
 done
 
 # --- build what we need --------------------------------------------------------------------
@@ -59,6 +60,7 @@ if [ ! -x build/membw ] || [ scripts/membw.cpp -nt build/membw ]; then
     g++ -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra scripts/membw.cpp -o build/membw
 fi
 [ -x ./generate ] || make -j"$(nproc)" generate
+case ",$DTYPES," in *,int8,*|*,int4,*) [ -x ./quantize ] || make -j"$(nproc)" quantize ;; esac
 
 # --- machine and read bandwidth ------------------------------------------------------------
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores," \
@@ -83,7 +85,8 @@ shape_args() {  # size -> make_random_model.py shape flags
 }
 approx_mb() {  # size dtype -> approximate file size in MB (for the disk/RAM check)
     local params; case "$1" in 110m) params=134 ;; 1b) params=1100 ;; esac
-    case "$2" in f32) echo $((params * 4)) ;; *) echo $((params * 2)) ;; esac
+    case "$2" in f32) echo $((params * 4)) ;; int8) echo $((params * 11 / 10)) ;; int4) echo $((params * 6 / 10)) ;;
+        *) echo $((params * 2)) ;; esac
 }
 # Returns non-zero (with a message) when the model cannot be made or held in memory.
 ensure_model() {  # size dtype path
@@ -99,6 +102,13 @@ ensure_model() {  # size dtype path
         echo "-- skip $size $dtype: needs ~${need} MB of disk in $DIR, ${avail_disk} MB free"; return 1
     fi
     echo "-- creating $path (~${need} MB)"
+    if [ "$dtype" = int8 ] || [ "$dtype" = int4 ]; then
+        local f32="$DIR/random-$size-f32.bin"
+        ensure_model "$size" f32 "$f32" || return 1
+        ./quantize -q --input "$f32" --mode "$dtype" --quantize-embeddings -o "$path.tmp"
+        mv "$path.tmp" "$path"
+        return 0
+    fi
     # shellcheck disable=SC2046
     $PY scripts/make_random_model.py $(shape_args "$size") --dtype "${dtype^^}" \
         --tokenizer "$TOKENIZER" --out "$path.tmp" --seed 0 --quiet

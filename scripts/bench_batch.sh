@@ -3,7 +3,7 @@
 #
 # N requests with prompts of a fixed length and output lengths drawn from an exponential
 # distribution (mean 128, at least 1; EOS ignored so every request produces exactly its length),
-# all queued at time 0, run three ways through `generate --prompts-file`: one at a time
+# all queued at time 0, run four ways through `generate --prompts-file`: one at a time
 # (--max-seqs 1), static batches of --seqs (each group waits for its longest member; finished
 # members computed as padding, as fixed-shape batching runs them), the same groups without the
 # padding (static-unpadded: finished members leave the forward), and continuous batching with up to
