@@ -553,6 +553,34 @@ inline float dot(const float* a, const float* b, int n) {
 #endif
 }
 
+// out[p] = a . rows[p] for p < len, each summed exactly as dot() sums it (16 at a time through
+// reduce16, which keeps _mm512_reduce_add_ps's order).
+inline void dots(const float* a, const float* const* rows, int len, int n, float* out) {
+#ifdef FASTGEN_AVX512
+    int p = 0;
+    for (; p + 16 <= len; p += 16) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        int i = 0;
+        for (; i + kLanes <= n; i += kLanes) {
+            const __m512 av = _mm512_loadu_ps(a + i);
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(av, _mm512_loadu_ps(rows[p + j] + i), acc[j]);
+        }
+        if (i < n) {
+            const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+            const __m512 av = _mm512_maskz_loadu_ps(m, a + i);
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, rows[p + j] + i), acc[j]);
+        }
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, reduce16(acc));
+        for (int j = 0; j < 16; j++) out[p + j] = lanes[4 * (j % 4) + j / 4];
+    }
+    for (; p < len; p++) out[p] = dot(a, rows[p], n);
+#else
+    for (int p = 0; p < len; p++) out[p] = dot(a, rows[p], n);
+#endif
+}
+
 // NT tokens x NR rows starting at row r: the tile for format T.
 template <DType T, int NT, int NR, bool kPrefetch>
 inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, const IntX& ix) {
@@ -780,57 +808,94 @@ struct CpuOps final : Ops {
         }
     }
 
-    // One (token, KV head) pair per iteration, for the `group` query heads that share it (GQA):
-    // each cached K and V row is read once for the whole group. Per query head: scores over
-    // positions 0..pos read through the block table, a max-subtracted softmax, then the weighted
-    // sum of values, in the same order of operations whatever the batch.
+    // Attention, split along the sequence (flash-decoding on the CPU): work items are (token, KV
+    // head, chunk of kAttnChunk positions), so a decode step of a few KV heads still fills every
+    // core; the query heads that share a KV head (GQA) read each cached K and V row once. Per
+    // chunk: scores (16 positions at a time, summed like dot()), the chunk's max, exp, its sum
+    // and the unnormalised weighted sum of values; then per (token, KV head) the chunks combine in
+    // order. The chunking depends on the position alone, so a token's result is the same
+    // operation sequence whatever the batch.
+    static constexpr int kAttnChunk = 128;
+
     void attention(float* out, const float* q, const void* k_cache_, const void* v_cache_, const AttentionBatch& b,
                    int n) override {
         const float* k_cache = static_cast<const float*>(k_cache_);
         const float* v_cache = static_cast<const float*>(v_cache_);
         const int hd = b.head_dim, kv_dim = b.n_kv_heads * hd, group = b.n_heads / b.n_kv_heads;
         const float scale = 1.0f / std::sqrt(float(hd));
+        // item i of token t: first_item[t] + kvh * chunks(t) + c
+        attn_first_.resize(size_t(n) + 1);
+        attn_first_[0] = 0;
+        for (int t = 0; t < n; t++) {
+            const int chunks = b.positions[t] / kAttnChunk + 1;
+            attn_first_[size_t(t) + 1] = attn_first_[size_t(t)] + b.n_kv_heads * chunks;
+        }
+        const int items = attn_first_[size_t(n)];
+        const size_t part = size_t(group) * (hd + 2);  // per item: o [group][hd], then max and sum [group]
+        attn_part_.resize(size_t(items) * part);
+        auto slot_of = [&](int t, int p) {
+            const int* table = b.block_tables + b.table_offsets[t];
+            return size_t(table[p / b.block_size]) * b.block_size + p % b.block_size;
+        };
 #pragma omp parallel
         {
-            std::vector<float> scores, sums;  // per thread: [group][len] and [group]
-#pragma omp for schedule(dynamic) collapse(2)
-            for (int t = 0; t < n; t++) {
-                for (int kvh = 0; kvh < b.n_kv_heads; kvh++) {
-                    const int len = b.positions[t] + 1;
-                    const int* table = b.block_tables + b.table_offsets[t];
-                    const float* qg = q + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;  // [group][hd]
-                    float* og = out + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;
-                    if (scores.size() < size_t(group) * len) scores.resize(size_t(group) * len);
-                    for (int p = 0; p < len; p++) {
-                        size_t slot = size_t(table[p / b.block_size]) * b.block_size + p % b.block_size;
-                        const float* kp = k_cache + slot * kv_dim + kvh * hd;
-                        for (int g = 0; g < group; g++) scores[size_t(g) * len + p] = dot(qg + g * hd, kp, hd) * scale;
-                    }
-                    sums.resize(size_t(group));
+            std::vector<float> scores(size_t(group) * kAttnChunk);
+            const float* rows[kAttnChunk];
+#pragma omp for schedule(dynamic)
+            for (int i = 0; i < items; i++) {
+                const int t = int(std::upper_bound(attn_first_.begin(), attn_first_.begin() + n + 1, i) -
+                                  attn_first_.begin()) - 1;
+                const int chunks = b.positions[t] / kAttnChunk + 1, kvh = (i - attn_first_[size_t(t)]) / chunks,
+                          c = (i - attn_first_[size_t(t)]) % chunks;
+                const int p0 = c * kAttnChunk, len = std::min(kAttnChunk, b.positions[t] + 1 - p0);
+                const float* qg = q + (size_t(t) * b.n_heads + size_t(kvh) * group) * hd;  // [group][hd]
+                float* o = attn_part_.data() + size_t(i) * part;
+                float* mx = o + size_t(group) * hd;
+                float* sum = mx + group;
+                for (int p = 0; p < len; p++) rows[p] = k_cache + slot_of(t, p0 + p) * kv_dim + kvh * hd;
+                for (int g = 0; g < group; g++) {
+                    float* sg = scores.data() + size_t(g) * len;
+                    dots(qg + g * hd, rows, len, hd, sg);
+                    mx[g] = -INFINITY;
+                    for (int p = 0; p < len; p++) mx[g] = std::max(mx[g], sg[p] *= scale);
+                    float s = 0.0f;
+                    for (int p = 0; p < len; p++) s += (sg[p] = std::exp(sg[p] - mx[g]));
+                    sum[g] = s;
+                }
+                std::fill(o, o + size_t(group) * hd, 0.0f);
+                for (int p = 0; p < len; p++) {
+                    const float* vp = v_cache + slot_of(t, p0 + p) * kv_dim + kvh * hd;
                     for (int g = 0; g < group; g++) {
-                        float* sg = scores.data() + size_t(g) * len;
-                        const float mx = *std::max_element(sg, sg + len);
-                        float sum = 0.0f;
-                        for (int p = 0; p < len; p++) {
-                            sg[p] = std::exp(sg[p] - mx);
-                            sum += sg[p];
-                        }
-                        sums[size_t(g)] = sum;
-                    }
-                    std::fill(og, og + size_t(group) * hd, 0.0f);
-                    for (int p = 0; p < len; p++) {
-                        size_t slot = size_t(table[p / b.block_size]) * b.block_size + p % b.block_size;
-                        const float* vp = v_cache + slot * kv_dim + kvh * hd;
-                        for (int g = 0; g < group; g++) {
-                            const float a = scores[size_t(g) * len + p] / sums[size_t(g)];
-                            float* oh = og + g * hd;
-                            for (int i = 0; i < hd; i++) oh[i] += a * vp[i];
-                        }
+                        const float a = scores[size_t(g) * len + p];
+                        float* og = o + g * hd;
+                        for (int d = 0; d < hd; d++) og[d] += a * vp[d];
                     }
                 }
             }
+            // Combine each (token, query head)'s chunks: rescale to the largest max, then normalise.
+#pragma omp for schedule(static)
+            for (int th = 0; th < n * b.n_heads; th++) {
+                const int t = th / b.n_heads, h = th % b.n_heads, kvh = h / group, g = h % group;
+                const int chunks = b.positions[t] / kAttnChunk + 1;
+                const float* first = attn_part_.data() + size_t(attn_first_[size_t(t)] + kvh * chunks) * part;
+                float m = -INFINITY;
+                for (int c = 0; c < chunks; c++) m = std::max(m, first[c * part + size_t(group) * hd + g]);
+                float* oh = out + (size_t(t) * b.n_heads + h) * hd;
+                std::fill(oh, oh + hd, 0.0f);
+                float total = 0.0f;
+                for (int c = 0; c < chunks; c++) {
+                    const float* pc = first + c * part;
+                    const float w = std::exp(pc[size_t(group) * hd + g] - m);
+                    total += w * pc[size_t(group) * hd + group + g];
+                    for (int d = 0; d < hd; d++) oh[d] += w * pc[size_t(g) * hd + d];
+                }
+                for (int d = 0; d < hd; d++) oh[d] /= total;
+            }
         }
     }
+
+    std::vector<int> attn_first_;   // scratch: per token, its first attention work item
+    std::vector<float> attn_part_;  // scratch: per work item, partial outputs, maxima and sums
 
     std::vector<float> x_split_;  // scratch: x in split_pairs layout for bf16 weights
     QuantizedX x_q_;                  // scratch: x rounded to int8 for int8/int4 weights

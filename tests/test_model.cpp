@@ -30,7 +30,7 @@ void check_close(const std::vector<float>& ours, const std::vector<float>& ref, 
 }  // namespace
 
 TEST_CASE("forward matches the PyTorch reference at every position") {
-    struct Case { const char* what; Config cfg; DType dtype; };
+    struct Case { const char* what; Config cfg; DType dtype; int n_tokens = 37; };  // 37: > 2 KV blocks
     Config odd = tiny_config(72, 172, 2, 6, 2, false);  // odd sizes, GQA 3:1
     odd.vocab_size = 517;
     Config theta = tiny_config(64, 160, 2, 4, 4, true);
@@ -43,6 +43,8 @@ TEST_CASE("forward matches the PyTorch reference at every position") {
     scaled.rope_low_freq_factor = 1;
     scaled.rope_high_freq_factor = 4;
     scaled.rope_original_max_seq_len = 64;
+    Config long_ctx = tiny_config(64, 172, 2, 8, 2, false);  // the CPU's attention splits at 128 positions
+    long_ctx.max_seq_len = 320;
     Case cases[] = {
         {"GQA, tied", tiny_config(64, 172, 3, 8, 4, true), DType::F32},
         {"MHA, untied", tiny_config(48, 128, 2, 4, 4, false), DType::F32},
@@ -51,6 +53,7 @@ TEST_CASE("forward matches the PyTorch reference at every position") {
         {"Llama 3.1 rope scaling", scaled, DType::F32},
         {"bf16 weights, hidden 184 (32-blocks, a 16-step and a tail)", tiny_config(64, 184, 2, 8, 2, false), DType::BF16},
         {"f16 weights", tiny_config(64, 172, 2, 8, 2, false), DType::F16},
+        {"300 positions: attention in 3 chunks, GQA 4:1", long_ctx, DType::F32, 300},
     };
     int idx = 0;
     for (const Case& c : cases) {
@@ -58,7 +61,7 @@ TEST_CASE("forward matches the PyTorch reference at every position") {
             std::string path = temp_dir() + "/ref" + std::to_string(idx) + ".bin";
             write_model_bin(random_weights(c.cfg, 100 + unsigned(idx)), path, c.dtype);
             Model m(path, cpu_ops(0));
-            std::vector<int> tokens = random_tokens(37, c.cfg.vocab_size, unsigned(idx));  // > 2 KV blocks
+            std::vector<int> tokens = random_tokens(c.n_tokens, c.cfg.vocab_size, unsigned(idx));
             std::vector<float> ref = reference_logits(path, tokens, c.cfg.vocab_size);
             check_close(prefill_logits(m, tokens), ref, c.cfg.vocab_size, 1e-4);
             check_close(decode_logits(m, tokens), ref, c.cfg.vocab_size, 1e-4);
