@@ -126,6 +126,7 @@ struct IntX {
     const uint8_t* step_mask = nullptr;  // [steps]
 };
 
+#ifdef FASTGEN_AVX512
 // For a grouped W, per kernel step of `step` columns (64: int8, 128: int4): each lane's group,
 // relative to the step's first group (lanes split evenly over the step's 32-column blocks; blocks
 // past the last column repeat the last one's), and the mask of the scales the step reads (at most
@@ -145,6 +146,7 @@ void grouped_steps(int cols, int group, int step, std::vector<int32_t>& idx, std
         mask[size_t(s)] = uint8_t((1u << (last + 1)) - 1);
     }
 }
+#endif
 
 // gsum[t][g] = sum of rounded x over W's group g: its blocks' bsum in order.
 void group_sums(const QuantizedX& x, int group, std::vector<float>& gsum) {
