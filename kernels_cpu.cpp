@@ -257,6 +257,11 @@ inline void tile_step_bf16_pairs(__m512 (&acc)[NT][NR], const float* x, size_t x
     }
     if constexpr (kPrefetch)
         for (int r = 0; r < NR; r++) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * w_stride + size_t(k) * 2), _MM_HINT_T0);
+    // Decode: rows 4 tiles ahead, as the int8/int4 tiles do (bf16 110m decode 158 -> 187 tok/s,
+    // SmolLM2 131 -> 166). f32 measured slower with it (99 -> 78): its longer rows keep the
+    // hardware prefetcher ahead on its own.
+    if constexpr (NT == 1 && NR == 4)
+        for (int r = 0; r < NR; r++) _mm_prefetch(reinterpret_cast<const char*>(w + (16 + r) * w_stride + size_t(k) * 2), _MM_HINT_T0);
     for (int t = 0; t < NT; t++) {
         __m512 xe = _mm512_loadu_ps(x + t * x_stride + k), xo = _mm512_loadu_ps(x + t * x_stride + k + 16);
         for (int r = 0; r < NR; r++) acc[t][r] = _mm512_fmadd_ps(xo, odd[r], _mm512_fmadd_ps(xe, even[r], acc[t][r]));
