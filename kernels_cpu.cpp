@@ -623,7 +623,11 @@ inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0,
 template <DType T>
 void matmul_rows(float* out, const float* x, const Weight& W, int n, int r0, int r1, const IntX& ix) {
     int t = 0;
-    for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, ix);
+    if constexpr (T == DType::U8) {  // int4: 2-token tiles (4 x 4 spilled its 28+ live vectors)
+        for (; t + 2 <= n; t += 2) rows_for_tokens<T, 2>(out, x, W, t, r0, r1, ix);
+    } else {
+        for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, ix);
+    }
     switch (n - t) {
         case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1, ix); break;
         case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1, ix); break;
@@ -643,11 +647,17 @@ struct RowBlocks {
     IntX ix;
     int n, block, n_blocks;
 
-    // Row blocks small enough that a block of weights stays in L2 while every token tile uses it.
+    // Row blocks small enough that a block of weights stays in L2 while every token tile uses it
+    // (at most 64 rows at decode), as many as a multiple of the threads, and of equal size: with
+    // blocks of the largest size, a 768-row int4 matrix at prefill was 680 + 88 rows, one thread
+    // idle most of the time.
     RowBlocks(float* out_, const float* x_, const Weight& w_, int n_, const IntX& ix_)
         : out(out_), x(x_), w(&w_), ix(ix_), n(n_) {
         const size_t row_bytes = w_.dtype == DType::U8 ? size_t(w_.cols) / 2 : size_t(w_.cols) * dtype_size(w_.dtype);
-        block = n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
+        const int largest = n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
+        const int threads = omp_get_max_threads();
+        const int blocks = ((w_.rows + largest - 1) / largest + threads - 1) / threads * threads;
+        block = ((w_.rows + blocks - 1) / blocks + 3) / 4 * 4;
         n_blocks = (w_.rows + block - 1) / block;
     }
     // Rows [r0, r1), or the rows of block b; the same arithmetic per row whatever the range.
