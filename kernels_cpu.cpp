@@ -161,13 +161,15 @@ void group_sums(const QuantizedX& x, int group, std::vector<float>& gsum) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// matmul: out[n][rows] = x[n][cols] . W[rows][cols]^T, W in f32/bf16/f16, f32 accumulation.
+// matmul: out[n][rows] = x[n][cols] . W[rows][cols]^T, W in f32/bf16/f16 (f32 accumulation) or
+// int8/int4 (integer dot products on x rounded to 15 bits, above).
 //
 // Decode (n = 1) is a matrix-vector product bound by memory bandwidth: threads take contiguous
-// row ranges, and each step streams 4 weight rows so enough loads are in flight. Prefill (n > 1)
-// tiles 4 tokens x 4 rows in registers: each weight vector loaded (and converted) once feeds 4
-// FMAs, and a block of rows is reused from cache across all token tiles, so weights come from
-// memory once per matmul rather than once per token.
+// row ranges, and each step streams 4 weight rows so enough loads are in flight (bf16 and the
+// integer formats also prefetch 16 rows ahead). Prefill (n > 1) tiles 4 tokens (int4: 2) x 4 rows
+// in registers: each weight vector loaded (and converted) once feeds several tokens, and a block
+// of rows is reused from cache across all token tiles, so weights come from memory once per
+// matmul rather than once per token.
 
 #ifdef FASTGEN_AVX512
 constexpr int kLanes = 16;
