@@ -340,16 +340,16 @@ inline void tile_i8(float* out, size_t out_stride, const IntX& ix, int t0, const
             const __m512i b = masked ? _mm512_maskz_loadu_epi8((1ull << (W.cols - k)) - 1, p) : _mm512_loadu_si512(p);
             lo[r] = _mm512_unpacklo_epi8(_mm512_setzero_si512(), b);
             hi[r] = _mm512_unpackhi_epi8(_mm512_setzero_si512(), b);
-            // decode: rows 4 tiles ahead (short rows from several arrays outrun the hardware
-            // prefetcher: measured 34 -> 4x GB/s for int4 at SmolLM2's shapes)
-            if constexpr (NT == 1 && NR == 4) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ws), _MM_HINT_T0);
+            // decode: rows 16 ahead, as tile_i4 does (there it took SmolLM2's shapes from 27 to
+            // 42 GB/s; here it measured neutral)
+            if constexpr (NT == 1 && NR >= 4) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ws), _MM_HINT_T0);
         }
         if (W.group) {
             const __m512i idx = _mm512_loadu_si512(ix.step_idx + 16 * s);
             const float* g0 = sc + k / W.group;
             for (int r = 0; r < NR; r++) {
                 sw[r] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_maskz_loadu_ps(ix.step_mask[s], g0 + r * gs)));
-                if constexpr (NT == 1 && NR == 4) _mm_prefetch(reinterpret_cast<const char*>(g0 + (r + 16) * gs), _MM_HINT_T0);
+                if constexpr (NT == 1 && NR >= 4) _mm_prefetch(reinterpret_cast<const char*>(g0 + (r + 16) * gs), _MM_HINT_T0);
             }
         }
         for (int t = 0; t < NT; t++) {
@@ -640,12 +640,16 @@ inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, 
 // (n = 64: 79 -> 155+ ms). Larger tiles (8x2, 8x3, 6x4) measured slower too (BENCHMARKS.md).
 template <DType T, int NT>
 inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1, const IntX& ix) {
-    constexpr int NR = 4;
+    // int8 decode: 8-row tiles (its loop is bound by instructions, not memory: +7-9% decode, +40%
+    // on one thread in a microbenchmark); the rest 4 rows.
+    constexpr int NR = T == DType::I8 && NT == 1 ? 8 : 4;
     int r = r0;
     if (NT > 1 && t0 == 0)
         for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, true>(out, x, W, t0, r, ix);
     else
         for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, false>(out, x, W, t0, r, ix);
+    if constexpr (NR > 4)
+        for (; r + 4 <= r1; r += 4) tile_at<T, NT, 4, false>(out, x, W, t0, r, ix);
     for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r, ix);
 }
 
