@@ -51,7 +51,6 @@ struct QuantizedX {
     int n = 0, cols = 0, stride = 0;  // stride: cols rounded up to 128, the widest kernel step
     std::vector<int16_t> v;           // [n][stride] rounded x, zero-padded
     std::vector<float> d;             // [n][stride / 32] the blocks' scales (0 for padding)
-    std::vector<float> bsum;          // [n][stride / 32] d * sum of the block's v: its sum of rounded x
     std::vector<int16_t> v8;          // int8 kernel (AVX-512): per 64 columns, in the order unpacking
                                       // a 64-byte row of weights to 16 bits gives (see tile_i8)
     std::vector<int8_t> digits;       // int4 kernel (AVX-512): per 128 columns (4 blocks), v = 128 h + l
@@ -66,18 +65,9 @@ struct QuantizedX {
         const int blocks = stride / 32;
         v.assign(size_t(n) * stride, 0);
         d.assign(size_t(n) * blocks, 0.0f);
-        bsum.assign(size_t(n) * blocks, 0.0f);
         v8.clear(), digits.clear(), lanes8.clear(), lanes4.clear();
-        for (int t = 0; t < n; t++) {
-            int16_t* vt = v.data() + size_t(t) * stride;
-            float* dt = d.data() + size_t(t) * blocks;
-            quantize_activations(x + size_t(t) * cols, cols, vt, dt);
-            for (int b = 0; b < blocks; b++) {
-                int s = 0;
-                for (int i = 0; i < 32; i++) s += vt[b * 32 + i];
-                bsum[size_t(t) * blocks + b] = dt[b] * float(s);
-            }
-        }
+        for (int t = 0; t < n; t++)
+            quantize_activations(x + size_t(t) * cols, cols, v.data() + size_t(t) * stride, d.data() + size_t(t) * blocks);
     }
     // Each lane's block scale times `f`, per step of `step` columns (16 / (step / 32) lanes per block).
     void make_lanes(int step, float f, std::vector<float>& lanes) const {
@@ -148,14 +138,18 @@ void grouped_steps(int cols, int group, int step, std::vector<int32_t>& idx, std
 }
 #endif
 
-// gsum[t][g] = sum of rounded x over W's group g: its blocks' bsum in order.
+// gsum[t][g] = sum of rounded x over W's group g: per block d * (the integer sum of v), in order.
 void group_sums(const QuantizedX& x, int group, std::vector<float>& gsum) {
     const int ng = x.cols / group, bpg = group / 32, blocks = x.stride / 32;
     gsum.resize(size_t(x.n) * ng);
     for (int t = 0; t < x.n; t++)
         for (int g = 0; g < ng; g++) {
             float s = 0.0f;
-            for (int b = g * bpg; b < (g + 1) * bpg; b++) s += x.bsum[size_t(t) * blocks + b];
+            for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+                int vs = 0;
+                for (int i = 0; i < 32; i++) vs += x.v[size_t(t) * x.stride + b * 32 + i];
+                s += x.d[size_t(t) * blocks + b] * float(vs);
+            }
             gsum[size_t(t) * ng + g] = s;
         }
 }

@@ -248,6 +248,38 @@ TEST_CASE("int4 with minimums: values on a grid, constant and zero groups come b
     CHECK(worst > 1e-4);  // the zero point 4 puts the grid 0.0003 off
 }
 
+TEST_CASE("quantize_activations: 15-bit integers per 32-column block, half a step from x") {
+    std::mt19937 rng(21);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    const int cols = 100;  // 3 full blocks and a 4-column tail
+    std::vector<float> x(static_cast<size_t>(cols));
+    for (float& a : x) a = nd(rng);
+    x[40] = 300.0f;                                    // an outlier: its block's step is 300 / 16256
+    for (int k = 64; k < 96; k++) x[size_t(k)] = 0.0f;  // an all-zero block
+    std::vector<int16_t> v(128, 7);
+    std::vector<float> d(4, -1.0f);
+    quantize_activations(x.data(), cols, v.data(), d.data());
+    for (int b = 0; b < 4; b++) {
+        const int k0 = 32 * b, len = std::min(32, cols - k0);
+        double amax = 0;
+        for (int k = k0; k < k0 + len; k++) amax = std::max(amax, std::fabs(double(x[size_t(k)])));
+        CHECK(d[size_t(b)] == doctest::Approx(amax / 16256).epsilon(1e-6));
+        int vmax = 0;
+        for (int k = k0; k < k0 + 32; k++) {
+            const int q = v[size_t(k)];
+            vmax = std::max(vmax, std::abs(q));
+            if (k >= k0 + len) {
+                CHECK(q == 0);  // the tail's padding
+                continue;
+            }
+            // half a step from x (plus the f32 product's rounding); exact for a zero block
+            CHECK(std::fabs(double(x[size_t(k)]) - double(q) * d[size_t(b)]) <= (0.5 + 1e-3) * d[size_t(b)]);
+        }
+        CHECK(vmax == (amax > 0 ? 16256 : 0));  // the block's largest magnitude maps to the top
+    }
+    CHECK(d[2] == 0.0f);
+}
+
 TEST_CASE("int8 matmul kernel against dequantize-then-f32") {
     for (int cols : {16, 33, 100, 257}) {
         for (int rows : {1, 7, 13, 66}) {
