@@ -8,6 +8,9 @@
 //   attention: flash-decoding over the paged cache for decode tokens (splits along the sequence,
 //     then a combine), a FlashAttention-2-style tiled kernel on the tensor cores for runs of tokens
 //     of one sequence (prefill chunks, verify runs), both feeding the same combine;
+//   mixture of experts: routing and grouping by expert on the device, grouped matrix-vector
+//     kernels over the chosen experts' rows (capturable: no host sync), cuBLAS per expert for
+//     prefill-sized batches;
 //   rmsnorm, RoPE fused with the cache write, residual adds, embedding, argmax and top-k/top-p
 //   sampling on the device; CUDA graphs for the decode step (model.cpp decides when).
 // Every kernel's CPU twin is the same op in kernels_cpu.cpp; tests/test_gpu.cpp compares them.
@@ -197,25 +200,22 @@ struct GemvArgs {
 
 constexpr int kGemvWarps = 4;
 
+// Row r of S (and the same row of S2 for the gate/up pair) against token rows xr[0..nt): acc[t]
+// (acc2[t]) holds the warp's whole sum in every lane, before kI8's row scale (gemv_value).
 template <int F, int NT, bool kGateUp>
-__global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs a) {
+__device__ __forceinline__ void gemv_row(float (&acc)[NT], float (&acc2)[NT], const Seg& S, const Seg& S2, int r,
+                                         const float* const (&xr)[NT], int nt, int cols, int group, size_t rbytes,
+                                         bool vec) {
     constexpr int E = chunk_elems(F), U = F == kI4 || F == kI4M ? 2 : 4;
     const int lane = threadIdx.x % kWarp;
-    int r = blockIdx.x * kGemvWarps + threadIdx.x / kWarp, s = 0;
-    if (!kGateUp)
-        while (s + 1 < a.nseg && r >= a.seg[s].rows) r -= a.seg[s].rows, s++;
-    const Seg S = a.seg[s];
-    if (r >= S.rows) return;
-    const Seg S2 = a.seg[kGateUp ? 1 : s];
-    const uint8_t* row = S.w + size_t(r) * a.row_bytes;
-    const uint8_t* row2 = S2.w + size_t(r) * a.row_bytes;
-    const int ngroups = grouped(F) ? a.cols / a.group : 1;
-    float acc[NT], acc2[NT];
+    const uint8_t* row = S.w + size_t(r) * rbytes;
+    const uint8_t* row2 = S2.w + size_t(r) * rbytes;
+    const int ngroups = grouped(F) ? cols / group : 1;
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = acc2[t] = 0.0f;
 
-    if (a.vec) {
-        const int nchunks = a.cols / E;
+    if (vec) {
+        const int nchunks = cols / E;
         const uint4* w1 = reinterpret_cast<const uint4*>(row);
         const uint4* w2 = reinterpret_cast<const uint4*>(row2);
         for (int c0 = lane; c0 < nchunks; c0 += kWarp * U) {
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs
                 if (c >= nchunks) continue;
                 float s1 = 0, z1 = 0, s2 = 0, z2 = 0;  // the chunk's group: scale, zero point or minimum
                 if (grouped(F)) {
-                    const size_t g = size_t(r) * ngroups + size_t(c) * E / a.group;
+                    const size_t g = size_t(r) * ngroups + size_t(c) * E / group;
                     s1 = S.scales[g];
                     if (kGateUp) s2 = S2.scales[g];
                     if (F == kI4) z1 = float(S.zeros[g]), z2 = kGateUp ? float(S2.zeros[g]) : 0.0f;
@@ -242,8 +242,8 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs
                 }
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
-                    if (t >= a.n) break;
-                    const float* xt = a.x + size_t(t) * a.cols + size_t(c) * E;
+                    if (t >= nt) break;
+                    const float* xt = xr[t] + size_t(c) * E;
                     acc[t] += chunk_dot<F>(v1[u], xt, s1, z1);
                     if (kGateUp) acc2[t] += chunk_dot<F>(v2[u], xt, s2, z2);
                 }
@@ -257,13 +257,13 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs
         const uint8_t* zp2 = F == kI4 ? S2.zeros + g0 : nullptr;
         const float* mn1 = F == kI4M ? S.mins + g0 : nullptr;
         const float* mn2 = F == kI4M ? S2.mins + g0 : nullptr;
-        for (int k = lane; k < a.cols; k += kWarp) {
-            const float wv = weight_at<F>(row, k, sc1, zp1, mn1, a.group);
-            const float wv2 = kGateUp ? weight_at<F>(row2, k, sc2, zp2, mn2, a.group) : 0.0f;
+        for (int k = lane; k < cols; k += kWarp) {
+            const float wv = weight_at<F>(row, k, sc1, zp1, mn1, group);
+            const float wv2 = kGateUp ? weight_at<F>(row2, k, sc2, zp2, mn2, group) : 0.0f;
 #pragma unroll
             for (int t = 0; t < NT; t++) {
-                if (t >= a.n) break;
-                const float xv = a.x[size_t(t) * a.cols + k];
+                if (t >= nt) break;
+                const float xv = xr[t][k];
                 acc[t] += wv * xv;
                 if (kGateUp) acc2[t] += wv2 * xv;
             }
@@ -274,14 +274,185 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs
         acc[t] = warp_sum(acc[t]);
         if (kGateUp) acc2[t] = warp_sum(acc2[t]);
     }
-    if (lane != 0) return;
-    const float scale1 = F == kI8 ? S.scales[r] : 1.0f, scale2 = F == kI8 ? S2.scales[r] : 1.0f;
+}
+
+// The output of row r for one token from gemv_row's sums: kI8's row scale applied, and for the
+// gate/up pair silu(gate) * up.
+template <int F, bool kGateUp>
+__device__ __forceinline__ float gemv_value(float acc, float acc2, const Seg& S, const Seg& S2, int r) {
+    const float g = F == kI8 ? acc * S.scales[r] : acc;
+    if (!kGateUp) return g;
+    return g / (1.0f + expf(-g)) * (F == kI8 ? acc2 * S2.scales[r] : acc2);
+}
+
+template <int F, int NT, bool kGateUp>
+__global__ void __launch_bounds__(kGemvWarps * kWarp) gemv_kernel(const GemvArgs a) {
+    int r = blockIdx.x * kGemvWarps + threadIdx.x / kWarp, s = 0;
+    if (!kGateUp)
+        while (s + 1 < a.nseg && r >= a.seg[s].rows) r -= a.seg[s].rows, s++;
+    const Seg S = a.seg[s];
+    if (r >= S.rows) return;
+    const Seg S2 = a.seg[kGateUp ? 1 : s];
+    const float* xr[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) xr[t] = a.x + size_t(t) * a.cols;
+    float acc[NT], acc2[NT];
+    gemv_row<F, NT, kGateUp>(acc, acc2, S, S2, r, xr, a.n, a.cols, a.group, a.row_bytes, a.vec);
+    if (threadIdx.x % kWarp != 0) return;
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         if (t >= a.n) break;
-        const float g = acc[t] * scale1;
-        if (kGateUp) S.out[size_t(t) * S.rows + r] = g / (1.0f + expf(-g)) * (acc2[t] * scale2);
-        else S.out[size_t(t) * S.rows + r] = g;
+        S.out[size_t(t) * S.rows + r] = gemv_value<F, kGateUp>(acc[t], acc2[t], S, S2, r);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mixture of experts, routed on the device
+//
+// moe_route_kernel routes every token as moe_route (kernels_cpu.cpp) does and groups the
+// (token, choice) pairs by expert: rows of an expert-sorted order, an expert's rows in token
+// order. The grouped GEMV kernels then run each chosen expert's rows: block (row block, y) takes
+// the y-th expert that has pairs, so the grid depends on n alone (a captured step replays with any
+// routing) and unchosen experts are never read. Every expert's matrix pointers go by value in the
+// launch's parameters (ExpertMats): no table to keep on the device.
+
+constexpr int kMoeMaxExperts = 64;
+
+struct MoeRouting {  // in the backend's MoE workspace, written by moe_route_kernel
+    int* chosen;       // [pairs] pair p = t * k + j: token t's j-th expert, by descending weight
+    float* weight;     // [pairs] its renormalised weight
+    int* count;        // [E] pairs per expert
+    int* first;        // [E] the expert's first row in the sorted order
+    int* active;       // [E] the experts with pairs, ascending
+    int* n_active;     // [1] how many
+    int* pair_of_row;  // [pairs] sorted row -> pair
+    int* row_of_pair;  // [pairs] pair -> sorted row
+};
+
+// One block. Softmax over each token's expert logits in double, the top k by repeated maximum
+// (the lower index wins a tie), weights renormalised over the k: moe_route's arithmetic. Then
+// per expert (one thread each) its pairs in pair order.
+__global__ void moe_route_kernel(const MoeRouting rt, const float* logits, int n, int E, int k) {
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+        const float* lg = logits + size_t(t) * E;
+        double mx = lg[0], sum = 0;
+        for (int e = 1; e < E; e++) mx = fmax(mx, double(lg[e]));
+        for (int e = 0; e < E; e++) sum += exp(double(lg[e]) - mx);
+        unsigned long long taken = 0;
+        double chosen_sum = 0;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            double pb = 0;
+            for (int e = 0; e < E; e++) {
+                if (taken >> e & 1) continue;
+                const double p = exp(double(lg[e]) - mx) / sum;
+                if (best < 0 || p > pb) best = e, pb = p;
+            }
+            taken |= 1ull << best;
+            rt.chosen[t * k + j] = best;
+            rt.weight[t * k + j] = float(pb);  // the probability for now; renormalised below
+            chosen_sum += pb;
+        }
+        for (int j = 0; j < k; j++) {
+            const double p = exp(double(lg[rt.chosen[t * k + j]]) - mx) / sum;
+            rt.weight[t * k + j] = float(p / chosen_sum);
+        }
+    }
+    __syncthreads();  // chosen[] is complete (global writes are visible within the block)
+    const int pairs = n * k;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int c = 0;
+        for (int p = 0; p < pairs; p++) c += rt.chosen[p] == e;
+        rt.count[e] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int row = 0, na = 0;
+        for (int e = 0; e < E; e++) {
+            rt.first[e] = row;
+            row += rt.count[e];
+            if (rt.count[e] > 0) rt.active[na++] = e;
+        }
+        *rt.n_active = na;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int row = rt.first[e];
+        for (int p = 0; p < pairs; p++)
+            if (rt.chosen[p] == e) rt.pair_of_row[row] = p, rt.row_of_pair[p] = row, row++;
+    }
+}
+
+// One matrix of every expert (one layout): values, scales, and zero points (kI4) or minimums (kI4M).
+struct ExpertMats {
+    const uint8_t* w[kMoeMaxExperts];
+    const float* scales[kMoeMaxExperts];
+    const void* zm[kMoeMaxExperts];
+};
+struct MoeGemvArgs {
+    ExpertMats m1, m2;  // gate/up: w1 and w3; down: w2 (m2 unused)
+    int rows, cols, group;
+    size_t row_bytes;
+    bool vec;
+    const float* x;     // gate/up: the tokens [n][cols], row of sorted row i = pair_of_row[i] / k;
+                        // down: the inner activations in sorted order [pairs][cols]
+    bool x_sorted;
+    int k;
+    float* out;         // [pairs][rows] in sorted order
+    MoeRouting rt;
+};
+static_assert(sizeof(MoeGemvArgs) <= 4096, "kernel parameters stay within the 4 KB every toolkit takes");
+
+template <int F>
+__device__ __forceinline__ Seg expert_seg(const ExpertMats& m, int e, int rows) {
+    return Seg{m.w[e], m.scales[e], F == kI4 ? static_cast<const uint8_t*>(m.zm[e]) : nullptr,
+               F == kI4M ? static_cast<const float*>(m.zm[e]) : nullptr, nullptr, rows};
+}
+
+// Block (row block, y): warp row r of the y-th active expert over its rows, NT at a time (the
+// weight row is read again for each further NT, from L2 at decode sizes).
+template <int F, int NT, bool kGateUp>
+__global__ void __launch_bounds__(kGemvWarps * kWarp) moe_gemv_kernel(const MoeGemvArgs a) {
+    if (int(blockIdx.y) >= *a.rt.n_active) return;
+    const int e = a.rt.active[blockIdx.y], m = a.rt.count[e], first = a.rt.first[e];
+    const int r = blockIdx.x * kGemvWarps + threadIdx.x / kWarp;
+    if (r >= a.rows) return;
+    const Seg S = expert_seg<F>(a.m1, e, a.rows), S2 = kGateUp ? expert_seg<F>(a.m2, e, a.rows) : S;
+    for (int i0 = 0; i0 < m; i0 += NT) {
+        const int nt = min(NT, m - i0);
+        const float* xr[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const int row = first + i0 + min(t, nt - 1);
+            xr[t] = a.x + size_t(a.x_sorted ? row : a.rt.pair_of_row[row] / a.k) * a.cols;
+        }
+        float acc[NT], acc2[NT];
+        gemv_row<F, NT, kGateUp>(acc, acc2, S, S2, r, xr, nt, a.cols, a.group, a.row_bytes, a.vec);
+        if (threadIdx.x % kWarp != 0) continue;
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t >= nt) break;
+            a.out[size_t(first + i0 + t) * a.rows + r] = gemv_value<F, kGateUp>(acc[t], acc2[t], S, S2, r);
+        }
+    }
+}
+
+// Sorted row i of xg = the token row of pair pair_of_row[i] (the cuBLAS path's gather).
+__global__ void moe_gather_kernel(float* xg, const float* x, const MoeRouting rt, int k, int dim) {
+    const float* src = x + size_t(rt.pair_of_row[blockIdx.x] / k) * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xg[size_t(blockIdx.x) * dim + i] = src[i];
+}
+
+// out[t] = sum over j < k, in order, of weight[t k + j] * y[row_of_pair[t k + j]]: one block per token.
+__global__ void moe_combine_kernel(float* out, const float* y, const MoeRouting rt, int k, int dim) {
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) {
+            const int p = t * k + j;
+            acc += rt.weight[p] * y[size_t(rt.row_of_pair[p]) * dim + i];
+        }
+        out[size_t(t) * dim + i] = acc;
     }
 }
 
@@ -1184,6 +1355,70 @@ class CudaOps final : public Ops {
         LAUNCH_CHECK("embed_kernel");
     }
 
+    // Routing and grouping on the device (moe_route_kernel); then up to kGraphTokens tokens
+    // through the grouped GEMV kernels (no host sync: a captured step holds the whole layer), larger
+    // batches (prefill) through cuBLAS per chosen expert over its gathered rows, which needs the
+    // expert counts on the host. Both end in one weighted combine per token.
+    void moe_ffn(float* out, const float* x, const float* router_logits, const FfnWeights* experts, int n_experts,
+                 int k, int n) override {
+        if (n == 0) return;
+        if (n_experts > kMoeMaxExperts || k < 1 || k > n_experts)
+            throw Error(fmt("CUDA mixture of experts: %d experts, %d per token; this backend takes 1 <= k <= experts <= %d",
+                            n_experts, k, kMoeMaxExperts));
+        const FfnWeights& X0 = experts[0];
+        for (int e = 0; e < n_experts; e++) {
+            const FfnWeights& X = experts[e];
+            if (!same_layout(X.w1, X0.w1) || !same_layout(X.w3, X0.w1) || !same_layout(X.w2, X0.w2) ||
+                X.w1.rows != X0.w1.rows || X.w3.rows != X0.w1.rows || X.w2.rows != X0.w2.rows)
+                throw Error(fmt("CUDA mixture of experts: expert %d's weights differ in format or shape from expert 0's "
+                                "(the grouped kernels take one layout)", e));
+            check_groups(X.w1, fmt_of(X.w1), "mixture of experts");
+            check_groups(X.w2, fmt_of(X.w2), "mixture of experts");
+        }
+        const int dim = X0.w2.rows, hidden = X0.w1.rows, pairs = n * k;
+        // Workspace: the routing, then [pairs] rows of gathered x, gate, up and expert outputs.
+        auto up256 = [](size_t b) { return (b + 255) / 256 * 256; };
+        const size_t ints = up256(sizeof(int) * (3 * size_t(pairs) + 3 * size_t(n_experts) + 1)),
+                     wts = up256(sizeof(float) * pairs), rows_d = up256(sizeof(float) * size_t(pairs) * dim),
+                     rows_h = up256(sizeof(float) * size_t(pairs) * hidden);
+        uint8_t* ws = static_cast<uint8_t*>(workspace(moe_ws_, ints + wts + 2 * rows_d + 2 * rows_h));
+        MoeRouting rt;
+        int* iw = reinterpret_cast<int*>(ws);
+        rt.chosen = iw, rt.pair_of_row = iw + pairs, rt.row_of_pair = iw + 2 * pairs;
+        rt.count = iw + 3 * pairs, rt.first = rt.count + n_experts, rt.active = rt.first + n_experts;
+        rt.n_active = rt.active + n_experts;
+        rt.weight = reinterpret_cast<float*>(ws + ints);
+        float* xg = reinterpret_cast<float*>(ws + ints + wts);
+        float* y = reinterpret_cast<float*>(ws + ints + wts + rows_d);
+        float* h = reinterpret_cast<float*>(ws + ints + wts + 2 * rows_d);
+        float* hu = reinterpret_cast<float*>(ws + ints + wts + 2 * rows_d + rows_h);
+        moe_route_kernel<<<1, 256, 0, stream_>>>(rt, router_logits, n, n_experts, k);
+        LAUNCH_CHECK("moe_route_kernel");
+
+        if (n <= kGraphTokens) {
+            const int f = fmt_of(X0.w1), f2 = fmt_of(X0.w2);
+            MoeGemvArgs a = moe_args(experts, n_experts, &FfnWeights::w1, &FfnWeights::w3, x, false, k, h, rt);
+            moe_gemv(a, f, true, n, std::min(n_experts, pairs));
+            MoeGemvArgs d = moe_args(experts, n_experts, &FfnWeights::w2, nullptr, h, true, k, y, rt);
+            moe_gemv(d, f2, false, n, std::min(n_experts, pairs));
+        } else {
+            std::vector<int> count(static_cast<size_t>(n_experts)), first(static_cast<size_t>(n_experts));
+            download(count.data(), rt.count, sizeof(int) * n_experts);
+            download(first.data(), rt.first, sizeof(int) * n_experts);
+            moe_gather_kernel<<<pairs, 256, 0, stream_>>>(xg, x, rt, k, dim);
+            LAUNCH_CHECK("moe_gather_kernel");
+            for (int e = 0; e < n_experts; e++) {
+                const int m = count[size_t(e)];
+                if (m == 0) continue;
+                const size_t r0 = size_t(first[size_t(e)]);
+                ffn_gate_up(h + r0 * hidden, hu + r0 * hidden, xg + r0 * dim, experts[e].w1, experts[e].w3, m);
+                matmul(y + r0 * dim, h + r0 * hidden, experts[e].w2, m);
+            }
+        }
+        moe_combine_kernel<<<n, 256, 0, stream_>>>(out, y, rt, k, dim);
+        LAUNCH_CHECK("moe_combine_kernel");
+    }
+
     void sample(int* tokens, const float* logits, int m, int vocab, const SamplingParams& p, const float* u) override {
         if (m == 0) return;
         float* work = static_cast<float*>(workspace(sample_ws_, sizeof(float) * (size_t(m) * vocab + m) + sizeof(int) * m));
@@ -1197,6 +1432,8 @@ class CudaOps final : public Ops {
 
   private:
     static constexpr int kGemvMaxTokens = 8;
+    // Batches up to this size take the grouped MoE kernels (no host sync): model.cpp's largest graph bucket.
+    static constexpr int kGraphTokens = 64;
     static constexpr size_t kBlasWorkspace = 32u << 20, kStaging = 64u << 20;
     int sms_ = 0;
     size_t smem_optin_ = 0;  // shared memory one block may use (cudaFuncAttributeMaxDynamicSharedMemorySize)
@@ -1218,7 +1455,7 @@ class CudaOps final : public Ops {
         void* p = nullptr;
         size_t bytes = 0;
     };
-    Workspace attn_ws_, conv_ws_, deq_ws_, sample_ws_;
+    Workspace attn_ws_, conv_ws_, deq_ws_, sample_ws_, moe_ws_;
     std::vector<void*> retired_;
     void* workspace(Workspace& w, size_t bytes) {
         if (w.bytes >= bytes) return w.p;
@@ -1283,6 +1520,54 @@ class CudaOps final : public Ops {
             case kI8G: gemv_typed<kI8G>(a, gate_up, rows); break;
             case kI4: gemv_typed<kI4>(a, gate_up, rows); break;
             default: gemv_typed<kI4M>(a, gate_up, rows); break;
+        }
+    }
+
+    // One matrix (mat, and mat2 for the gate/up pair) of every expert for the grouped kernels.
+    MoeGemvArgs moe_args(const FfnWeights* experts, int n_experts, Weight FfnWeights::*mat, Weight FfnWeights::*mat2,
+                         const float* x, bool x_sorted, int k, float* out, const MoeRouting& rt) const {
+        MoeGemvArgs a{};
+        bool aligned = true;  // every matrix starts on 16 bytes (upload_weights aligns each to 256)
+        auto put = [&](ExpertMats& m, int e, const Weight& w) {
+            m.w[e] = static_cast<const uint8_t*>(w.data), m.scales[e] = w.scales;
+            m.zm[e] = w.zeros ? static_cast<const void*>(w.zeros) : static_cast<const void*>(w.mins);
+            aligned = aligned && reinterpret_cast<uintptr_t>(w.data) % 16 == 0;
+        };
+        for (int e = 0; e < n_experts; e++) {
+            put(a.m1, e, experts[e].*mat);
+            if (mat2) put(a.m2, e, experts[e].*mat2);
+        }
+        const Weight& w0 = experts[0].*mat;
+        const GemvArgs g = gemv_args(x, w0, 1);  // the shape and alignment checks of a plain GEMV
+        a.rows = w0.rows, a.cols = g.cols, a.group = g.group, a.row_bytes = g.row_bytes;
+        a.vec = aligned && g.vec;
+        a.x = x, a.x_sorted = x_sorted, a.k = k, a.out = out, a.rt = rt;
+        return a;
+    }
+    // Grid (row blocks, one per possibly active expert): depends on n alone. At n = 1 every expert
+    // has one row (a token's k experts differ), so the one-token kernel.
+    template <int F>
+    void moe_gemv_typed(const MoeGemvArgs& a, bool gate_up, int n, int max_active) {
+        const dim3 grid((a.rows + kGemvWarps - 1) / kGemvWarps, max_active);
+        const int threads = kGemvWarps * kWarp;
+        if (n == 1) {
+            if (gate_up) moe_gemv_kernel<F, 1, true><<<grid, threads, 0, stream_>>>(a);
+            else moe_gemv_kernel<F, 1, false><<<grid, threads, 0, stream_>>>(a);
+        } else {
+            if (gate_up) moe_gemv_kernel<F, kGemvMaxTokens, true><<<grid, threads, 0, stream_>>>(a);
+            else moe_gemv_kernel<F, kGemvMaxTokens, false><<<grid, threads, 0, stream_>>>(a);
+        }
+        LAUNCH_CHECK("moe_gemv_kernel");
+    }
+    void moe_gemv(const MoeGemvArgs& a, int f, bool gate_up, int n, int max_active) {
+        switch (f) {
+            case kF32: moe_gemv_typed<kF32>(a, gate_up, n, max_active); break;
+            case kBF16: moe_gemv_typed<kBF16>(a, gate_up, n, max_active); break;
+            case kF16: moe_gemv_typed<kF16>(a, gate_up, n, max_active); break;
+            case kI8: moe_gemv_typed<kI8>(a, gate_up, n, max_active); break;
+            case kI8G: moe_gemv_typed<kI8G>(a, gate_up, n, max_active); break;
+            case kI4: moe_gemv_typed<kI4>(a, gate_up, n, max_active); break;
+            default: moe_gemv_typed<kI4M>(a, gate_up, n, max_active); break;
         }
     }
 

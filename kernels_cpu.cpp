@@ -953,6 +953,59 @@ struct CpuOps final : Ops {
         for (size_t i = 0; i < n; i++) x[i] += a * y[i];
     }
 
+    // Routes every token, then runs each chosen expert once over the tokens routed to it: their
+    // rows gathered (expert by expert, tokens in order) into one array, so an expert's products
+    // are batched matmuls that read its weights once. Each token's k outputs are then summed in its
+    // routing order.
+    void moe_ffn(float* out, const float* x, const float* router_logits, const FfnWeights* experts, int n_experts,
+                 int k, int n) override {
+        const int dim = experts[0].w2.rows, hidden = experts[0].w1.rows;
+        const size_t pairs = size_t(n) * k;  // pair p = t * k + j: token t's j-th choice
+        moe_chosen_.resize(pairs);
+        moe_weight_.resize(pairs);
+        for (int t = 0; t < n; t++)
+            moe_route(router_logits + size_t(t) * n_experts, n_experts, k, &moe_chosen_[size_t(t) * k],
+                      &moe_weight_[size_t(t) * k]);
+        moe_slot_.resize(pairs);  // pair -> its row in the gathered arrays
+        moe_first_.assign(size_t(n_experts) + 1, 0);  // expert -> its first row
+        moe_x_.resize(pairs * dim);
+        size_t row = 0;
+        for (int e = 0; e < n_experts; e++) {
+            moe_first_[size_t(e)] = row;
+            for (size_t p = 0; p < pairs; p++) {
+                if (moe_chosen_[p] != e) continue;
+                moe_slot_[p] = row;
+                std::memcpy(&moe_x_[row * dim], x + p / size_t(k) * dim, sizeof(float) * size_t(dim));
+                row++;
+            }
+        }
+        moe_first_[size_t(n_experts)] = row;
+        moe_h_.resize(pairs * hidden);
+        moe_up_.resize(pairs * hidden);
+        moe_y_.resize(pairs * dim);
+        for (int e = 0; e < n_experts; e++) {
+            const size_t r0 = moe_first_[size_t(e)];
+            const int m = int(moe_first_[size_t(e) + 1] - r0);
+            if (m == 0) continue;
+            const FfnWeights& X = experts[e];
+            ffn_gate_up(&moe_h_[r0 * hidden], &moe_up_[r0 * hidden], &moe_x_[r0 * dim], X.w1, X.w3, m);
+            matmul(&moe_y_[r0 * dim], &moe_h_[r0 * hidden], X.w2, m);
+        }
+        for (int t = 0; t < n; t++) {
+            float* o = out + size_t(t) * dim;
+            for (int i = 0; i < dim; i++) {
+                float acc = 0.0f;
+                for (size_t p = size_t(t) * k; p < size_t(t + 1) * k; p++) acc += moe_weight_[p] * moe_y_[moe_slot_[p] * dim + i];
+                o[i] = acc;
+            }
+        }
+    }
+    std::vector<int> moe_chosen_;        // scratch: per (token, choice) pair, the expert
+    std::vector<float> moe_weight_;      //   and its weight
+    std::vector<size_t> moe_slot_;       //   and its row in moe_x_ / moe_y_
+    std::vector<size_t> moe_first_;      // scratch: per expert, its first row
+    std::vector<float> moe_x_, moe_h_, moe_up_, moe_y_;  // scratch: gathered rows, FFN inner, outputs
+
     void embed(float* out, const Weight& table, const int* tokens, int n) override {
         if (table.dtype == DType::I8 || table.dtype == DType::U8) {  // a quantized embedding
             for (int t = 0; t < n; t++) dequantize_row(table, tokens[t], out + size_t(t) * table.cols);
@@ -966,6 +1019,28 @@ struct CpuOps final : Ops {
 };
 
 }  // namespace
+
+void moe_route(const float* logits, int n, int k, int* chosen, float* weights) {
+    assert(n > 0 && k >= 1 && k <= n);
+    std::vector<double> p(static_cast<size_t>(n));
+    double mx = logits[0], sum = 0;
+    for (int e = 1; e < n; e++) mx = std::max(mx, double(logits[e]));
+    for (int e = 0; e < n; e++) sum += p[size_t(e)] = std::exp(double(logits[e]) - mx);
+    for (int e = 0; e < n; e++) p[size_t(e)] /= sum;
+    // Selection by repeated maximum: a strictly greater probability wins, so equal ones keep the
+    // lower index (k is 2 for Mixtral; n at most a few dozen).
+    std::vector<bool> taken(static_cast<size_t>(n), false);
+    double chosen_sum = 0;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++)
+            if (!taken[size_t(e)] && (best < 0 || p[size_t(e)] > p[size_t(best)])) best = e;
+        taken[size_t(best)] = true;
+        chosen[j] = best;
+        chosen_sum += p[size_t(best)];
+    }
+    for (int j = 0; j < k; j++) weights[j] = float(p[size_t(chosen[j])] / chosen_sum);
+}
 
 // ---------------------------------------------------------------------------------------------
 // quantization (scalar: it runs once, in the converter)

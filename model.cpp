@@ -472,7 +472,7 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         vector_f32(f, name("ffn_norm.weight"), g.dim, norms);
         // Each expert splits like the dense FFN (rows of w1/w3, columns of w2); the router is whole.
         auto ffn = [&](const std::string& w1, const std::string& w2, const std::string& w3) {
-            return LayerWeights::Expert{
+            return FfnWeights{
                 rows_of(mat(w1, g.hidden_dim, g.dim), rank * h_local, h_local),
                 cols_of(mat(w2, g.dim, g.hidden_dim), rank * h_local, h_local, path + ": tensor '" + w2 + "'"),
                 rows_of(mat(w3, g.hidden_dim, g.dim), rank * h_local, h_local)};
@@ -482,8 +482,8 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
             for (int e = 0; e < g.n_experts; e++)
                 L.experts.push_back(ffn(expert_tensor(l, e, "w1"), expert_tensor(l, e, "w2"), expert_tensor(l, e, "w3")));
         } else {
-            LayerWeights::Expert d = ffn(name("feed_forward.w1.weight"), name("feed_forward.w2.weight"),
-                                         name("feed_forward.w3.weight"));
+            FfnWeights d = ffn(name("feed_forward.w1.weight"), name("feed_forward.w2.weight"),
+                               name("feed_forward.w3.weight"));
             L.w1 = d.w1;
             L.w2 = d.w2;
             L.w3 = d.w3;
@@ -585,8 +585,7 @@ void Model::upload_weights() {
 
 size_t Model::scratch_bytes() const {
     size_t n = meta_dev_.bytes();
-    for (const Buffer* b : {&x_, &xb_, &q_, &k_, &v_, &att_, &hb_, &hb2_, &xlast_, &logits_, &picked_, &router_, &xg_,
-                            &yg_, &moe_})
+    for (const Buffer* b : {&x_, &xb_, &q_, &k_, &v_, &att_, &hb_, &hb2_, &xlast_, &logits_, &picked_, &router_, &moe_})
         n += b->bytes();
     return n;
 }
@@ -602,76 +601,10 @@ size_t Model::weight_bytes_per_token() const {
         }
         // The router, and k experts (the average expert's bytes, exact when all share a format).
         size_t all = 0;
-        for (const LayerWeights::Expert& e : L.experts) all += e.w1.bytes() + e.w2.bytes() + e.w3.bytes();
+        for (const FfnWeights& e : L.experts) all += e.w1.bytes() + e.w2.bytes() + e.w3.bytes();
         n += L.gate.bytes() + all * size_t(cfg.n_experts_per_tok) / L.experts.size();
     }
     return n;
-}
-
-// ---------------------------------------------------------------------------------------------
-// mixture of experts
-
-void moe_route(const float* logits, int n, int k, int* chosen, float* weights) {
-    assert(n > 0 && k >= 1 && k <= n);
-    std::vector<double> p(static_cast<size_t>(n));
-    double mx = logits[0], sum = 0;
-    for (int e = 1; e < n; e++) mx = std::max(mx, double(logits[e]));
-    for (int e = 0; e < n; e++) sum += p[size_t(e)] = std::exp(double(logits[e]) - mx);
-    for (int e = 0; e < n; e++) p[size_t(e)] /= sum;
-    // Selection by repeated maximum: a strictly greater probability wins, so equal ones keep the
-    // lower index (k is 2 for Mixtral; n at most a few dozen).
-    std::vector<bool> taken(static_cast<size_t>(n), false);
-    double chosen_sum = 0;
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int e = 0; e < n; e++)
-            if (!taken[size_t(e)] && (best < 0 || p[size_t(e)] > p[size_t(best)])) best = e;
-        taken[size_t(best)] = true;
-        chosen[j] = best;
-        chosen_sum += p[size_t(best)];
-    }
-    for (int j = 0; j < k; j++) weights[j] = float(p[size_t(chosen[j])] / chosen_sum);
-}
-
-// Routes every token (on the host: the router logits come back first), then runs each expert once
-// over the tokens routed to it: their rows are gathered into a contiguous [m][dim] buffer, one
-// matmul per expert weight, and the outputs are added back, weighted, into moe_. Experts no token
-// chose are never read (at batch 1 only k experts' weights are). Under TP each rank holds a slice
-// of every expert's FFN width, so moe_ holds this rank's partial sums and the caller's all-reduce
-// completes them.
-void Model::moe_ffn(const LayerWeights& L, int n) {
-    const Config& c = cfg;
-    const int E = c.n_experts, k = c.n_experts_per_tok, d = c.dim;
-    const size_t row = sizeof(float) * size_t(d);
-    grow(router_, sizeof(float) * size_t(n) * E);
-    grow(xg_, row * size_t(n));
-    grow(yg_, row * size_t(n));
-    grow(moe_, row * size_t(n));
-    ops_->matmul(router_.f32(), xb_.f32(), L.gate, n);  // [n][E]
-    router_host_.resize(size_t(n) * E);
-    ops_->download(router_host_.data(), router_.f32(), sizeof(float) * size_t(n) * E);
-
-    // For each expert, the (token, weight) pairs routed to it, in token order.
-    std::vector<std::vector<std::pair<int, float>>> routed(static_cast<size_t>(E));
-    std::vector<int> chosen(static_cast<size_t>(k));
-    std::vector<float> weights(static_cast<size_t>(k));
-    for (int i = 0; i < n; i++) {
-        moe_route(router_host_.data() + size_t(i) * E, E, k, chosen.data(), weights.data());
-        for (int j = 0; j < k; j++) routed[size_t(chosen[size_t(j)])].push_back({i, weights[size_t(j)]});
-    }
-    ops_->zero(moe_.data(), row * size_t(n));
-    for (int e = 0; e < E; e++) {
-        const auto& r = routed[size_t(e)];
-        const int m = int(r.size());
-        if (m == 0) continue;
-        for (int j = 0; j < m; j++) ops_->copy(xg_.f32() + size_t(j) * d, xb_.f32() + size_t(r[size_t(j)].first) * d, row);
-        const LayerWeights::Expert& X = L.experts[size_t(e)];
-        ops_->ffn_gate_up(hb_.f32(), hb2_.f32(), xg_.f32(), X.w1, X.w3, m);
-        ops_->matmul(yg_.f32(), hb_.f32(), X.w2, m);
-        for (int j = 0; j < m; j++)
-            ops_->add_scaled(moe_.f32() + size_t(r[size_t(j)].first) * d, yg_.f32() + size_t(j) * d, r[size_t(j)].second,
-                             size_t(d));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -724,9 +657,13 @@ void Model::reserve_scratch(int n, int m) {
     grow(hb2_, f * n * c.hidden_dim);   // FFN up               [n][hidden]
     grow(xlast_, f * m * c.dim);        // rows for the logits  [m][dim]
     if (!ops_->host_memory()) grow(logits_, f * m * c.vocab_size);  // [m][vocab]
+    if (c.n_experts > 0) {
+        grow(router_, f * n * c.n_experts);  // router logits   [n][n_experts]
+        grow(moe_, f * n * c.dim);           // experts' sum    [n][dim]
+    }
 }
 
-// CUDA graphs per batch-size bucket. A dense batch of n <= kGraphMaxTokens entries (decode steps,
+// CUDA graphs per batch-size bucket. A batch of n <= kGraphMaxTokens entries (decode steps,
 // verify runs, short prefills) runs as a bucket of N = 1, 2, 4, ..., 64 entries, padded with
 // entries that change nothing: token 0 at position 0, cache slot -1 (rope_kv_write writes no K/V
 // for it: ops.h) and a one-entry block table of its own (block 0, only read), so no sequence's
@@ -735,7 +672,9 @@ void Model::reserve_scratch(int n, int m) {
 // runs, the attention hints (has_runs, has_singles: they choose the attention kernels), and the
 // cache; everything else that changes between steps (tokens, positions, slots, tables, RoPE
 // angles) is read on the device from meta_dev_, whose layout depends on N alone, and scratch
-// buffers that move drop every graph (grow). The classifier runs over all N rows, which costs what
+// buffers that move drop every graph (grow). MoE layers route on the device (ops.h moe_ffn), so
+// they are captured too; padding entries are routed like tokens (their experts' rows are computed
+// and discarded). The classifier runs over all N rows, which costs what
 // m rows cost when N <= 8 (one pass over its weights in the decode-sized product) or when every
 // entry wants its logits (a decode step); other batches run op by op. Buckets rather than exact n:
 // at most 7 sizes to capture (each capture is a full eager run plus instantiation) and a bounded
@@ -760,7 +699,10 @@ float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const
     assert(kv.kv_dim == c.n_kv_heads * c.head_dim && kv.n_layers == c.n_layers);
     kv.allocate(ops_);
     const int bucket = graph_bucket(n);
-    const bool graph = ops_->graphs() && !comm_ && c.n_experts == 0 && n >= 1 && n <= kGraphMaxTokens &&
+    // Not under tensor parallelism: the all-reduces would have to be captured too, and NCCL in a
+    // graph needs care (every rank capturing and replaying the same graphs in step, NCCL's own
+    // capture rules); untried, so tensor-parallel steps run op by op.
+    const bool graph = ops_->graphs() && !comm_ && n >= 1 && n <= kGraphMaxTokens &&
                        (m == 0 || m == n || bucket <= 8);
     const int padded = graph ? bucket : n;  // entries run: the batch, then padding
     const int classified = graph && m > 0 ? padded : m;  // rows through the classifier
@@ -904,8 +846,9 @@ void Model::run_ops(KVCache& kv, int n, const std::vector<int>& logit_rows, floa
         // SwiGLU feed-forward block: dense, or a mixture of SwiGLU experts
         ops_->rmsnorm(xb, x, L.ffn_norm, n, c.dim, c.norm_eps);
         float* ffn_out = xb;
-        if (c.n_experts > 0) {
-            moe_ffn(L, n);
+        if (c.n_experts > 0) {  // this rank's part of every expert under TP: the all-reduce completes it
+            ops_->matmul(router_.f32(), xb, L.gate, n);
+            ops_->moe_ffn(moe_.f32(), xb, router_.f32(), L.experts.data(), c.n_experts, c.n_experts_per_tok, n);
             ffn_out = moe_.f32();
         } else {
             ops_->ffn_gate_up(hb_.f32(), hb2_.f32(), xb, L.w1, L.w3, n);

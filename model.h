@@ -89,14 +89,8 @@ struct LayerWeights {
     Weight w3;                     // up   [hidden_dim, dim]
     // MoE layers instead of w1/w2/w3 (which stay empty): the router and the experts.
     Weight gate;                   // router [n_experts, dim], replicated under TP
-    struct Expert { Weight w1, w2, w3; };  // shaped as w1/w2/w3 above
-    std::vector<Expert> experts;   // [n_experts]
+    std::vector<FfnWeights> experts;  // [n_experts], shaped as w1/w2/w3 above
 };
-
-// The Mixtral router for one token, as HF's MixtralSparseMoeBlock: softmax over all n expert
-// logits (double), the top k (ties: the lower expert index wins), weights renormalised over those k.
-// Writes chosen[k] (by descending weight) and weights[k].
-void moe_route(const float* logits, int n, int k, int* chosen, float* weights);
 
 struct Weights {
     Weight tok_embeddings;         // [vocab, dim]
@@ -206,11 +200,8 @@ class Model {
     std::vector<float> rope_;  // [n][head_dim / 2][cos, sin] of this forward's positions
     std::vector<uint8_t> meta_;
     Buffer meta_dev_;
-    // MoE scratch: router logits [n][n_experts] (and their host copy), gathered rows and expert
-    // outputs [n][dim], the weighted sum [n][dim].
-    Buffer router_, xg_, yg_, moe_;
-    std::vector<float> router_host_;
-    void moe_ffn(const LayerWeights& L, int n);  // xb_ [n][dim] -> moe_ [n][dim] (this rank's part)
+    // MoE scratch: router logits [n][n_experts], the experts' weighted sum [n][dim].
+    Buffer router_, moe_;
     // The layers, the final norm and the classifier into `out` (logits_, or the caller's host
     // memory on a host-memory backend), for a batch whose metadata is in place.
     void run_ops(KVCache& kv, int n, const std::vector<int>& logit_rows, float* out, const AttentionBatch& ab,

@@ -62,6 +62,18 @@ void quantize_activations(const float* x, int cols, int16_t* v, float* d);
 // Row r of any Weight as f32 (cols values): the dequantize reference for tests and embeddings.
 void dequantize_row(const Weight& w, int r, float* out);
 
+// One SwiGLU feed-forward network (a dense layer's, or one expert of a mixture):
+// out = (silu(x . w1^T) * (x . w3^T)) . w2^T; w1, w3 [hidden][dim], w2 [dim][hidden].
+struct FfnWeights {
+    Weight w1, w2, w3;
+};
+
+// The Mixtral router for one token, as HF's MixtralSparseMoeBlock: softmax over all n expert
+// logits (double), the top k (ties: the lower expert index wins), weights renormalised over those k.
+// Writes chosen[k] (by descending weight) and weights[k]. (kernels_cpu.cpp; the CUDA router
+// kernel does the same arithmetic.)
+void moe_route(const float* logits, int n, int k, int* chosen, float* weights);
+
 // What attention needs to find a token's keys and values in the paged cache. Every array is in
 // the backend's memory (ops.h's Buffer): the CUDA kernels read them on the device, so a captured
 // decode step replays with new positions without being captured again.
@@ -145,6 +157,13 @@ struct Ops {
     virtual void add_scaled(float* x, const float* y, float a, size_t n) = 0;
     // out[n][w.cols] = rows tokens[i] of the table
     virtual void embed(float* out, const Weight& table, const int* tokens, int n) = 0;
+    // A mixture of experts: each token t of n goes where moe_route sends it by router_logits[t]
+    // [n_experts], and out[t][dim] = sum over its k choices j, in moe_route's order, of
+    // weight_j * FFN_{expert_j}(x[t]) (experts[n_experts], all in one layout). Experts no token chose
+    // are never read (at batch 1, k experts' weights are). A backend with graphs() routes on the
+    // device, so a captured step (n <= 64 tokens, model.cpp) holds its MoE layers too.
+    virtual void moe_ffn(float* out, const float* x, const float* router_logits, const FfnWeights* experts,
+                         int n_experts, int k, int n) = 0;
     // Sampling where the logits are (CUDA; the CPU samples on the host with Sampler, the twin):
     // tokens[r] (host) for each of m rows of logits [m][vocab], as Sampler::sample draws them with
     // uniform draws u[r] (host): argmax at temperature 0 (the first maximum), else softmax at

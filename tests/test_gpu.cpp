@@ -20,10 +20,12 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <random>
 #include <sstream>
 #include <sys/stat.h>
+#include <tuple>
 
 #include "common.h"
 #include "convert.h"
@@ -286,6 +288,10 @@ struct CopyingCpuOps final : Ops {
     void add(float* x, const float* y, size_t n) override { cpu->add(x, y, n); }
     void add_scaled(float* x, const float* y, float a, size_t n) override { cpu->add_scaled(x, y, a, n); }
     void embed(float* out, const Weight& table, const int* tokens, int n) override { cpu->embed(out, table, tokens, n); }
+    void moe_ffn(float* out, const float* x, const float* logits, const FfnWeights* experts, int n_experts, int k,
+                 int n) override {
+        cpu->moe_ffn(out, x, logits, experts, n_experts, k, n);
+    }
 };
 
 
@@ -369,15 +375,23 @@ struct RecordingCpuOps final : Ops {
     void embed(float* out, const Weight& table, const int* tokens, int n) override {
         run([=, this] { cpu->embed(out, table, tokens, n); });
     }
+    void moe_ffn(float* out, const float* x, const float* logits, const FfnWeights* experts, int n_experts, int k,
+                 int n) override {
+        run([=, this] { cpu->moe_ffn(out, x, logits, experts, n_experts, k, n); });
+    }
 };
 
-// A tiny bf16 model whose runs take the GPU's tiled attention (head_dim 64, GQA 2), context 512.
-std::string bucket_model() {
-    static std::string path;
+// A tiny bf16 model whose runs take the GPU's tiled attention (head_dim 64, GQA 2), context 512;
+// with experts > 0, its FFNs are a mixture of that many experts, top-2.
+std::string bucket_model(int experts = 0) {
+    static std::map<int, std::string> paths;
+    std::string& path = paths[experts];
     if (path.empty()) {
         Config c = tiny_config(256, 344, 2, 4, 2, false);
         c.max_seq_len = 512;
-        path = temp_dir() + "/buckets.bin";
+        c.n_experts = experts;
+        c.n_experts_per_tok = experts > 0 ? 2 : 0;
+        path = temp_dir() + "/buckets" + std::to_string(experts) + ".bin";
         write_model_bin(random_weights(c, 21), path, DType::BF16);
     }
     return path;
@@ -498,7 +512,9 @@ TEST_CASE("weights copied to a backend's own memory (as for CUDA): every format'
 // Not in the gpu suite: it runs everywhere.
 TEST_CASE("bucketed graphs (model.cpp) over a recording CPU backend: logits and KV cache equal the plain CPU's") {
     RecordingCpuOps rec;
-    const std::string path = bucket_model();
+    std::string path;
+    SUBCASE("dense") { path = bucket_model(); }
+    SUBCASE("mixture of 4 experts, top-2 (routed inside the graph)") { path = bucket_model(4); }
     Model plain(path, cpu_ops(0)), graphed(path, &rec);
     graphed.reserve_scratch(64, 64);
     KVCache ka(plain.cfg, 1024, 16), kb(graphed.cfg, 1024, 16);
@@ -589,6 +605,47 @@ TEST_CASE("gpu: fused Q/K/V and SwiGLU gate/up match the CPU twin") {
             CHECK(rel_l2(get(g, dk, k.size()), k) < tol);
             CHECK(rel_l2(get(g, dv, v.size()), v) < tol);
             CHECK(rel_l2(get(g, dh, h.size()), h) < tol);
+        }
+}
+
+TEST_CASE("gpu: mixture of experts (device routing, grouped GEMV, cuBLAS per expert) matches the CPU twin") {
+    Ops* g = gpu();
+    if (!g) return;
+    Ops* cpu = cpu_ops(0);
+    std::mt19937 rng(123);
+    const int dim = 256, hidden = 160;
+    struct Case { int experts, k, n; };
+    // n <= 64: the grouped kernels (one expert row per token at n = 1, NT-token chunks above);
+    // n = 70: cuBLAS per expert over gathered rows; k = 3 of 5 checks the weighted sum's order.
+    const Case cases[] = {{8, 2, 1}, {8, 2, 3}, {8, 2, 13}, {8, 2, 64}, {8, 2, 70}, {5, 3, 9}};
+    for (Fmt t : kAllFormats)
+        for (const Case& c : cases) {
+            CAPTURE(fmt_name(t));
+            CAPTURE(c.experts);
+            CAPTURE(c.k);
+            CAPTURE(c.n);
+            std::vector<std::unique_ptr<TestWeight>> keep;
+            std::vector<FfnWeights> host(size_t(c.experts)), dev(size_t(c.experts));
+            for (int e = 0; e < c.experts; e++) {
+                for (auto [mat, rows, cols] : {std::tuple{&FfnWeights::w1, hidden, dim}, std::tuple{&FfnWeights::w2, dim, hidden},
+                                               std::tuple{&FfnWeights::w3, hidden, dim}}) {
+                    keep.push_back(std::make_unique<TestWeight>(g, t, rows, cols, rng));
+                    host[size_t(e)].*mat = keep.back()->host;
+                    dev[size_t(e)].*mat = keep.back()->dev;
+                }
+            }
+            std::vector<float> x = randn(size_t(c.n) * dim, rng), logits = randn(size_t(c.n) * c.experts, rng, 2.0f);
+            // Ties decided by index: token 0's logits all equal, token 1's two largest equal.
+            std::fill(logits.begin(), logits.begin() + c.experts, 0.5f);
+            if (c.n > 1) logits[size_t(c.experts) + 3] = logits[size_t(c.experts) + 1] = 9.0f;
+            std::vector<float> want(size_t(c.n) * dim);
+            cpu->moe_ffn(want.data(), x.data(), logits.data(), host.data(), c.experts, c.k, c.n);
+            Buffer dx = put(g, x), dl = put(g, logits), dout = poisoned(g, want.size());
+            g->moe_ffn(dout.f32(), dx.f32(), dl.f32(), dev.data(), c.experts, c.k, c.n);
+            // Two products in a row (and SiLU between): twice a product's tolerance, at the size
+            // of the largest expert group (cuBLAS with bf16 operands above 8).
+            const double tol = 2 * matmul_tolerance(t, c.n > 64 ? 9 : 1);
+            CHECK(rel_l2(get(g, dout, want.size()), want) < tol);
         }
 }
 
