@@ -64,11 +64,15 @@ struct Options {
 };
 
 // Picks the backend: --device auto takes CUDA when a GPU is usable, else the CPU; --device cuda
-// without a usable GPU (or in a build without CUDA) is a user error.
-Ops* choose_backend(const Options& o) {
+// without a usable GPU (or in a build without CUDA) is a user error. Under mpirun each rank takes
+// its own GPU (tp.h rank_device), set before any CUDA call that makes a context; *device says which.
+Ops* choose_backend(const Options& o, Comm* world, int* device) {
     if (o.device == "cpu") return cpu_ops(o.threads);
     std::string why;
-    if (cuda_device_count(&why) > 0) return cuda_ops();
+    if (const int n = cuda_device_count(&why); n > 0) {
+        *device = world ? rank_device(world->rank(), n) : 0;
+        return cuda_ops(*device);
+    }
     if (o.device == "cuda") throw Error(fmt("--device cuda: no CUDA device found (%s); use --device cpu", why.c_str()));
     return cpu_ops(o.threads);
 }
@@ -351,6 +355,9 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
         const double budget = free > 0 ? std::max(0.0, 0.9 * free - 512e6) : double(1ull << 30);
         const int bound = std::max(context, int(std::min(budget / bytes_per_token, 1e9)));
         capacity = int(std::min<long long>((long long)o.max_seqs * context, bound));
+        // Each GPU rank's free memory is its own; the ranks must agree on the cache's blocks, or
+        // their schedules (and so their collectives) would part.
+        if (comm) capacity = int(min_over_ranks(capacity));
     }
     KVCache kv(c, capacity);
     print_memory_plan(model, kv);
@@ -521,16 +528,27 @@ int run(int argc, char** argv, ErrorOut* err) {
             if (app.count(flag)) throw Error(fmt("%s only applies with --prompts-file", flag));
     }
 
+    // comm: the MPI world, for everything the host hands between ranks (flags, prompts, chat lines,
+    // requests, the logits every rank samples from). The model's all-reduces go over it on CPU
+    // ranks, and over NCCL on GPU ranks (device pointers, on the CUDA backend's stream).
     Comm* comm = join_ranks(argc, argv, o, err);
-    Ops* ops = choose_backend(o);
-    Model model(o.checkpoint, ops, comm);
+    int device = 0;
+    Ops* ops = choose_backend(o, comm, &device);
+    std::unique_ptr<Comm> nccl;
+    if (comm && comm->size() > 1) {
+        // --device auto on a mix of nodes with and without GPUs would pair NCCL's set-up with
+        // other ranks' collectives.
+        check_same_on_all_ranks(*comm, ops->name(), "backends (--device)");
+        if (!ops->host_memory()) nccl = nccl_comm(*comm, device);
+    }
+    Model model(o.checkpoint, ops, nccl ? nccl.get() : comm);
     const Config& c = model.cfg;
     if (comm) {
         // Same flags do not mean the same file on every node: compare what was loaded.
         check_same_on_all_ranks(*comm, model.cfg.to_json() + fmt("%zu", model.tokenizer_model.size()) +
                                            fmt("%zu", model.weight_bytes_per_token()), "model file");
-        std::fprintf(stderr, "tensor parallel: %d ranks; this rank holds %d of %d heads\n", comm->size(), c.n_heads,
-                     c.n_heads * comm->size());
+        std::fprintf(stderr, "tensor parallel: %d ranks over %s; this rank holds %d of %d heads\n", comm->size(),
+                     nccl ? "NCCL" : "MPI", c.n_heads, c.n_heads * comm->size());
     }
     Tokenizer tok(model.tokenizer_model, o.checkpoint + ": " + model.tokenizer_tensor);
     if (tok.vocab_size() > c.vocab_size)
@@ -545,7 +563,9 @@ int run(int argc, char** argv, ErrorOut* err) {
                  c.vocab_size, c.max_seq_len, model.weight_bytes_per_token() / 1e6,
                  dtype_name(model.w.layers[0].wq.dtype),
                  ops->name(),
-                 !ops->host_memory() ? "GPU 0" : o.threads > 0 ? fmt("%d threads", o.threads).c_str() : "all cores",
+                 !ops->host_memory()  ? fmt("GPU %d", device).c_str()
+                 : o.threads > 0      ? fmt("%d threads", o.threads).c_str()
+                                      : "all cores",
                  o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed,
                  o.max_new_tokens);
 

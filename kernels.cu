@@ -1114,10 +1114,12 @@ int grid_for(size_t n, int threads) { return int(std::min<size_t>((n + threads -
 
 class CudaOps final : public Ops {
   public:
-    CudaOps() {
-        CUDA_CHECK(cudaSetDevice(0));
+    // The device is set before any other CUDA call of this process that would create a context
+    // (a tensor-parallel rank must not leave one on device 0).
+    explicit CudaOps(int device) : device_(device) {
+        CUDA_CHECK(cudaSetDevice(device));
         cudaDeviceProp prop;
-        CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
         sms_ = prop.multiProcessorCount;
         CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
         CUBLAS_CHECK(cublasCreate(&blas_));
@@ -1136,10 +1138,12 @@ class CudaOps final : public Ops {
         CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
         CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
         CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-        std::fprintf(stderr, "cuda: %s, %d SMs, %.1f GB, compute capability %d.%d\n", prop.name, sms_,
-                     prop.totalGlobalMem / 1e9, prop.major, prop.minor);
+        std::fprintf(stderr, "cuda: device %d, %s, %d SMs, %.1f GB, compute capability %d.%d\n", device, prop.name,
+                     sms_, prop.totalGlobalMem / 1e9, prop.major, prop.minor);
     }
     // One per process, never destroyed (see cuda_ops()): the driver releases everything at exit.
+    int device() const { return device_; }
+    cudaStream_t stream() const { return stream_; }
 
     const char* name() const override { return "cuda"; }
     bool host_memory() const override { return false; }
@@ -1435,6 +1439,7 @@ class CudaOps final : public Ops {
     // Batches up to this size take the grouped MoE kernels (no host sync): model.cpp's largest graph bucket.
     static constexpr int kGraphTokens = 64;
     static constexpr size_t kBlasWorkspace = 32u << 20, kStaging = 64u << 20;
+    int device_ = 0;
     int sms_ = 0;
     size_t smem_optin_ = 0;  // shared memory one block may use (cudaFuncAttributeMaxDynamicSharedMemorySize)
     // The tiled attention kernel's accumulator count for a head_dim (a multiple of 16, at most
@@ -1629,11 +1634,35 @@ int cuda_device_count(std::string* why) {
     return n;
 }
 
-Ops* cuda_ops() {
-    std::string why;
-    if (cuda_device_count(&why) == 0) throw Error(fmt("--device cuda: no CUDA device found (%s); use --device cpu", why.c_str()));
-    // Created once and never destroyed: Models and Buffers may outlive any static's destructor,
-    // and the driver frees the device's memory at exit anyway.
-    static CudaOps* ops = new CudaOps();
+namespace {
+// The process's CUDA backend once made. Never destroyed: Models and Buffers may outlive any
+// static's destructor, and the driver frees the device's memory at exit anyway.
+CudaOps*& the_cuda_ops() {
+    static CudaOps* ops = nullptr;
     return ops;
+}
+}  // namespace
+
+Ops* cuda_ops(int device) {
+    CudaOps*& ops = the_cuda_ops();
+    if (ops) {
+        if (device != ops->device())
+            throw Error(fmt("CUDA: the backend of this process is on device %d; it cannot also run on device %d "
+                            "(one GPU per process)", ops->device(), device));
+        return ops;
+    }
+    std::string why;
+    const int n = cuda_device_count(&why);
+    if (n == 0) throw Error(fmt("--device cuda: no CUDA device found (%s); use --device cpu", why.c_str()));
+    if (device < 0 || device >= n)
+        throw Error(fmt("CUDA device %d does not exist: this process sees %d device%s (0..%d; CUDA_VISIBLE_DEVICES "
+                        "may hide others)", device, n, n == 1 ? "" : "s", n - 1));
+    ops = new CudaOps(device);
+    return ops;
+}
+
+CUstream_st* cuda_ops_stream() {
+    CudaOps* ops = the_cuda_ops();
+    if (!ops) throw Error("cuda_ops_stream: the CUDA backend is not made yet (call cuda_ops first)");
+    return ops->stream();
 }

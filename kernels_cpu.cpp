@@ -1223,7 +1223,7 @@ int cuda_device_count(std::string* why) {
     if (why) *why = "this build has no CUDA backend (nvcc was not found when it was built)";
     return 0;
 }
-Ops* cuda_ops() {
+Ops* cuda_ops(int) {
     throw Error("--device cuda: this build has no CUDA backend (nvcc was not found when it was built); "
                 "use --device cpu");
 }

@@ -435,9 +435,6 @@ Model::Model(const std::string& p, Ops* ops, Comm* comm)
         throw Error(fmt("%s: metadata format is '%s', expected '%s'", fp, meta("format").c_str(), kFormatName));
     if (meta("version") != kFormatVersion)
         throw Error(fmt("%s: format version %s, this build reads version %s", fp, meta("version").c_str(), kFormatVersion));
-    if (comm_ && !ops_->host_memory())
-        throw Error(fmt("tensor parallel runs on the CPU backend only for now (--device cpu); the CUDA backend "
-                        "has no NCCL path yet"));
     // The "quantization" label describes the file ("none", "int8", "int4-g32", ...); each matrix's
     // format is read off its own dtype and companion tensors, so a file may mix formats (an
     // imported GGUF model, the converter's --int8-fallback). "none" promises float matrices only.

@@ -211,8 +211,18 @@ class Buffer {
 // The CPU backend (kernels_cpu.cpp). threads <= 0: OpenMP's default.
 Ops* cpu_ops(int threads);
 
-// The CUDA backend (kernels.cu), one per process, on device 0; throws Error saying why when this
-// build has no CUDA or no device is usable.
-Ops* cuda_ops();
+// The CUDA backend (kernels.cu), one per process, on `device` (a tensor-parallel rank's own GPU,
+// tp.h rank_device); throws Error saying why when this build has no CUDA, the device does not
+// exist, or the backend is already on another device.
+Ops* cuda_ops(int device = 0);
+#ifdef FASTGEN_CUDA
+// The stream every op of the CUDA backend runs on (cuda_ops() first), so that other work on the
+// GPU is ordered with the ops: tp.cpp's NCCL all-reduces run on it, after the kernels that wrote
+// their input and before those that read the sum, with no host synchronisation. CUstream_st* is
+// cudaStream_t, named without including cuda_runtime.h in every file that includes ops.h; CUDA
+// builds only, so a CPU-only build cannot call it.
+struct CUstream_st;
+CUstream_st* cuda_ops_stream();
+#endif
 // Number of usable CUDA devices; 0 with the reason in *why when none (also in a CPU-only build).
 int cuda_device_count(std::string* why);

@@ -5,10 +5,11 @@
 #
 #   here first:  bash scripts/gpu_pack.sh           (fills .carry/: headers, libs, fallback binaries, models)
 #   the call:    run(command="bash scripts/gpu_session.sh", carry=[".carry"], timeout_s=600)
-#   or a part:   bash scripts/gpu_session.sh build tests sanitizer ptxas smoke bench   (any subset, in order)
+#   or a part:   bash scripts/gpu_session.sh build tests tp sanitizer ptxas smoke bench   (any subset, in order)
 #
 # Steps: build (make -j16 for this GPU's arch, with the carried headers; falls back to the carried
-# binaries), tests (the gpu suite), sanitizer (compute-sanitizer memcheck and racecheck on the
+# binaries), tests (the gpu suite), tp (tensor parallel over NCCL, 2 ranks on 2 GPUs; only where
+# nvidia-smi lists 2 or more, else one line saying it skipped), sanitizer (compute-sanitizer memcheck and racecheck on the
 # kernel and tiny-model tests), ptxas (registers/spills, 16-byte loads in the SASS), smoke
 # (stories260K greedy text, CPU vs GPU, through ./generate), bench (scripts/bench_gpu.sh).
 # $OUT/summary.txt gets one line per step; the other files hold each step's full output (8 files at
@@ -28,6 +29,11 @@
 #     5 graphs), the negative-slot RoPE case, and tiny models' logits (3e-2; the CPU twin rounds
 #     int8/int4 inputs to 15 bits, so int matmuls at n <= 8 are held to 1e-3);
 #   - ptxas: attention_tiled_kernel<4/8/16> compiled to 128/168/254 registers, 0 spills on sm_90a;
+#   - tensor parallel over NCCL (tp step, 2+ GPUs; never run): `mpirun -np 2` worker (all-reduce
+#     on the backend's stream behind 4 queued adds, exact sums; device and host broadcasts; tiny
+#     f32/bf16/int8/int4/MoE models, 2 ranks vs 1 on the GPU, 3e-2, errors printed), stories260K
+#     greedy text and batch-mode results through `mpirun -np 2 ./generate --device cuda` equal to
+#     one GPU's; on 1 GPU the tests step checks only that 2 ranks on it are refused (needs mpirun);
 #   - memcheck over the same kernel and tiny-model cases and the bucketed graphs, memcheck and
 #     racecheck over the tiled attention's short-context cases (sanitizer step).
 # The tolerances of the GPU-vs-CPU logit checks are estimates: record the printed errors.
@@ -48,7 +54,7 @@ C=$ROOT/.carry
 export FASTGEN_MODELS=${FASTGEN_MODELS:-$( [ -d "$C/models" ] && echo "$C/models" || echo ../shared/models )}
 BUDGET=${BUDGET:-560}  # seconds for the whole script (the call's limit is 600)
 T0=$(date +%s)
-STEPS=${*:-build tests sanitizer ptxas smoke bench}
+STEPS=${*:-build tests tp sanitizer ptxas smoke bench}
 
 log() { echo "== [$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -106,6 +112,18 @@ fi
 
 # ---- the gpu suite: every kernel against its CPU twin, tiny models, stories260K
 want tests && step tests 150 ./build/run_tests -ts=gpu -d
+
+# ---- tensor parallel over NCCL: one GPU per rank, so 2 GPUs at least (tp.log is a 9th file there)
+if want tp; then
+    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    if [ "$NGPU" -lt 2 ]; then
+        log "tp: skipped: nvidia-smi lists $NGPU GPU(s); tensor parallel over NCCL needs 2 (one per rank)"
+    elif ! command -v mpirun >/dev/null; then
+        log "tp: skipped: no mpirun on this machine (Open MPI)"
+    else
+        step tp 240 ./build/run_tests -ts=gpu -tc="*tensor parallel over NCCL*,*two ranks on one GPU*" -d
+    fi
+fi
 
 # ---- memory and race checks on the small cases
 if want sanitizer; then
