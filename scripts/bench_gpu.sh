@@ -99,6 +99,7 @@ for m in "${model_list[@]}"; do
         ratio=$(awk -v g="$gbs" -v c="$COPY" 'BEGIN{printf "%.3f", g / c}')
         speedup=$(awk -v a="$best" -v b="$bf16_tps" 'BEGIN{if (b > 0) printf "%.2fx", a / b; else printf "-"}')
         ROWS+=("| $m | $dtype | $best | $ms | $gbs | $COPY | $ratio | $speedup |")
+        echo "   row: ${ROWS[-1]}"  # now, so a run cut short by a time limit keeps what it measured
     done
 done
 echo

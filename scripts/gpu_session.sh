@@ -155,8 +155,10 @@ if want smoke; then
     step smoke 60 bash -c "$(declare -f smoke); smoke"
 fi
 
-# ---- the benchmark (random Llama-2-7B and Llama-3-8B bf16 shapes; models made here, --fast)
-want bench && step bench 400 env FASTGEN_MODELS="$FASTGEN_MODELS" bash scripts/bench_gpu.sh --runs 3
+# ---- the benchmark (random Llama-2-7B and Llama-3-8B shapes made here with --fast, bf16 then
+# int8/int4 copies; each result line is printed as it is measured). Mixtral: `BENCH_MODELS=mixtral`.
+want bench && step bench 400 env FASTGEN_MODELS="$FASTGEN_MODELS" bash scripts/bench_gpu.sh --runs 2 \
+    --models "${BENCH_MODELS:-llama2-7b,llama3-8b}" --dtypes "${BENCH_DTYPES:-bf16,int8,int4}"
 
 log "done; logs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 tail -n 8 "$OUT/bench.log" 2>/dev/null
