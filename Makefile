@@ -17,6 +17,10 @@ LDLIBS   := -lsentencepiece -lpcre2-8 -fopenmp $(MPI_LIBS)
 # Library code shared by the programs and the tests.
 CORE := common safetensors model kernels_cpu tokenizer bpe sampler convert decode batch tp gguf chat
 
+# The flags without the CUDA backend's: the emulated CUDA tests (below) build with these.
+CPU_CXXFLAGS := $(CXXFLAGS)
+CPU_LDLIBS   := $(LDLIBS)
+
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 ifneq ($(NVCC),)
   CUDA_HOME  := $(patsubst %/bin/nvcc,%,$(NVCC))
@@ -59,8 +63,54 @@ $(BUILD)/kernels_cuda.o: kernels.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
-test: generate quantize $(BUILD)/run_tests
+# The gpu suite (tests/test_gpu.cpp) on the CPU, no GPU or nvcc needed: kernels.cu compiled by g++
+# against the CUDA emulator in tests/cuda_emu (scripts/cuda_emu_source.py rewrites its launches
+# first), with the core compiled without FASTGEN_CUDA in a folder of its own; plus the emulator's
+# own tests (tests/cuda_emu/emu_selftest.cu).
+EMU := $(BUILD)/emu
+EMU_CXXFLAGS := $(CPU_CXXFLAGS) -DFASTGEN_CUDA_EMU
+# g++ sees the kernels' bodies, which nvcc's host pass never shows it: threadIdx.x is unsigned
+# (comparisons with ints), and its flow analysis cannot follow loads and uses under one condition.
+EMU_KERNEL_FLAGS := $(EMU_CXXFLAGS) -I. -Itests/cuda_emu -Wno-sign-compare -Wno-maybe-uninitialized
+EMU_OBJS := $(CORE:%=$(EMU)/%.o) $(EMU)/kernels_cuda.o $(EMU)/cuda_emu.o
+EMU_TEST_OBJS := $(addprefix $(EMU)/tests/,test_gpu.o test_util.o test_main.o emu_selftest.o)
+EMU_SUITES := -ts='gpu,cuda emulator'
+# make test leaves out the slowest emulated cases (~3 min together): test-emu runs them too.
+EMU_SLOW := -tce='*long contexts*,*SmolLM2*'
+
+$(BUILD)/run_tests_emu: $(EMU_TEST_OBJS) $(EMU_OBJS)
+	$(CXX) -o $@ $^ $(CPU_LDLIBS)
+
+$(EMU)/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
+$(EMU)/tests/%.o: tests/%.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -I. -c $< -o $@
+
+$(EMU)/kernels_cuda.cpp: kernels.cu scripts/cuda_emu_source.py
+	@mkdir -p $(dir $@)
+	python3 scripts/cuda_emu_source.py $< $@
+
+$(EMU)/tests/emu_selftest.cpp: tests/cuda_emu/emu_selftest.cu scripts/cuda_emu_source.py
+	@mkdir -p $(dir $@)
+	python3 scripts/cuda_emu_source.py $< $@
+
+$(EMU)/kernels_cuda.o $(EMU)/tests/emu_selftest.o: %.o: %.cpp
+	$(CXX) $(EMU_KERNEL_FLAGS) -c $< -o $@
+
+$(EMU)/cuda_emu.o: tests/cuda_emu/cuda_emu.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_KERNEL_FLAGS) -c $< -o $@
+
+test: generate quantize $(BUILD)/run_tests $(BUILD)/run_tests_emu
 	./$(BUILD)/run_tests
+	./$(BUILD)/run_tests_emu $(EMU_SUITES) $(EMU_SLOW)
+
+# The whole emulated gpu suite (and the emulator's own tests), long-context attention and SmolLM2 included.
+test-emu: $(BUILD)/run_tests_emu
+	./$(BUILD)/run_tests_emu $(EMU_SUITES)
 
 setup:
 	bash scripts/setup.sh
@@ -71,5 +121,5 @@ bench: generate quantize
 clean:
 	rm -rf $(BUILD) generate quantize
 
-.PHONY: all test setup bench clean
--include $(wildcard $(BUILD)/*.d $(BUILD)/tests/*.d)
+.PHONY: all test test-emu setup bench clean
+-include $(wildcard $(BUILD)/*.d $(BUILD)/tests/*.d $(EMU)/*.d $(EMU)/tests/*.d)
