@@ -246,6 +246,28 @@ bool g_in_kernel = false;
 std::vector<Fiber> g_fibers;
 void* g_sched_sp = nullptr;
 
+// wmma loads: each warp's tile, assembled from its lanes' elements (at most 32 warps, 4-byte elements).
+unsigned char g_tiles[32][256 * 4];
+// The 8 elements (row * 16 + column) of a 16x16 tile that lane l reads or writes in memory: rows
+// l / 4 and l / 4 + 8, columns 2 (l % 4) + {0, 1} and those + 8, as an sm_80 accumulator.
+struct Ownership {
+    int e[32][8];
+    Ownership() {
+        int k[32] = {};
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < 16; c++) {
+                const int l = (r % 8) * 4 + (c % 8) / 2;
+                e[l][k[l]++] = r * 16 + c;
+            }
+    }
+};
+const Ownership g_own;
+char* element(const WarpCall& w, int e) {
+    const int r = e / 16, c = e % 16;
+    const size_t at = w.col ? size_t(c) * w.ldm + r : size_t(r) * w.ldm + c;
+    return static_cast<char*>(const_cast<void*>(w.ptr)) + at * w.elem;
+}
+
 // Dynamic shared memory ends at an inaccessible page; static __shared__ objects are registered.
 char* g_dynamic_end = nullptr;
 char* g_dynamic = nullptr;  // this launch's
@@ -368,7 +390,8 @@ bool resolve_warp(int base) {
                 } else if (g.state == kReady) {
                     all = false;
                 } else if (g.mask != m || g.op != f.op || (f.op == kShfl && (g.kind != f.kind || g.width != f.width)) ||
-                           (f.op == kCall && (g.call->run != f.call->run || std::strcmp(g.call->what, f.call->what)))) {
+                           (f.op == kCall && (g.call->kind != f.call->kind || g.call->elem != f.call->elem ||
+                                            std::strcmp(g.call->what, f.call->what)))) {
                     block_fault(format("%s meets lane %d (%s) at %s (mask 0x%08x): lanes named in a mask must run the "
                                        "same operation with the same mask",
                                        who().c_str(), j, thread_name(g).c_str(),
@@ -398,7 +421,7 @@ bool resolve_warp(int base) {
                 const WarpCall& c0 = *g_fibers[size_t(base)].call;
                 for (int j = 1; j < 32 && !g_run.failed; j++) {
                     const WarpCall& c = *g_fibers[size_t(base + j)].call;
-                    if (c.ptr != c0.ptr || c.ldm != c0.ldm || c.layout != c0.layout)
+                    if (c.ptr != c0.ptr || c.ldm != c0.ldm || c.col != c0.col)
                         block_fault(format("%s: lane %d passes pointer %p, ldm %u; lane 0 %p, ldm %u (they must be the "
                                            "same in every lane)",
                                            c0.what, j, c.ptr, c.ldm, c0.ptr, c0.ldm));
@@ -410,10 +433,11 @@ bool resolve_warp(int base) {
                                                c0.what, j, k + 1));
                 }
                 if (g_run.failed) return false;
-                c0.run(c0);
-                for (int j = 1; j < 32; j++) {
+                if (c0.kind == WarpCall::kMma) c0.run(c0);
+                const void* result = c0.kind == WarpCall::kLoad ? static_cast<const void*>(g_tiles[base / 32]) : c0.out;
+                for (int j = 0; j < 32; j++) {
                     const WarpCall& c = *g_fibers[size_t(base + j)].call;
-                    if (c.out) std::memcpy(c.out, c0.out, c0.out_bytes);
+                    if (c.out && c.out != result) std::memcpy(c.out, result, c.out_bytes);
                 }
             }
             for (int j = 0; j < lanes; j++)
@@ -594,7 +618,17 @@ uint64_t shfl(ShflKind kind, unsigned mask, uint64_t bits, int arg, int width) {
     return warp_op(kShfl, kind, mask, bits, arg, width, nullptr);
 }
 void syncwarp(unsigned mask) { warp_op(kSyncwarp, kShflXor, mask, 0, 0, 32, nullptr); }
-void warp_call(const WarpCall& call) { warp_op(kCall, kShflXor, 0xffffffffu, 0, 0, 32, &call); }
+void warp_call(const WarpCall& call) {
+    Fiber* f = current();
+    if (!f) fault("%s outside a kernel", call.what);
+    const int lane = f->lane;
+    if (call.kind == WarpCall::kLoad)  // this lane's elements, read now
+        for (int e : g_own.e[lane]) std::memcpy(g_tiles[f->index / 32] + size_t(e) * call.elem, element(call, e), call.elem);
+    warp_op(kCall, kShflXor, 0xffffffffu, 0, 0, 32, &call);
+    if (call.kind == WarpCall::kStore)  // this lane's elements, written as it leaves
+        for (int e : g_own.e[lane])
+            std::memcpy(element(call, e), static_cast<const char*>(call.in[0]) + size_t(e) * call.elem, call.elem);
+}
 
 void* dynamic_shared() {
     if (!g_in_kernel) fault("dynamic shared memory outside a kernel");

@@ -8,7 +8,9 @@
 //   that relies on an earlier one having run is not helped); the threads of a block are fibers
 //   switched only at synchronisation points: __syncthreads, __syncwarp, __shfl_*_sync and the
 //   wmma operations. Between two of them a thread runs alone; successive rounds run the threads
-//   in ascending, then descending order, so a missing barrier tends to show.
+//   in ascending, then descending order, so a missing barrier tends to show. A wmma load or store
+//   moves each lane's own tile elements at that lane's time (mma.h), so reading what another lane
+//   stored needs a __syncwarp, as on a GPU.
 // - A launch error (cudaGetLastError, message in cudaGetErrorString): grid or block of 0, block
 //   over 1024 threads or over the kernel's __launch_bounds__, grid.y/z over 65535, dynamic shared
 //   memory over 48 KB or over the kernel's cudaFuncSetAttribute opt-in (at most 227 KB), a top-level
@@ -31,9 +33,11 @@
 //   stream or event synchronisation, or a copy to or from pageable (not cudaMallocHost) memory, fails
 //   with cudaErrorStreamCaptureUnsupported and invalidates the capture, as CUDA does.
 // - Device: one, 132 SMs, 80 GB, 227 KB of shared memory per block by opt-in (48 KB by default).
-// Not emulated: timing, races between blocks and the memory model, occupancy and registers, the
-// real wmma fragment layouts (a fragment here is the whole 16x16 tile in every lane, x[e] row-major;
-// see mma.h), device math precision (expf etc. are the host's), cuBLAS's own numerics.
+// Not emulated: timing, races between blocks and the memory model, asynchrony, occupancy and
+// registers, the real wmma fragment layouts (a fragment here is the whole 16x16 tile in every lane,
+// x[e] row-major; see mma.h), device math precision (expf etc. are the host's), cuBLAS's own numerics.
+// Only what kernels.cu uses is here: a kernel that starts using another CUDA call or intrinsic
+// fails to compile in build/run_tests_emu until it is added (with a test in emu_selftest.cu).
 #pragma once
 
 #include <cmath>
@@ -198,19 +202,24 @@ void syncwarp(unsigned mask);
 // Ends the running launch with a fault (from inside a kernel); never returns.
 [[noreturn]] void fault(const char* format, ...) __attribute__((format(printf, 1, 2)));
 
-// A warp-collective operation over data every lane holds (the wmma fragments): every lane of the
-// warp must arrive with equal inputs and equal memory operands; lane 0's run computes, and its
-// output is copied to every lane's out.
+// A warp-collective operation over data every lane holds (the wmma fragments). Every lane of the
+// warp must arrive, with equal operands and the same memory operand. A load: each lane reads its own
+// elements of the tile when it arrives, and once all have, every lane's fragment gets the whole
+// tile. A store: each lane writes its own elements when it leaves. So, as on a GPU, a lane sees the
+// tile elements other lanes read or wrote only across a __syncwarp. mma: lane 0's run computes and
+// every lane gets its result.
 struct WarpCall {
+    enum Kind { kLoad, kStore, kMma } kind;
     const char* what;
-    void* out;  // this lane's result (out_bytes), or null
+    void* out;  // this lane's result (out_bytes): the loaded or computed fragment
     size_t out_bytes;
-    const void* in[3];  // this lane's operands, equal in every lane
+    const void* in[3];  // this lane's operands, equal in every lane (a store's: in[0])
     size_t in_bytes[3];
-    const void* ptr;  // a memory operand and its leading dimension: the same in every lane
+    const void* ptr;  // load/store: the tile in memory, element (r, c) at r * ldm + c (col: c * ldm + r)
     unsigned ldm;
-    int layout;
-    void (*run)(const WarpCall&);
+    bool col;
+    size_t elem;  // bytes per element
+    void (*run)(const WarpCall&);  // mma
 };
 void warp_call(const WarpCall& call);
 

@@ -109,6 +109,26 @@ __global__ void divergent_wmma_kernel(float* c) {
     nvcuda::wmma::store_matrix_sync(c, f, 16, nvcuda::wmma::mem_row_major);
 }
 
+// The warp stores a tile of 2s, then lane 0 reads element (15, 15) and lane 31 element (0, 0),
+// each written by the other (an sm_80-like ownership), with or without a __syncwarp between.
+__global__ void store_visibility_kernel(float* out, float* tile, bool sync) {
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+    nvcuda::wmma::fill_fragment(f, 2.0f);
+    nvcuda::wmma::store_matrix_sync(tile, f, 16, nvcuda::wmma::mem_row_major);
+    if (sync) __syncwarp();
+    if (threadIdx.x == 0) out[0] = tile[255];
+    if (threadIdx.x == 31) out[1] = tile[0];
+}
+// Each lane writes 8 elements of a tile, then the warp loads it (with or without a __syncwarp) and
+// stores the fragment elsewhere.
+__global__ void load_visibility_kernel(float* out, float* tile, bool sync) {
+    for (int i = threadIdx.x; i < 256; i += 32) tile[i] = float(i);
+    if (sync) __syncwarp();
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+    nvcuda::wmma::load_matrix_sync(f, tile, 16, nvcuda::wmma::mem_row_major);
+    nvcuda::wmma::store_matrix_sync(out, f, 16, nvcuda::wmma::mem_row_major);
+}
+
 // D = A B + C for one 16x16x16 tile: A row-major, B column-major (read from its transpose), C
 // loaded column-major, D stored row-major; rows[e] = the row of accumulator element e.
 __global__ void mma_kernel(float* d, float* rows, const __nv_bfloat16* a, const __nv_bfloat16* bt, const float* c) {
@@ -403,6 +423,25 @@ TEST_CASE("cuda emulator: wmma computes a 16x16x16 tile; cublasGemmEx follows it
             CHECK(rows[size_t(i) * 16 + j] == float(i));
         }
     CHECK(worst < 1e-4);
+
+    // Other lanes' elements in memory only across a __syncwarp (a GPU's rule; fresh memory is NaN).
+    for (bool sync : {false, true}) {
+        CAPTURE(sync);
+        float *out = device(std::vector<float>(2, 0.0f)), *tile = nullptr;
+        REQUIRE(cudaMalloc(&tile, 256 * sizeof(float)) == cudaSuccess);
+        store_visibility_kernel<<<1, 32>>>(out, tile, sync);
+        REQUIRE(last_error() == "");
+        const std::vector<float> seen = host(out, 2);
+        CHECK((seen[0] == 2.0f && seen[1] == 2.0f) == sync);
+        float* loaded = device(std::vector<float>(256, 0.0f));
+        load_visibility_kernel<<<1, 32>>>(loaded, tile, sync);
+        REQUIRE(last_error() == "");
+        const std::vector<float> l = host(loaded, 256);
+        int right = 0;
+        for (int i = 0; i < 256; i++) right += l[size_t(i)] == float(i);
+        CHECK((right == 256) == sync);
+        cudaFree(out), cudaFree(tile), cudaFree(loaded);
+    }
 
     // C[m][n] (column-major, ldc 5) = 2 op(A) op(B) + 0.5 C for op = N/T, lda/ldb past the rows.
     cublasHandle_t h;

@@ -42,21 +42,6 @@ T from_float(float v) {
     else return __float2bfloat16_rn(v);
 }
 
-// Element (r, c) of a tile at p with leading dimension ldm: row-major or column-major.
-inline size_t at(int r, int c, unsigned ldm, bool col) { return col ? size_t(c) * ldm + r : size_t(r) * ldm + c; }
-
-template <class T, bool kCol>
-void load_run(const ::emu::detail::WarpCall& w) {
-    T* x = static_cast<T*>(w.out);
-    const T* p = static_cast<const T*>(w.ptr);
-    for (int e = 0; e < 256; e++) x[e] = p[at(e / 16, e % 16, w.ldm, kCol || w.layout == mem_col_major)];
-}
-template <class T>
-void store_run(const ::emu::detail::WarpCall& w) {
-    const T* x = static_cast<const T*>(w.in[0]);
-    T* p = static_cast<T*>(const_cast<void*>(w.ptr));
-    for (int e = 0; e < 256; e++) p[at(e / 16, e % 16, w.ldm, w.layout == mem_col_major)] = x[e];
-}
 template <class A, class B, class C>
 void mma_run(const ::emu::detail::WarpCall& w) {
     const A* a = static_cast<const A*>(w.in[0]);
@@ -71,9 +56,10 @@ void mma_run(const ::emu::detail::WarpCall& w) {
     for (int e = 0; e < 256; e++) out[e] = from_float<C>(d[e]);
 }
 template <class T>
-::emu::detail::WarpCall memory_call(const char* what, const T* p, unsigned ldm, int layout) {
+::emu::detail::WarpCall memory_call(::emu::detail::WarpCall::Kind kind, const char* what, const T* p, unsigned ldm,
+                                    bool col) {
     ::emu::detail::WarpCall w{};
-    w.what = what, w.ptr = p, w.ldm = ldm, w.layout = layout;
+    w.kind = kind, w.what = what, w.ptr = p, w.ldm = ldm, w.col = col, w.elem = sizeof(T);
     if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
         ::emu::detail::fault("%s: pointer %p is not 32-byte aligned", what, static_cast<const void*>(p));
     if (ldm * sizeof(T) % 16 != 0) ::emu::detail::fault("%s: ldm %u is not a multiple of 16 bytes", what, ldm);
@@ -90,23 +76,23 @@ void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
 template <class Use, class T, class L>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
     static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load names its layout");
-    ::emu::detail::WarpCall w = emu_detail::memory_call("wmma::load_matrix_sync", p, ldm, mem_row_major);
+    ::emu::detail::WarpCall w = emu_detail::memory_call(::emu::detail::WarpCall::kLoad, "wmma::load_matrix_sync", p, ldm,
+                                                        std::is_same_v<L, col_major>);
     w.out = f.x, w.out_bytes = sizeof f.x;
-    w.run = emu_detail::load_run<T, std::is_same_v<L, col_major>>;
     ::emu::detail::warp_call(w);
 }
 template <class T>
 void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm, layout_t layout) {
-    ::emu::detail::WarpCall w = emu_detail::memory_call("wmma::load_matrix_sync", p, ldm, layout);
+    ::emu::detail::WarpCall w = emu_detail::memory_call(::emu::detail::WarpCall::kLoad, "wmma::load_matrix_sync", p, ldm,
+                                                        layout == mem_col_major);
     w.out = f.x, w.out_bytes = sizeof f.x;
-    w.run = emu_detail::load_run<T, false>;
     ::emu::detail::warp_call(w);
 }
 template <class T>
 void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm, layout_t layout) {
-    ::emu::detail::WarpCall w = emu_detail::memory_call("wmma::store_matrix_sync", p, ldm, layout);
+    ::emu::detail::WarpCall w = emu_detail::memory_call(::emu::detail::WarpCall::kStore, "wmma::store_matrix_sync", p, ldm,
+                                                        layout == mem_col_major);
     w.in[0] = f.x, w.in_bytes[0] = sizeof f.x;
-    w.run = emu_detail::store_run<T>;
     ::emu::detail::warp_call(w);
 }
 template <class A, class LA, class B, class LB, class C>
@@ -114,7 +100,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, C>& d, const fragment<matrix_a, 
               const fragment<matrix_b, 16, 16, 16, B, LB>& b, const fragment<accumulator, 16, 16, 16, C>& c) {
     static_assert(std::is_same_v<A, B> && !std::is_same_v<A, float>, "bf16 x bf16 or f16 x f16 operands");
     ::emu::detail::WarpCall w{};
-    w.what = "wmma::mma_sync";
+    w.kind = ::emu::detail::WarpCall::kMma, w.what = "wmma::mma_sync";
     w.out = d.x, w.out_bytes = sizeof d.x;
     w.in[0] = a.x, w.in_bytes[0] = sizeof a.x;
     w.in[1] = b.x, w.in_bytes[1] = sizeof b.x;
