@@ -479,7 +479,7 @@ TEST_CASE("weights copied to a backend's own memory (as for CUDA): every format'
     }
     const std::vector<int> tokens = random_tokens(19, c.vocab_size, 3);
     for (const File& f : files) {
-        CAPTURE(f.name);
+        CAPTURE(std::string(f.name));
         Model host(f.path, cpu_ops(0)), copied(f.path, &copying);
         // Every pointer moved to the copy (not left viewing the mapped file), which the logits
         // alone would not show.
@@ -803,7 +803,7 @@ struct AttentionCase { const char* name; int n_heads, n_kv_heads, head_dim, bloc
 // token), each against the CPU twin over the same bf16 cache.
 void check_attention_case(Ops* g, const AttentionCase& cs, std::mt19937& rng) {
     Ops* cpu = cpu_ops(0);
-    CAPTURE(cs.name);
+    CAPTURE(std::string(cs.name));
     const int hd = cs.head_dim, kv_dim = cs.n_kv_heads * hd, bs = cs.block_size;
     int blocks = 0;
     for (Piece p : cs.pieces) blocks += (p.start + p.count + bs - 1) / bs;
@@ -835,7 +835,7 @@ void check_attention_case(Ops* g, const AttentionCase& cs, std::mt19937& rng) {
            doff = put(g, offsets);
     struct Hints { const char* what; bool runs, singles; };
     for (Hints h : {Hints{"exact hints", runs, singles}, Hints{"defaults", false, true}, Hints{"runs and singles", runs, true}}) {
-        CAPTURE(h.what);
+        CAPTURE(std::string(h.what));
         AttentionBatch db{static_cast<const int*>(dpos.data()), static_cast<const int*>(dtab.data()),
                           static_cast<const int*>(doff.data()), bs, cs.n_heads, cs.n_kv_heads, hd, cs.max_len};
         db.has_runs = h.runs;
@@ -843,7 +843,7 @@ void check_attention_case(Ops* g, const AttentionCase& cs, std::mt19937& rng) {
         Buffer out = poisoned(g, want.size());
         g->attention(out.f32(), dq.f32(), dkc.data(), dvc.data(), db, n);
         const double err = worst_row_rel_l2(get(g, out, want.size()), want, size_t(cs.n_heads) * hd);
-        MESSAGE(cs.name << ", " << h.what << ": worst token relative L2 error " << err);
+        MESSAGE(std::string(cs.name) << ", " << std::string(h.what) << ": worst token relative L2 error " << err);
         // f32-level on both kernels: the tiled one's bf16 hi + lo operands carry 16 bits
         CHECK(err < 1e-4);
     }
@@ -1015,7 +1015,7 @@ TEST_CASE("gpu: tiny random models: logits on the GPU match the CPU backend, pre
                              {"MoE", moe, DType::F32, nullptr}};
     int seed = 11;
     for (const M& m : models) {
-        CAPTURE(m.name);
+        CAPTURE(std::string(m.name));
         std::string path = temp_dir() + "/gpu-" + std::to_string(seed) + ".bin";
         if (m.quant && std::string(m.quant) == "gguf") write_gguf_like_model(random_weights(m.c, unsigned(seed++)), path);
         else write_model_bin(random_weights(m.c, unsigned(seed++)), path, m.dtype);
@@ -1037,7 +1037,7 @@ TEST_CASE("gpu: tiny random models: logits on the GPU match the CPU backend, pre
         const double tol = 3e-2;
         const double pre = worst_rel_error(prefill_logits(dev, tokens), prefill_logits(cpu, tokens), V);
         const double dec = worst_rel_error(decode_logits(dev, tokens), decode_logits(cpu, tokens), V);
-        MESSAGE(m.name << ": worst relative logit error GPU vs CPU: prefill " << pre << ", decode " << dec);
+        MESSAGE(std::string(m.name) << ": worst relative logit error GPU vs CPU: prefill " << pre << ", decode " << dec);
         CHECK(pre < tol);
         CHECK(dec < tol);
     }
