@@ -17,7 +17,7 @@ LDLIBS   := -lsentencepiece -lpcre2-8 -fopenmp $(MPI_LIBS)
 # Library code shared by the programs and the tests.
 CORE := common safetensors model kernels_cpu tokenizer bpe sampler convert decode batch tp gguf chat
 
-# The flags without the CUDA backend's: the emulated CUDA tests (below) build with these.
+# The flags without the CUDA backend's: the emulated CUDA build (below) starts from these.
 CPU_CXXFLAGS := $(CXXFLAGS)
 CPU_LDLIBS   := $(LDLIBS)
 
@@ -63,22 +63,30 @@ $(BUILD)/kernels_cuda.o: kernels.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
-# The gpu suite (tests/test_gpu.cpp) on the CPU, no GPU or nvcc needed: kernels.cu compiled by g++
-# against the CUDA emulator in tests/cuda_emu (scripts/cuda_emu_source.py rewrites its launches
-# first), with the core compiled without FASTGEN_CUDA in a folder of its own; plus the emulator's
-# own tests (tests/cuda_emu/emu_selftest.cu).
+# The gpu suite (tests/test_gpu.cpp, tests/test_tp_gpu.cpp) on the CPU, no GPU or nvcc needed:
+# kernels.cu compiled by g++ against the CUDA emulator in tests/cuda_emu (scripts/cuda_emu_source.py
+# rewrites its launches first), the core compiled in a folder of its own as for a CUDA build
+# (FASTGEN_CUDA) but with the emulator's cuda_runtime.h and nccl.h (NCCL over MPI) found first and
+# no libcudart or libnccl linked; FASTGEN_CUDA_EMU tells the tests they run emulated. Plus the
+# emulator's own tests (tests/cuda_emu/emu_selftest.cu, nccl_selftest.cpp), and generate_emu beside
+# run_tests_emu for test_tp_gpu's `mpirun -np 2 generate --device cuda` on two emulated devices.
 EMU := $(BUILD)/emu
-EMU_CXXFLAGS := $(CPU_CXXFLAGS) -DFASTGEN_CUDA_EMU
+EMU_CXXFLAGS := -Itests/cuda_emu $(CPU_CXXFLAGS) -DFASTGEN_CUDA -DFASTGEN_CUDA_EMU
 # g++ sees the kernels' bodies, which nvcc's host pass never shows it: threadIdx.x is unsigned
 # (comparisons with ints), and its flow analysis cannot follow loads and uses under one condition.
-EMU_KERNEL_FLAGS := $(EMU_CXXFLAGS) -I. -Itests/cuda_emu -Wno-sign-compare -Wno-maybe-uninitialized
-EMU_OBJS := $(CORE:%=$(EMU)/%.o) $(EMU)/kernels_cuda.o $(EMU)/cuda_emu.o
-EMU_TEST_OBJS := $(addprefix $(EMU)/tests/,test_gpu.o test_util.o test_main.o emu_selftest.o)
-EMU_SUITES := -ts='gpu,cuda emulator'
+EMU_KERNEL_FLAGS := $(EMU_CXXFLAGS) -I. -Wno-sign-compare -Wno-maybe-uninitialized
+EMU_OBJS := $(CORE:%=$(EMU)/%.o) $(EMU)/kernels_cuda.o $(EMU)/cuda_emu.o $(EMU)/nccl_emu.o
+EMU_TEST_OBJS := $(addprefix $(EMU)/tests/,test_gpu.o test_tp_gpu.o test_util.o test_main.o emu_selftest.o) \
+                 $(EMU)/nccl_selftest.o
+# Two emulated devices, so test_tp_gpu's tensor-parallel cases run (one rank per device).
+EMU_RUN := env -u CUDA_VISIBLE_DEVICES FASTGEN_EMU_DEVICES=2 ./$(BUILD)/run_tests_emu -ts='gpu,cuda emulator'
 # make test leaves out the slowest emulated cases (~3 min together): test-emu runs them too.
 EMU_SLOW := -tce='*long contexts*,*SmolLM2*'
 
 $(BUILD)/run_tests_emu: $(EMU_TEST_OBJS) $(EMU_OBJS)
+	$(CXX) -o $@ $^ $(CPU_LDLIBS)
+
+$(BUILD)/generate_emu: $(EMU)/generate.o $(EMU_OBJS)
 	$(CXX) -o $@ $^ $(CPU_LDLIBS)
 
 $(EMU)/%.o: %.cpp
@@ -100,17 +108,17 @@ $(EMU)/tests/emu_selftest.cpp: tests/cuda_emu/emu_selftest.cu scripts/cuda_emu_s
 $(EMU)/kernels_cuda.o $(EMU)/tests/emu_selftest.o: %.o: %.cpp
 	$(CXX) $(EMU_KERNEL_FLAGS) -c $< -o $@
 
-$(EMU)/cuda_emu.o: tests/cuda_emu/cuda_emu.cpp
+$(EMU)/cuda_emu.o $(EMU)/nccl_emu.o $(EMU)/nccl_selftest.o: $(EMU)/%.o: tests/cuda_emu/%.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(EMU_KERNEL_FLAGS) -c $< -o $@
 
-test: generate quantize $(BUILD)/run_tests $(BUILD)/run_tests_emu
+test: generate quantize $(BUILD)/run_tests $(BUILD)/run_tests_emu $(BUILD)/generate_emu
 	./$(BUILD)/run_tests
-	./$(BUILD)/run_tests_emu $(EMU_SUITES) $(EMU_SLOW)
+	$(EMU_RUN) $(EMU_SLOW)
 
 # The whole emulated gpu suite (and the emulator's own tests), long-context attention and SmolLM2 included.
-test-emu: $(BUILD)/run_tests_emu
-	./$(BUILD)/run_tests_emu $(EMU_SUITES)
+test-emu: $(BUILD)/run_tests_emu $(BUILD)/generate_emu
+	$(EMU_RUN)
 
 setup:
 	bash scripts/setup.sh

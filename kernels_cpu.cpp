@@ -1217,9 +1217,9 @@ Ops* cpu_ops(int threads) {
     return &ops;
 }
 
-#if !defined(FASTGEN_CUDA) && !defined(FASTGEN_CUDA_EMU)
-// A CPU-only build (no nvcc): --device cuda reports this, --device auto picks the CPU. (The
-// emulated CUDA test build, build/run_tests_emu, gets them from kernels.cu.)
+#ifndef FASTGEN_CUDA
+// A CPU-only build (no nvcc): --device cuda reports this, --device auto picks the CPU. (CUDA builds,
+// the emulated one in build/emu included, get them from kernels.cu.)
 int cuda_device_count(std::string* why) {
     if (why) *why = "this build has no CUDA backend (nvcc was not found when it was built)";
     return 0;

@@ -29,7 +29,8 @@
 #     5 graphs), the negative-slot RoPE case, and tiny models' logits (3e-2; the CPU twin rounds
 #     int8/int4 inputs to 15 bits, so int matmuls at n <= 8 are held to 1e-3);
 #   - ptxas: attention_tiled_kernel<4/8/16> compiled to 128/168/254 registers, 0 spills on sm_90a;
-#   - tensor parallel over NCCL (tp step, 2+ GPUs; never run): `mpirun -np 2` worker (all-reduce
+#   - tensor parallel over NCCL (tp step, 2+ GPUs; never run on GPUs, passes under the emulator
+#     with NCCL emulated over MPI, which cannot show stream ordering): `mpirun -np 2` worker (all-reduce
 #     on the backend's stream behind 4 queued adds, exact sums; device and host broadcasts; tiny
 #     f32/bf16/int8/int4/MoE models, 2 ranks vs 1 on the GPU, 3e-2, errors printed), stories260K
 #     greedy text and batch-mode results through `mpirun -np 2 ./generate --device cuda` equal to

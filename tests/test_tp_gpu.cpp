@@ -6,8 +6,13 @@
 // launcher cases need 2 GPUs for that and for stories260K's greedy text through `mpirun -np 2
 // ./generate --device cuda` (equal to one process on one GPU, also in batch mode); with 1 GPU they
 // check only that two ranks on it are refused with a clear error, not a hang; with none they say
-// so in one line. rank_device's choice of GPU is tested everywhere.
+// so in one line. rank_device's choice of GPU is tested everywhere. Under the CUDA emulator
+// (build/run_tests_emu with FASTGEN_EMU_DEVICES=2, NCCL emulated over MPI: tests/cuda_emu/nccl.h)
+// all of it runs on the CPU, driving build/generate_emu; what emulation cannot show is whether the
+// all-reduce is ordered on the stream (emulated work runs at once), nor real NCCL or speed.
 #include <doctest/doctest.h>
+
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -23,6 +28,12 @@
 
 namespace {
 
+#ifdef FASTGEN_CUDA_EMU
+constexpr bool kEmulated = true;
+#else
+constexpr bool kEmulated = false;
+#endif
+
 // GPUs this process sees; prints once why the 2-GPU cases do not run when there are fewer.
 int gpus_said_once() {
     static int n = [] {
@@ -31,10 +42,27 @@ int gpus_said_once() {
         if (count == 0) std::printf("gpu tensor-parallel tests skipped: no GPU (%s)\n", why.c_str());
         else if (count == 1)
             std::printf("gpu tensor-parallel tests on 2 GPUs skipped: this machine has 1 GPU (NCCL needs one per "
-                        "rank); only the refusal of 2 ranks on 1 GPU runs\n");
+                        "rank); only the refusal of 2 ranks on 1 GPU runs%s\n",
+                        kEmulated ? " (FASTGEN_EMU_DEVICES=2 emulates two)" : "");
         return count;
     }();
     return n;
+}
+
+// This test binary: the worker runs in it under mpirun.
+std::string self_path() {
+    char buf[4096];
+    const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+    REQUIRE_MESSAGE(n > 0, "readlink /proc/self/exe failed");
+    return std::string(buf, size_t(n));
+}
+
+// The generate to drive: ./generate, or under the CUDA emulator generate_emu beside this binary
+// (built with it; ./generate has a real CUDA backend or none).
+std::string generate_path() {
+    if (!kEmulated) return "./generate";
+    const std::string self = self_path();
+    return self.substr(0, self.rfind('/') + 1) + "generate_emu";
 }
 
 bool have_mpirun() { return std::system("command -v mpirun >/dev/null 2>&1") == 0; }
@@ -80,7 +108,8 @@ TEST_CASE("gpu tp worker: NCCL on the backend's stream; sharded logits equal the
     {  // the communicator (plain blocks, not SUBCASEs: those would run the set-up, NCCL's too, again)
         // 64 MB per buffer, so four adds queued just before the all-reduce are still running when
         // NCCL would start if it were not ordered behind them. Small integers: every sum is exact.
-        const size_t n = size_t(1) << 24;
+        // Emulated, work runs at once (no ordering to show) and slowly: 256 KB.
+        const size_t n = size_t(1) << (kEmulated ? 16 : 24);
         auto x_of = [](int r, size_t i) { return float(r + 1 + int(i % 5)); };
         auto y_of = [](int r, size_t i) { return float(int(i % 3) * (r + 1)); };
         std::vector<float> x(n), y(n);
@@ -127,7 +156,7 @@ TEST_CASE("gpu tp worker: NCCL on the backend's stream; sharded logits equal the
                         {"MoE 4 experts top-2, GQA 8/4", moe, DType::F32, ""}};
         int idx = 0;
         for (const Case& c : cases) {
-            CAPTURE(c.what);
+            CAPTURE(std::string(c.what));
             // Every rank writes the same deterministic model into its own temp dir.
             std::string path = temp_dir() + "/tp-gpu" + std::to_string(idx++) + ".bin";
             write_model_bin(random_weights(c.cfg, 60 + unsigned(idx)), path, c.dtype);
@@ -147,7 +176,7 @@ TEST_CASE("gpu tp worker: NCCL on the backend's stream; sharded logits equal the
             const int V = c.cfg.vocab_size;
             const double pre = worst_rel_error(prefill_logits(shard, tokens), prefill_logits(whole, tokens), V);
             const double dec = worst_rel_error(decode_logits(shard, tokens), decode_logits(whole, tokens), V);
-            MESSAGE(c.what << ": worst relative logit error, " << R << " GPU ranks vs 1: prefill " << pre
+            MESSAGE(std::string(c.what) << ": worst relative logit error, " << R << " GPU ranks vs 1: prefill " << pre
                            << ", decode " << dec);
             // Only the summation order differs, but a last-bit change of x can move its bf16
             // rounding (cuBLAS operands, the KV cache): test_gpu's bf16-level model tolerance. A
@@ -165,13 +194,18 @@ TEST_CASE("gpu: two ranks on one GPU are refused with a clear error, not a hang"
         MESSAGE("skipped: mpirun not found (bash scripts/setup.sh installs Open MPI)");
         return;
     }
-    // Every rank sees only the first GPU, so both pick it.
-    const std::string gen = "./generate --checkpoint " + shared_model_bin("stories260K");
-    CommandResult r = sh("env CUDA_VISIBLE_DEVICES=0 " + std::string(kMpirun) + " -np 2 " + gen +
-                         " --device cuda --max-new-tokens 5", 120);
-    CHECK(r.rc != 0);
-    CHECK(r.rc != 124);
-    CHECK_MESSAGE(has(r.err, "ranks 0 and 1 would share the GPU"), r.err);
+    // Every rank sees only the first GPU, so both pick it (emulated: also a machine of one device).
+    const std::string gen = shell_quote(generate_path()) + " --checkpoint " + shared_model_bin("stories260K");
+    std::vector<std::string> envs = {"CUDA_VISIBLE_DEVICES=0"};
+    if (kEmulated) envs.push_back("-u CUDA_VISIBLE_DEVICES FASTGEN_EMU_DEVICES=1");
+    for (const std::string& env : envs) {
+        CAPTURE(env);
+        CommandResult r = sh("env " + env + " " + std::string(kMpirun) + " -np 2 " + gen +
+                             " --device cuda --max-new-tokens 5", 120);
+        CHECK(r.rc != 0);
+        CHECK(r.rc != 124);
+        CHECK_MESSAGE(has(r.err, "ranks 0 and 1 would share the GPU"), r.err);
+    }
 }
 
 TEST_CASE("gpu: tensor parallel over NCCL on 2 GPUs equals one GPU (logits, greedy text, batch mode)") {
@@ -182,14 +216,16 @@ TEST_CASE("gpu: tensor parallel over NCCL on 2 GPUs equals one GPU (logits, gree
         return;
     }
     SUBCASE("the worker: communicator and tiny models") {
-        CommandResult r = sh(std::string(kMpirun) + " -np 2 build/run_tests -tc='gpu tp worker*' --no-skip --no-colors");
+        CommandResult r = sh(std::string(kMpirun) + " -np 2 " + shell_quote(self_path()) +
+                             " -tc='gpu tp worker*' --no-skip --no-colors");
         const std::string out = r.out + r.err;
         CHECK_MESSAGE(r.rc == 0, out);
         // Each rank prints doctest's summary: the worker must have run its checks, all passing.
         CHECK_MESSAGE(has(out, "1 passed | 0 failed"), out);
         MESSAGE(out);  // the measured errors
     }
-    const std::string gen = "./generate --checkpoint " + shared_model_bin("stories260K") + " --device cuda";
+    const std::string gen =
+        shell_quote(generate_path()) + " --checkpoint " + shared_model_bin("stories260K") + " --device cuda";
     SUBCASE("stories260K greedy text through ./generate") {
         CommandResult solo = sh(gen + " --temperature 0 --max-new-tokens 200");
         REQUIRE_MESSAGE(solo.rc == 0, solo.err);

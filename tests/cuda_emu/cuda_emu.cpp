@@ -1,6 +1,6 @@
 // tests/cuda_emu/cuda_emu.cpp: the CUDA emulator's runtime (semantics: cuda_runtime.h's top comment):
-// device memory, streams and graphs, launches run block by block with the threads of a block as
-// fibers, warp operations, cuBLAS's GemmEx.
+// devices, device memory, streams and graphs, launches run block by block with the threads of a
+// block as fibers, warp operations, cuBLAS's GemmEx.
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -68,6 +68,7 @@ const char* error_name(cudaError_t e) {
         case cudaErrorMemoryAllocation: return "out of memory";
         case cudaErrorInvalidConfiguration: return "invalid configuration argument";
         case cudaErrorInvalidDevice: return "invalid device ordinal";
+        case cudaErrorNoDevice: return "no CUDA-capable device is detected";
         case cudaErrorInvalidResourceHandle: return "invalid resource handle";
         case cudaErrorIllegalState: return "the operation cannot be performed in the present state";
         case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
@@ -86,6 +87,69 @@ cudaError_t fail(cudaError_t e, const std::string& message) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// devices: FASTGEN_EMU_DEVICES emulated ones, CUDA_VISIBLE_DEVICES choosing; one per process
+
+constexpr int kMaxDevices = 64;
+
+// The emulated devices this process sees, by ordinal: each one's index among all of them.
+std::vector<int> visible_devices() {
+    int all = 1;
+    if (const char* env = std::getenv("FASTGEN_EMU_DEVICES")) {
+        char* end = nullptr;
+        const long v = std::strtol(env, &end, 10);
+        if (end == env || *end != '\0' || v < 0 || v > kMaxDevices) {
+            // A typo here would skip every gpu test as "no GPU": stop instead.
+            std::fprintf(stderr, "cuda_emu: FASTGEN_EMU_DEVICES=%s: the number of emulated devices, 0 to %d\n", env,
+                         kMaxDevices);
+            std::exit(1);
+        }
+        all = int(v);
+    }
+    std::vector<int> seen;
+    const char* list = std::getenv("CUDA_VISIBLE_DEVICES");
+    if (!list) {
+        for (int i = 0; i < all; i++) seen.push_back(i);
+        return seen;
+    }
+    // As CUDA reads it: indices separated by commas, the list cut at the first that is not one of
+    // the devices or repeats an earlier one (GPU UUIDs are not emulated: they cut it too).
+    for (const char* p = list; *p;) {
+        char* end = nullptr;
+        const long v = std::strtol(p, &end, 10);
+        if (end == p || v < 0 || v >= all || std::find(seen.begin(), seen.end(), int(v)) != seen.end()) break;
+        seen.push_back(int(v));
+        while (*end == ' ') end++;
+        if (*end != ',') break;
+        p = end + 1;
+    }
+    return seen;
+}
+
+int g_current = 0;   // cudaSetDevice's ordinal
+int g_context = -1;  // the device this process drives, once a call made its context
+
+std::string devices_seen(int n) {
+    const char* all = std::getenv("FASTGEN_EMU_DEVICES");
+    const char* list = std::getenv("CUDA_VISIBLE_DEVICES");
+    return format("this process sees %d emulated device%s: FASTGEN_EMU_DEVICES=%s, CUDA_VISIBLE_DEVICES=%s", n,
+                  n == 1 ? "" : "s", all ? all : "(unset: 1)", list ? list : "(unset)");
+}
+cudaError_t check_device(int device, const char* call) {
+    const int n = int(visible_devices().size());
+    if (n == 0) return fail(cudaErrorNoDevice, format("%s: %s", call, devices_seen(n).c_str()));
+    if (device < 0 || device >= n)
+        return fail(cudaErrorInvalidDevice, format("%s: device %d; %s", call, device, devices_seen(n).c_str()));
+    return cudaSuccess;
+}
+// What CUDA does at a call that needs a context: the current device's, made on first use.
+cudaError_t make_context(const char* call) {
+    if (g_context >= 0) return cudaSuccess;
+    if (const cudaError_t e = check_device(g_current, call); e != cudaSuccess) return e;
+    g_context = g_current;
+    return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
 // memory: each allocation ends at an inaccessible page, freed memory is unmapped
 
 const size_t kPage = size_t(sysconf(_SC_PAGESIZE));
@@ -95,7 +159,7 @@ struct Allocation {
     char* map;
     size_t map_bytes, bytes;
 };
-std::map<uintptr_t, Allocation> g_device;  // by pointer
+std::map<uintptr_t, Allocation> g_device;  // by pointer (all on device g_context)
 std::map<uintptr_t, size_t> g_pinned;      // cudaMallocHost: by pointer, bytes
 size_t g_allocated = 0;
 
@@ -639,6 +703,8 @@ void register_shared(void* p, size_t bytes) {
     std::memset(p, 0xff, bytes);
 }
 
+bool in_device_memory(const void* p, size_t bytes) { return in_device(p, bytes); }
+
 bool check_pointer_argument(const char* kernel, int index, const void* p) {
     if (!p || device_pointer(p)) return true;
     fail(cudaErrorInvalidValue, format("launch of %s: argument %d is %s", kernel, index + 1, where(p).c_str()));
@@ -646,6 +712,7 @@ bool check_pointer_argument(const char* kernel, int index, const void* p) {
 }
 
 cudaError_t set_func_attribute(const void* fn, cudaFuncAttribute attr, int value) {
+    if (const cudaError_t e = make_context("cudaFuncSetAttribute"); e != cudaSuccess) return e;
     if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > kSharedOptin)
         return fail(cudaErrorInvalidValue,
                     format("cudaFuncSetAttribute: dynamic shared memory %d bytes (the device allows %zu)", value, kSharedOptin));
@@ -680,6 +747,7 @@ void submit(const LaunchConfig& c, const char* name, int max_threads, const void
                        why.c_str()));
         return;
     }
+    if (e = make_context("a kernel launch"); e != cudaSuccess) return;
     const size_t smem = c.smem;
     e = enqueue(c.stream, [=] { return run_kernel(name, g, b, smem, body); });
     if (e != cudaSuccess) g_last_error = e;
@@ -691,15 +759,44 @@ void submit(const LaunchConfig& c, const char* name, int max_threads, const void
 // the runtime API
 
 cudaError_t cudaGetDeviceCount(int* count) {
-    *count = 1;
+    *count = int(visible_devices().size());
+    if (*count == 0) return fail(cudaErrorNoDevice, format("cudaGetDeviceCount: %s", devices_seen(0).c_str()));
     return cudaSuccess;
 }
+// Makes the device's context at once (as CUDA 12 does).
 cudaError_t cudaSetDevice(int device) {
-    if (device != 0) return fail(cudaErrorInvalidDevice, format("device %d (the emulator has device 0 only)", device));
+    if (const cudaError_t e = check_device(device, "cudaSetDevice"); e != cudaSuccess) return e;
+    if (g_context >= 0 && device != g_context)
+        return fail(cudaErrorInvalidDevice,
+                    format("cudaSetDevice(%d): this process already drives device %d; the emulator runs one device per "
+                           "process", device, g_context));
+    g_current = g_context = device;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+    *device = g_current;
+    return cudaSuccess;
+}
+// "domain:bus:device.function" as CUDA writes it; the bus is 0x10 plus the device's index among all
+// emulated devices, so a device seen under two ordinals (CUDA_VISIBLE_DEVICES) keeps its address.
+cudaError_t cudaDeviceGetPCIBusId(char* bus_id, int len, int device) {
+    if (const cudaError_t e = check_device(device, "cudaDeviceGetPCIBusId"); e != cudaSuccess) return e;
+    const std::string id = format("0000:%02X:00.0", 0x10 + visible_devices()[size_t(device)]);
+    if (!bus_id || len < int(id.size()) + 1)
+        return fail(cudaErrorInvalidValue, format("cudaDeviceGetPCIBusId: %d bytes for a %zu-character id", len, id.size()));
+    std::memcpy(bus_id, id.c_str(), id.size() + 1);
+    return cudaSuccess;
+}
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
+    if (!a) return fail(cudaErrorInvalidValue, "cudaPointerGetAttributes: no attributes to write");
+    void* q = const_cast<void*>(p);
+    if (in_device(p, 1)) *a = cudaPointerAttributes{cudaMemoryTypeDevice, g_context, q, nullptr};
+    else if (in_pinned(p, 1)) *a = cudaPointerAttributes{cudaMemoryTypeHost, g_context, q, q};
+    else *a = cudaPointerAttributes{cudaMemoryTypeUnregistered, -2, nullptr, q};
     return cudaSuccess;
 }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
-    if (device != 0) return fail(cudaErrorInvalidDevice, format("device %d (the emulator has device 0 only)", device));
+    if (const cudaError_t e = check_device(device, "cudaGetDeviceProperties"); e != cudaSuccess) return e;
     *prop = cudaDeviceProp{};
     std::snprintf(prop->name, sizeof prop->name, "cuda_emu (CPU emulation)");
     prop->totalGlobalMem = kTotalMemory;
@@ -722,6 +819,7 @@ const char* cudaGetErrorString(cudaError_t e) {
 
 cudaError_t cudaMalloc(void** p, size_t bytes) {
     *p = nullptr;
+    if (const cudaError_t e = make_context("cudaMalloc"); e != cudaSuccess) return e;
     if (bytes == 0) return cudaSuccess;
     if (bytes > kTotalMemory - g_allocated)
         return fail(cudaErrorMemoryAllocation, format("cudaMalloc of %zu bytes with %zu free", bytes, kTotalMemory - g_allocated));
@@ -739,6 +837,7 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
     return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, size_t bytes) {
+    if (const cudaError_t e = make_context("cudaMallocHost"); e != cudaSuccess) return e;
     *p = std::aligned_alloc(256, round_up(std::max<size_t>(bytes, 1), 256));
     if (!*p) return fail(cudaErrorMemoryAllocation, format("cudaMallocHost of %zu bytes", bytes));
     g_pinned[reinterpret_cast<uintptr_t>(*p)] = bytes;
@@ -754,6 +853,7 @@ cudaError_t cudaFree(void* p) {
     return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* free, size_t* total) {
+    if (const cudaError_t e = make_context("cudaMemGetInfo"); e != cudaSuccess) return e;
     *free = kTotalMemory - g_allocated, *total = kTotalMemory;
     return cudaSuccess;
 }
@@ -789,6 +889,7 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+    if (const cudaError_t e = make_context("cudaStreamCreateWithFlags"); e != cudaSuccess) return e;
     *s = new CUstream_st;
     g_streams.push_back(*s);
     return cudaSuccess;
@@ -798,7 +899,15 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     if (s && s->capturing) return refuse_in_capture(s, "cudaStreamSynchronize");
     return cudaSuccess;
 }
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status) {
+    if (!valid_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamIsCapturing: not a stream");
+    *status = !s || !s->capturing ? cudaStreamCaptureStatusNone
+              : s->invalidated    ? cudaStreamCaptureStatusInvalidated
+                                  : cudaStreamCaptureStatusActive;
+    return cudaSuccess;
+}
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+    if (const cudaError_t err = make_context("cudaEventCreateWithFlags"); err != cudaSuccess) return err;
     *e = new CUevent_st;
     return cudaSuccess;
 }
@@ -871,6 +980,7 @@ float load_as_float(const void* p, cudaDataType t, size_t i) {
 }  // namespace
 
 cublasStatus_t cublasCreate(cublasHandle_t* handle) {
+    if (make_context("cublasCreate") != cudaSuccess) return CUBLAS_STATUS_NOT_INITIALIZED;
     *handle = new cublasContext;
     return CUBLAS_STATUS_SUCCESS;
 }

@@ -32,7 +32,17 @@
 //   (arguments by value) instead of run; cudaGraphLaunch replays the record. Inside a capture a
 //   stream or event synchronisation, or a copy to or from pageable (not cudaMallocHost) memory, fails
 //   with cudaErrorStreamCaptureUnsupported and invalidates the capture, as CUDA does.
-// - Device: one, 132 SMs, 80 GB, 227 KB of shared memory per block by opt-in (48 KB by default).
+// - Devices: FASTGEN_EMU_DEVICES of them (default 1; 0 to 64, anything else ends the process with
+//   a message), each 132 SMs, 80 GB, 227 KB of shared memory per block by opt-in (48 KB by default),
+//   with distinct PCI bus ids (cudaDeviceGetPCIBusId); CUDA_VISIBLE_DEVICES selects and orders them
+//   as CUDA does (a list of indices, cut at the first bad or repeated one; none left: no device).
+//   Both are read at each call. One process drives one device: the first call that makes a context
+//   (cudaSetDevice, an allocation, a stream, event, launch, cuBLAS handle) binds it to the current
+//   device, and cudaSetDevice to another one afterwards is an error here (CUDA would allow it; the
+//   emulator's memory and streams are not per device, and a tensor-parallel rank must not touch a
+//   device other than its own). cudaPointerGetAttributes tells device memory (cudaMalloc) from
+//   pinned (cudaMallocHost) and other host memory. tests/cuda_emu/nccl.h emulates NCCL over MPI for
+//   processes on different emulated devices (tensor parallel under mpirun).
 // Not emulated: timing, races between blocks and the memory model, asynchrony, occupancy and
 // registers, the real wmma fragment layouts (a fragment here is the whole 16x16 tile in every lane,
 // x[e] row-major; see mma.h), device math precision (expf etc. are the host's), cuBLAS's own numerics.
@@ -89,6 +99,7 @@ enum cudaError {
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorIllegalState = 401,
@@ -120,6 +131,23 @@ enum cudaStreamCaptureMode {
     cudaStreamCaptureModeThreadLocal = 1,
     cudaStreamCaptureModeRelaxed = 2,
 };
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
+};
+enum cudaMemoryType {
+    cudaMemoryTypeUnregistered = 0,
+    cudaMemoryTypeHost = 1,
+    cudaMemoryTypeDevice = 2,
+    cudaMemoryTypeManaged = 3,
+};
+struct cudaPointerAttributes {
+    cudaMemoryType type;
+    int device;  // device memory: where it lives; pinned: the device current when it was allocated
+    void* devicePointer;
+    void* hostPointer;
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16F = 2, CUDA_R_16BF = 14 };
 typedef cudaDataType_t cudaDataType;
@@ -138,6 +166,9 @@ struct cudaDeviceProp {
 
 cudaError_t cudaGetDeviceCount(int* count);
 cudaError_t cudaSetDevice(int device);
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetPCIBusId(char* bus_id, int len, int device);
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* p);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t e);
@@ -149,6 +180,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s = nullptr);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
@@ -194,6 +226,8 @@ void submit(const LaunchConfig& c, const char* name, int max_threads, const void
 // A kernel's pointer argument: null or inside an allocation; else records the launch error.
 bool check_pointer_argument(const char* kernel, int index, const void* p);
 cudaError_t set_func_attribute(const void* fn, cudaFuncAttribute attr, int value);
+// Whether [p, p + bytes) lies inside one cudaMalloc allocation (nccl.h checks its buffers so).
+bool in_device_memory(const void* p, size_t bytes);
 
 void syncthreads(const char* file, int line);
 enum ShflKind { kShflXor, kShflUp };

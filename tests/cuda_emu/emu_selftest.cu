@@ -2,7 +2,8 @@
 // through kernels written as kernels.cu writes them (rewritten by scripts/cuda_emu_source.py like
 // it): that each strictness check fires with a clear message and the launch after it works; that
 // shuffles, barriers, thread numbering, wmma, cuBLAS and bf16/f16 conversions compute what CUDA
-// defines (against values computed here); that graphs record and replay, and refuse host syncs.
+// defines (against values computed here); that graphs record and replay, and refuse host syncs;
+// the emulated devices (count, visibility, PCI ids, one per process, pointer attributes).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -171,6 +173,27 @@ std::string last_error() {
     return e == cudaSuccess ? "" : cudaGetErrorString(e);
 }
 bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// An environment variable set (or unset: null) until the end of the scope, then restored.
+class ScopedEnv {
+  public:
+    ScopedEnv(const char* name, const char* value) : name_(name) {
+        const char* old = std::getenv(name);
+        had_ = old != nullptr;
+        if (old) old_ = old;
+        set(value);
+    }
+    ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
+    void set(const char* value) {
+        if (value) setenv(name_, value, 1);
+        else unsetenv(name_);
+    }
+
+  private:
+    const char* name_;
+    bool had_ = false;
+    std::string old_;
+};
 
 }  // namespace
 
@@ -501,6 +524,79 @@ TEST_CASE("cuda emulator: wmma computes a 16x16x16 tile; cublasGemmEx follows it
     for (void* p : {static_cast<void*>(da), static_cast<void*>(dbt), static_cast<void*>(dc), static_cast<void*>(dd),
                     static_cast<void*>(drows), static_cast<void*>(nan_c), static_cast<void*>(ones)})
         cudaFree(p);
+}
+
+TEST_CASE("cuda emulator: devices: FASTGEN_EMU_DEVICES of them, CUDA_VISIBLE_DEVICES, PCI ids, one per process") {
+    ScopedEnv all("FASTGEN_EMU_DEVICES", "3"), visible("CUDA_VISIBLE_DEVICES", nullptr);
+    auto count = [](cudaError_t want) {
+        int n = -1;
+        CHECK(cudaGetDeviceCount(&n) == want);
+        cudaGetLastError();
+        return n;
+    };
+    auto bus = [](int device) {
+        char id[32] = "";
+        CHECK(cudaDeviceGetPCIBusId(id, sizeof id, device) == cudaSuccess);
+        return std::string(id);
+    };
+    CHECK(count(cudaSuccess) == 3);
+    const std::string b0 = bus(0), b1 = bus(1), b2 = bus(2);
+    CHECK(b0 == "0000:10:00.0");
+    CHECK(b1 == "0000:11:00.0");
+    CHECK(b2 == "0000:12:00.0");
+    char small[12];  // 13 bytes needed
+    CHECK(cudaDeviceGetPCIBusId(small, sizeof small, 0) == cudaErrorInvalidValue);
+    CHECK(cudaDeviceGetPCIBusId(small, sizeof small, 3) == cudaErrorInvalidDevice);
+    CHECK(has(last_error(), "this process sees 3 emulated devices"));
+    cudaDeviceProp prop;
+    CHECK(cudaGetDeviceProperties(&prop, 2) == cudaSuccess);
+    CHECK(cudaGetDeviceProperties(&prop, 3) == cudaErrorInvalidDevice);
+    cudaGetLastError();
+
+    // CUDA_VISIBLE_DEVICES picks and orders them; an address stays with its device.
+    visible.set("2,0");
+    CHECK(count(cudaSuccess) == 2);
+    CHECK(bus(0) == b2);
+    CHECK(bus(1) == b0);
+    visible.set("1,7,0");  // cut at 7, which does not exist
+    CHECK(count(cudaSuccess) == 1);
+    CHECK(bus(0) == b1);
+    visible.set("1,1");  // cut at the repeat
+    CHECK(count(cudaSuccess) == 1);
+    visible.set("");
+    CHECK(count(cudaErrorNoDevice) == 0);
+    visible.set(nullptr);
+
+    // One device per process: this one's context is on its current device (made here if no test
+    // made it before); another device is refused.
+    void* p = nullptr;
+    REQUIRE(cudaMalloc(&p, 64) == cudaSuccess);
+    int d = -1;
+    CHECK(cudaGetDevice(&d) == cudaSuccess);
+    CHECK(cudaSetDevice(d) == cudaSuccess);
+    CHECK(cudaSetDevice((d + 1) % 3) == cudaErrorInvalidDevice);
+    CHECK(has(last_error(), "the emulator runs one device per process"));
+    CHECK(cudaSetDevice(-1) == cudaErrorInvalidDevice);
+    cudaGetLastError();
+
+    // Device memory, pinned memory and the rest.
+    cudaPointerAttributes a;
+    CHECK(cudaPointerGetAttributes(&a, static_cast<char*>(p) + 63) == cudaSuccess);
+    CHECK(a.type == cudaMemoryTypeDevice);
+    CHECK(a.device == d);
+    CHECK(a.devicePointer == static_cast<char*>(p) + 63);
+    CHECK(cudaPointerGetAttributes(&a, static_cast<char*>(p) + 64) == cudaSuccess);  // past the end
+    CHECK(a.type == cudaMemoryTypeUnregistered);
+    void* pinned = nullptr;
+    REQUIRE(cudaMallocHost(&pinned, 16) == cudaSuccess);
+    CHECK(cudaPointerGetAttributes(&a, pinned) == cudaSuccess);
+    CHECK(a.type == cudaMemoryTypeHost);
+    int on_stack = 0;
+    CHECK(cudaPointerGetAttributes(&a, &on_stack) == cudaSuccess);
+    CHECK(a.type == cudaMemoryTypeUnregistered);
+    CHECK(cudaFree(p) == cudaSuccess);
+    CHECK(cudaPointerGetAttributes(&a, p) == cudaSuccess);  // freed
+    CHECK(a.type == cudaMemoryTypeUnregistered);
 }
 
 }  // TEST_SUITE
