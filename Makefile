@@ -98,7 +98,7 @@ $(EMU)/tests/%.o: tests/%.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(EMU_CXXFLAGS) -I. -c $< -o $@
 
-$(EMU)/kernels_cuda.cpp: kernels.cu scripts/cuda_emu_source.py
+$(EMU)/kernels_cuda.cpp: kernels.cu kernels_attention.cuh scripts/cuda_emu_source.py
 	@mkdir -p $(dir $@)
 	python3 scripts/cuda_emu_source.py $< $@
 

@@ -10,7 +10,9 @@ and __FILE__/__LINE__ point into it):
      lines, sit inside macros, and name templates with commas;
   extern __shared__ [__align__(N)] T name[];  ->  T* name = ::emu::dynamic_shared<T>();
   __shared__ T name[D]...;  ->  static ::emu::Shared<T[D]...> name_emu_shared; auto& name = name_emu_shared.v;
-  #pragma unroll [N]  ->  #pragma GCC unroll N (32 without N).
+  #pragma unroll [N]  ->  #pragma GCC unroll N (32 without N);
+  #include "NAME.cuh" (a part of IN.cu kept in its own file)  ->  its text, rewritten too, between
+     #line directives (the kernels it defines may be launched from IN.cu).
 Comments and string literals are left alone. Anything it cannot parse is an error naming the line.
 """
 import os
@@ -168,13 +170,26 @@ def rewrite(path, text):
     return rewrite_launches(path, text, bounds)
 
 
+INCLUDE_PART = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.M)
+
+
+def inline_parts(src, text):
+    """The local .cuh files src includes, spliced in with #line directives (recursively)."""
+    def splice(m):
+        part = os.path.join(os.path.dirname(src), m.group(1))
+        with open(part) as f:
+            body = inline_parts(part, f.read())
+        return f'#line 1 "{part}"\n{body.rstrip(chr(10))}\n#line {line_of(text, m.start()) + 1} "{src}"'
+    return INCLUDE_PART.sub(splice, text)
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit("usage: cuda_emu_source.py IN.cu OUT.cpp")
     src, dst = sys.argv[1], sys.argv[2]
     with open(src) as f:
         text = f.read()
-    out = f'#line 1 "{src}"\n' + rewrite(src, text)
+    out = f'#line 1 "{src}"\n' + rewrite(src, inline_parts(src, text))
     tmp = dst + ".tmp"
     with open(tmp, "w") as f:
         f.write(out)
