@@ -199,16 +199,7 @@ TEST_CASE("mpirun generate: output and perplexity equal one process; bad set-ups
         const std::string o1 = temp_dir() + "/tp-solo.jsonl", o2 = temp_dir() + "/tp-2.jsonl";
         REQUIRE(sh(gen + " --prompts-file " + in + " --output " + o1, &solo, &err) == 0);
         REQUIRE(sh(std::string(kMpirun) + " -np 2 " + gen + " --prompts-file " + in + " --output " + o2, &tp, &err) == 0);
-        auto texts = [](const std::string& path) {  // id -> text
-            std::map<std::string, std::string> m;
-            std::istringstream lines(read_file(path));
-            for (std::string line; std::getline(lines, line);) {
-                nlohmann::json j = nlohmann::json::parse(line);
-                m[j["id"].get<std::string>()] = j["text"].get<std::string>();
-            }
-            return m;
-        };
-        auto a = texts(o1), b = texts(o2);
+        auto a = result_texts(o1), b = result_texts(o2);
         CHECK(a.size() == 2);
         CHECK(a == b);
         // --resume: every rank must skip the same finished ids (rank 0's file), or the ranks would
@@ -221,7 +212,7 @@ TEST_CASE("mpirun generate: output and perplexity equal one process; bad set-ups
         int rc = sh(std::string(kMpirun) + " -np 2 " + gen + " --prompts-file " + in + " --output " + o3 + " --resume",
                     &tp, &err);
         CHECK_MESSAGE(rc == 0, err);
-        CHECK(texts(o3) == a);
+        CHECK(result_texts(o3) == a);
     }
     SUBCASE("3 ranks do not divide 8 heads: a clear error, no hang") {
         int rc = sh(std::string(kMpirun) + " -np 3 " + gen + " --max-new-tokens 5", &tp, &err);

@@ -244,16 +244,7 @@ TEST_CASE("gpu: tensor parallel over NCCL on 2 GPUs equals one GPU (logits, gree
         REQUIRE_MESSAGE(solo.rc == 0, solo.err);
         CommandResult tp = sh(std::string(kMpirun) + " -np 2 " + gen + " --prompts-file " + in + " --output " + o2);
         REQUIRE_MESSAGE(tp.rc == 0, tp.err);
-        auto texts = [](const std::string& path) {  // id -> text
-            std::map<std::string, std::string> m;
-            std::istringstream lines(read_file(path));
-            for (std::string line; std::getline(lines, line);) {
-                nlohmann::json j = nlohmann::json::parse(line);
-                m[j["id"].get<std::string>()] = j["text"].get<std::string>();
-            }
-            return m;
-        };
-        auto a = texts(o1), b = texts(o2);
+        auto a = result_texts(o1), b = result_texts(o2);
         CHECK(a.size() == 2);
         CHECK(a == b);
     }

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -239,4 +240,14 @@ void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype
     }
     w.add_bytes("tokenizer.model", DType::U8, {int64_t(tok.size())}, tok.data());
     w.write(path);
+}
+
+std::map<std::string, std::string> result_texts(const std::string& jsonl_path) {
+    std::map<std::string, std::string> m;
+    std::istringstream lines(read_file(jsonl_path));
+    for (std::string line; std::getline(lines, line);) {
+        const nlohmann::json j = nlohmann::json::parse(line);
+        m[j["id"].get<std::string>()] = j["text"].get<std::string>();
+    }
+    return m;
 }

@@ -1,6 +1,7 @@
 // tests/test_util.h: helpers shared by the test files: paths, temp dirs, tiny random models.
 #pragma once
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,8 @@
 std::string models_dir();                 // ../shared/models, or $FASTGEN_MODELS
 std::string temp_dir();                   // a fresh directory under /tmp for this test run
 std::string read_file(const std::string& path);
+// id -> text of each result line of a --prompts-file --output JSONL file.
+std::map<std::string, std::string> result_texts(const std::string& jsonl_path);
 void write_bytes(const std::string& path, const std::string& bytes);  // throws when it cannot
 bool has(const std::string& s, const std::string& part);              // s contains part
 // ../shared/models/NAME.bin (a llama2.c checkpoint, tokenizer tok512.model) converted to model.bin
