@@ -81,14 +81,7 @@ TEST_CASE("tp worker: sharded forward equals the whole model" * doctest::skip(!l
         // Every rank writes the same deterministic model into its own temp dir.
         std::string path = temp_dir() + "/tp" + std::to_string(idx++) + ".bin";
         write_model_bin(random_weights(c.cfg, 40 + unsigned(idx)), path, c.dtype);
-        if (*c.quant) {
-            ConvertOptions o;
-            o.input = path;
-            o.output = path = path + ".q";
-            o.mode = c.quant;
-            o.progress = false;
-            convert_checkpoint(o);
-        }
+        if (*c.quant) path = quantized_copy(path, c.quant);
         bool divides = c.cfg.n_heads % world.size() == 0 && c.cfg.n_kv_heads % world.size() == 0 &&
                        c.cfg.hidden_dim % world.size() == 0;
         if (!divides) {

@@ -160,14 +160,7 @@ TEST_CASE("gpu tp worker: NCCL on the backend's stream; sharded logits equal the
             // Every rank writes the same deterministic model into its own temp dir.
             std::string path = temp_dir() + "/tp-gpu" + std::to_string(idx++) + ".bin";
             write_model_bin(random_weights(c.cfg, 60 + unsigned(idx)), path, c.dtype);
-            if (*c.quant) {
-                ConvertOptions o;
-                o.input = path;
-                o.output = path = path + ".q";
-                o.mode = c.quant;
-                o.progress = false;
-                convert_checkpoint(o);
-            }
+            if (*c.quant) path = quantized_copy(path, c.quant);
             if (c.cfg.n_kv_heads % R != 0 || c.cfg.hidden_dim % R != 0) continue;
             Model whole(path, g), shard(path, g, nccl.get());
             CHECK(shard.cfg.n_heads == c.cfg.n_heads / R);

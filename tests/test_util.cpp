@@ -251,3 +251,13 @@ std::map<std::string, std::string> result_texts(const std::string& jsonl_path) {
     }
     return m;
 }
+
+std::string quantized_copy(const std::string& path, const std::string& mode) {
+    ConvertOptions o;
+    o.input = path;
+    o.output = path + ".q";
+    o.mode = mode;
+    o.progress = false;
+    convert_checkpoint(o);
+    return o.output;
+}

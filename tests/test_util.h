@@ -33,6 +33,8 @@ struct TinyWeights {
 TinyWeights random_weights(const Config& c, unsigned seed);
 // Writes them as model.bin (tokenizer: ../shared/models/tok512.model) stored in `dtype`.
 void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype);
+// path converted by quantize's code with --mode `mode` ("int8", "int4") into path + ".q"; returns it.
+std::string quantized_copy(const std::string& path, const std::string& mode);
 // Logits for every position of `tokens` from scripts/reference.py (float64 PyTorch), [n][vocab].
 std::vector<float> reference_logits(const std::string& model_bin, const std::vector<int>& tokens, int vocab);
 // BOS, then n - 1 random ids below vocab, deterministic in seed.

@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "selftest_util.h"
+
 namespace {
 
 // ---- kernels
@@ -153,20 +155,6 @@ __global__ void mma_kernel(float* d, float* rows, const __nv_bfloat16* a, const 
 
 // ---- host helpers
 
-// Device memory holding v.
-template <typename T>
-T* device(const std::vector<T>& v) {
-    void* p = nullptr;
-    REQUIRE(cudaMalloc(&p, v.size() * sizeof(T)) == cudaSuccess);
-    REQUIRE(cudaMemcpyAsync(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
-    return static_cast<T*>(p);
-}
-template <typename T>
-std::vector<T> host(const T* p, size_t n) {
-    std::vector<T> v(n);
-    REQUIRE(cudaMemcpyAsync(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
-    return v;
-}
 // The launch error, with the emulator's message.
 std::string last_error() {
     const cudaError_t e = cudaGetLastError();

@@ -14,23 +14,11 @@
 #include <vector>
 
 #include "../test_util.h"
+#include "selftest_util.h"
 #include "tp.h"
 
 namespace {
 
-template <typename T>
-T* device(const std::vector<T>& v) {
-    void* p = nullptr;
-    REQUIRE(cudaMalloc(&p, v.size() * sizeof(T)) == cudaSuccess);
-    REQUIRE(cudaMemcpyAsync(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
-    return static_cast<T*>(p);
-}
-template <typename T>
-std::vector<T> host(const T* p, size_t n) {
-    std::vector<T> v(n);
-    REQUIRE(cudaMemcpyAsync(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
-    return v;
-}
 std::string message(ncclResult_t r) { return ncclGetErrorString(r); }
 
 }  // namespace
