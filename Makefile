@@ -60,6 +60,10 @@ $(BUILD)/tests/%.o: tests/%.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -I. -c $< -o $@
 
+# Benchmark programs (scripts/bench_*.cpp, not part of `make` or `make test`): make build/bench_matmul
+$(BUILD)/bench_%: scripts/bench_%.cpp $(CORE_OBJS)
+	$(CXX) $(CXXFLAGS) -I. $< $(CORE_OBJS) $(LDLIBS) -o $@
+
 $(BUILD)/kernels_cuda.o: kernels.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@

@@ -10,9 +10,7 @@
 // burst of other load or a change of memory bandwidth mostly cancels); "min ratio" divides the
 // fastest samples.
 //
-// Build (scripts/bench_speculative.sh does this):
-//   g++ -std=c++17 -O3 -march=native -fopenmp -I. scripts/bench_forward.cpp build/model.o
-//       build/kernels_cpu.o build/safetensors.o build/common.o -lsentencepiece -fopenmp -o build/bench_forward
+// Build: make build/bench_forward (scripts/bench_speculative.sh does this)
 // Usage: build/bench_forward MODEL.bin [--threads T] [--prefill P] [--max-n N] [--ns 1,2,4,16]
 //                                      [--rounds R] [--min-sample-ms MS]
 // --ns times only the listed n (e.g. batched prefill sizes) instead of 1..N; n = 1 is always timed.

@@ -60,18 +60,7 @@ done
 # --- build ---------------------------------------------------------------------------------
 mkdir -p build "$DIR"
 if [ ! -x ./generate ] || [ ! -x ./quantize ] || [ ! -f build/model.o ]; then make -j"$(nproc)" generate quantize; fi
-# bench_forward links the library objects with the Makefile's own flags (asked of make, so a new
-# module or library in the Makefile needs no change here).
-# shellcheck disable=SC2016
-make_var() { make --no-print-directory -s -f Makefile -f <(printf 'print-%%:\n\t@echo $(%s)\n' "$1") "print-$1" 2>/dev/null | tail -n 1; }
-BF_CXX=$(make_var CXX) BF_CXXFLAGS=$(make_var CXXFLAGS) BF_OBJS=$(make_var CORE_OBJS) BF_LIBS=$(make_var LDLIBS)
-BF_CXXFLAGS=${BF_CXXFLAGS//-MMD/} BF_CXXFLAGS=${BF_CXXFLAGS//-MP/}
-# shellcheck disable=SC2086
-if [ ! -x build/bench_forward ] || [ scripts/bench_forward.cpp -nt build/bench_forward ] ||
-   [ -n "$(find $BF_OBJS ./*.h -newer build/bench_forward)" ]; then
-    echo "-- building build/bench_forward"
-    $BF_CXX $BF_CXXFLAGS -I. scripts/bench_forward.cpp $BF_OBJS $BF_LIBS -o build/bench_forward
-fi
+make -s build/bench_forward  # the Makefile's rule for scripts/bench_*.cpp
 
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores," \
      "$(free -g | awk '/^Mem:/{print $2}') GiB RAM; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
