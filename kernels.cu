@@ -780,6 +780,12 @@ class CudaOps final : public Ops {
 
     // ---- memory
     void* alloc(size_t bytes) override {
+        void* p = device_malloc(bytes);
+        CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+        return p;
+    }
+    // Uninitialised (the workspaces; no memset that a capture would record).
+    void* device_malloc(size_t bytes) {
         void* p = nullptr;
         cudaError_t e = cudaMalloc(&p, bytes);
         if (e != cudaSuccess) {
@@ -788,7 +794,6 @@ class CudaOps final : public Ops {
                             "or --max-batch-tokens, or a quantized model",
                             bytes / 1e9, free_memory() / 1e9));
         }
-        CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
         return p;
     }
     void free(void* p) override {
@@ -922,6 +927,8 @@ class CudaOps final : public Ops {
             throw Error(fmt("CUDA attention: %d query heads per KV head x head_dim %d is more than %d", group, b.head_dim,
                             kAttnThreads * kAttnMaxAcc));
         // Splits: enough blocks for two per SM when one sequence is long, none past the context.
+        // split_len is the tiled kernel's; the split kernel spreads each token's own length over
+        // the splits (token_split_len), so a short context in a long-context model still fills them.
         const int row_tiles = (n * group + kTileRows - 1) / kTileRows;
         const int units = (tiled ? row_tiles : n) * b.n_kv_heads;
         const int max_splits = (b.max_len + 255) / 256;
@@ -947,11 +954,11 @@ class CudaOps final : public Ops {
                                 sizeof(int) * kAttnChunk;
             if (smem > 64 * 1024) throw Error(fmt("CUDA attention: %zu bytes of shared memory needed", smem));
             attention_split_kernel<__nv_bfloat16><<<dim3(splits, b.n_kv_heads, n), kAttnThreads, smem, stream_>>>(
-                o_part, ml_part, q, kc, vc, b, n, tiled, splits, split_len);
+                o_part, ml_part, q, kc, vc, b, n, tiled, splits);
             LAUNCH_CHECK("attention_split_kernel");
         }
         attention_combine_kernel<<<dim3(b.n_heads, n), std::min(256, (b.head_dim + 31) / 32 * 32), 0, stream_>>>(
-            out, o_part, ml_part, b.positions, b.n_heads, b.head_dim, splits, split_len);
+            out, o_part, ml_part, b, n, tiled, splits, split_len);
         LAUNCH_CHECK("attention_combine_kernel");
     }
 
@@ -1026,7 +1033,7 @@ class CudaOps final : public Ops {
         moe_route_kernel<<<1, 256, 0, stream_>>>(rt, router_logits, n, n_experts, k);
         LAUNCH_CHECK("moe_route_kernel");
 
-        if (n <= kGraphTokens) {
+        if (n <= kGraphMaxTokens) {  // no host sync: it may be a captured step (ops.h)
             const int f = fmt_of(X0.w1), f2 = fmt_of(X0.w2);
             MoeGemvArgs a = moe_args(experts, n_experts, &FfnWeights::w1, &FfnWeights::w3, x, false, k, h, rt);
             moe_gemv(a, f, true, n, std::min(n_experts, pairs));
@@ -1063,8 +1070,6 @@ class CudaOps final : public Ops {
 
   private:
     static constexpr int kGemvMaxTokens = 8;
-    // Batches up to this size take the grouped MoE kernels (no host sync): model.cpp's largest graph bucket.
-    static constexpr int kGraphTokens = 64;
     static constexpr size_t kBlasWorkspace = 32u << 20, kStaging = 64u << 20;
     int device_ = 0;
     int sms_ = 0;
@@ -1091,10 +1096,11 @@ class CudaOps final : public Ops {
     std::vector<void*> retired_;
     void* workspace(Workspace& w, size_t bytes) {
         if (w.bytes >= bytes) return w.p;
+        const size_t grown = std::max(bytes, 2 * w.bytes);
+        void* p = device_malloc(grown);  // w stays as it was if this throws
         if (w.p) retired_.push_back(w.p);
-        w.bytes = std::max(bytes, 2 * w.bytes);
-        CUDA_CHECK(cudaMalloc(&w.p, w.bytes));
-        return w.p;
+        w.p = p, w.bytes = grown;
+        return p;
     }
 
     static bool same_layout(const Weight& a, const Weight& b) {

@@ -5,8 +5,8 @@
 // ---------------------------------------------------------------------------------------------
 // attention over the paged cache (flash-decoding)
 //
-// Block (split s, KV head, token t) takes positions [s * split_len, (s + 1) * split_len) of the
-// token's 0..pos and all `group` query heads that share the KV head, so each cached K/V row is
+// Block (split s, KV head, token t) takes positions [s * L, (s + 1) * L) of the token's 0..pos,
+// L = token_split_len (the token's own length over the splits), and all `group` query heads that share the KV head, so each cached K/V row is
 // read once per group. Keys go in chunks of 32: one warp per key computes the group's scores
 // (lanes split head_dim), then an online softmax (running max and sum per head) rescales the
 // accumulators, which threads hold as (head, dim) pairs. Each block writes its unnormalised
@@ -16,6 +16,14 @@
 // that share their block table with a neighbour are the tiled kernel's (below) and exit at once.
 
 constexpr int kAttnThreads = 256, kAttnChunk = 32, kAttnMaxAcc = 16;  // group * head_dim <= 4096
+
+// The positions one split of the split kernel's token takes: the token's len over the launch's
+// splits, in whole chunks. (Not the launch's split_len: that is sized for the longest context the
+// model allows, and Llama 3.1's 131072 over 33 splits would leave a 3000-token context in one
+// split, one block per KV head.)
+__device__ __forceinline__ int token_split_len(int len, int splits) {
+    return ((len + splits - 1) / splits + kAttnChunk - 1) / kAttnChunk * kAttnChunk;
+}
 
 // Whether token t of n shares its block table with a neighbour in the batch: it belongs to a run
 // (AttentionBatch) and the tiled kernel computes it; otherwise (a decode token) the split kernel.
@@ -27,11 +35,12 @@ __device__ __forceinline__ bool in_run(const AttentionBatch& b, int t, int n) {
 template <typename KV>
 __global__ void __launch_bounds__(kAttnThreads)
 attention_split_kernel(float* o_part, float* ml_part, const float* q, const KV* k_cache, const KV* v_cache,
-                       const AttentionBatch b, int n, bool skip_runs, int splits, int split_len) {
+                       const AttentionBatch b, int n, bool skip_runs, int splits) {
     extern __shared__ float smem[];
     const int s = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
     const int hd = b.head_dim, group = b.n_heads / b.n_kv_heads, kv_dim = b.n_kv_heads * hd;
-    const int len = b.positions[t] + 1, start = s * split_len, end = min(len, start + split_len);
+    const int len = b.positions[t] + 1, split_len = token_split_len(len, splits);
+    const int start = s * split_len, end = min(len, start + split_len);
     if (start >= len || (skip_runs && in_run(b, t, n))) return;
     float* qs = smem;                              // [group][hd], pre-scaled
     float* sc = qs + group * hd;                   // [group][kAttnChunk] scores, then weights
@@ -107,12 +116,13 @@ attention_split_kernel(float* o_part, float* ml_part, const float* q, const KV* 
 }
 
 // One block per (head, token): out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the
-// splits that hold any of the token's positions.
-__global__ void attention_combine_kernel(float* out, const float* o_part, const float* ml_part, const int* positions,
-                                         int n_heads, int hd, int splits, int split_len) {
-    const int h = blockIdx.x, t = blockIdx.y;
-    const int used = (positions[t] + 1 + split_len - 1) / split_len;
-    const size_t base = size_t(t) * n_heads + h;
+// splits that hold any of the token's positions (split_len for the tiled kernel's tokens).
+__global__ void attention_combine_kernel(float* out, const float* o_part, const float* ml_part, const AttentionBatch b,
+                                         int n, bool tiled, int splits, int split_len) {
+    const int h = blockIdx.x, t = blockIdx.y, hd = b.head_dim, len = b.positions[t] + 1;
+    const int sl = tiled && in_run(b, t, n) ? split_len : token_split_len(len, splits);
+    const int used = (len + sl - 1) / sl;
+    const size_t base = size_t(t) * b.n_heads + h;
     float M = -INFINITY;
     for (int s = 0; s < used; s++) M = fmaxf(M, ml_part[(base * splits + s) * 2]);
     float L = 0.0f;

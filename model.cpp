@@ -678,7 +678,6 @@ void Model::reserve_scratch(int n, int m) {
 // number of graphs per cache; the padding costs little (padding rows ride along in products that
 // read the weights once, and their attention reads one key).
 namespace {
-constexpr int kGraphMaxTokens = 64;
 constexpr size_t kMaxGraphs = 64;  // captures stop here (keys seen later run op by op)
 int graph_bucket(int n) {
     int b = 1;
@@ -792,8 +791,9 @@ float* Model::run_batch(KVCache& kv, const std::vector<BatchToken>& batch, const
     assert(!ops_->host_memory());
     all_rows_.resize(size_t(classified));
     for (int r = 0; r < classified; r++) all_rows_[size_t(r)] = r;
-    const std::string key = fmt("%d %d %d %d %p %d", padded, classified > 0, int(has_runs), int(has_singles),
-                                kv.k.data(), kv.block_size);
+    // The cache's addresses and layout are baked into the captured kernels' arguments.
+    const std::string key = fmt("%d %d %d %d %p %p %d %d", padded, classified > 0, int(has_runs), int(has_singles),
+                                kv.k.data(), kv.v.data(), kv.block_size, kv.num_blocks);
     auto it = graphs_.find(key);
     if (it == graphs_.end() && (graph_seen_[key]++ == 0 || graphs_.size() >= kMaxGraphs)) {
         run_ops(kv, padded, all_rows_, out, ab, ints(L.tokens), rope, ints(L.slots));

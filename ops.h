@@ -93,6 +93,10 @@ struct AttentionBatch {
 
 struct SamplingParams;
 
+// The largest batch model.cpp captures as a CUDA graph (a decode step of up to this many entries):
+// a backend with graphs() runs every op of such a batch without a host sync.
+constexpr int kGraphMaxTokens = 64;
+
 // The op table. Pointers to activations, the KV cache and weights are in the backend's memory:
 // host memory on the CPU (weights are views into the mapped file), device memory on CUDA.
 // Activations are f32 on both backends (at batch 1 they are a tiny share of the bytes moved);
@@ -161,7 +165,7 @@ struct Ops {
     // [n_experts], and out[t][dim] = sum over its k choices j, in moe_route's order, of
     // weight_j * FFN_{expert_j}(x[t]) (experts[n_experts], all in one layout). Experts no token chose
     // are never read (at batch 1, k experts' weights are). A backend with graphs() routes on the
-    // device, so a captured step (n <= 64 tokens, model.cpp) holds its MoE layers too.
+    // device, so a captured step (n <= kGraphMaxTokens) holds its MoE layers too.
     virtual void moe_ffn(float* out, const float* x, const float* router_logits, const FfnWeights* experts,
                          int n_experts, int k, int n) = 0;
     // Sampling where the logits are (CUDA; the CPU samples on the host with Sampler, the twin):

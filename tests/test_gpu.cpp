@@ -695,9 +695,10 @@ TEST_CASE("gpu: RoPE with the KV-cache write, and paged attention, match the CPU
     REQUIRE(g->kv_dtype() == DType::BF16);
     std::mt19937 rng(2024);
     struct Case { int n_heads, n_kv_heads, head_dim, n, max_len; };
-    // MHA, GQA 4 and 8, head_dim 64 / 128 / 96; decode (n = 1), a verify-sized batch, a prefill
+    // MHA, GQA 4 and 8, head_dim 64 / 128 / 96; decode (n = 1), a verify-sized batch, a prefill;
+    // decode tokens far shorter than the context (each spread over the splits by its own length)
     for (Case cs : std::vector<Case>{{4, 4, 64, 1, 300}, {8, 2, 128, 1, 2500}, {8, 1, 96, 5, 700}, {16, 2, 64, 40, 160},
-                                     {4, 4, 128, 9, 4096}}) {
+                                     {4, 4, 128, 9, 4096}, {8, 2, 64, 4, 16384}}) {
         CAPTURE(cs.n_heads);
         CAPTURE(cs.n_kv_heads);
         CAPTURE(cs.head_dim);
