@@ -83,8 +83,9 @@ EMU_KERNEL_FLAGS := $(EMU_CXXFLAGS) -I. -Wno-sign-compare -Wno-maybe-uninitializ
 EMU_OBJS := $(CORE:%=$(EMU)/%.o) $(EMU)/kernels_cuda.o $(EMU)/cuda_emu.o $(EMU)/nccl_emu.o
 EMU_TEST_OBJS := $(addprefix $(EMU)/tests/,test_gpu.o test_tp_gpu.o test_util.o test_main.o emu_selftest.o) \
                  $(EMU)/nccl_selftest.o
-# Two emulated devices, so test_tp_gpu's tensor-parallel cases run (one rank per device).
-EMU_RUN := env -u CUDA_VISIBLE_DEVICES FASTGEN_EMU_DEVICES=2 ./$(BUILD)/run_tests_emu -ts='gpu,cuda emulator'
+# Two emulated devices, so test_tp_gpu's tensor-parallel cases run (one rank per device); 64 KB
+# dequantize slabs (kernels.cu gemm), so the tests' quantized matrices take several.
+EMU_RUN := env -u CUDA_VISIBLE_DEVICES FASTGEN_EMU_DEVICES=2 FASTGEN_CUDA_DEQUANT_SLAB=65536 ./$(BUILD)/run_tests_emu -ts='gpu,cuda emulator'
 # make test leaves out the slowest emulated cases (~3 min together): test-emu runs them too.
 EMU_SLOW := -tce='*long contexts*,*SmolLM2*'
 

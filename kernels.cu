@@ -761,6 +761,7 @@ class CudaOps final : public Ops {
         CUDA_CHECK(cudaFuncSetAttribute(attention_split_kernel<__nv_bfloat16>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
         smem_optin_ = prop.sharedMemPerBlockOptin;
+        if (const char* env = std::getenv("FASTGEN_CUDA_DEQUANT_SLAB")) dequant_slab_ = std::strtoull(env, nullptr, 10);
         const int optin = int(smem_optin_);
         CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
         CUDA_CHECK(cudaFuncSetAttribute(attention_tiled_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
@@ -1071,6 +1072,9 @@ class CudaOps final : public Ops {
   private:
     static constexpr int kGemvMaxTokens = 8;
     static constexpr size_t kBlasWorkspace = 32u << 20, kStaging = 64u << 20;
+    // Bytes of the dequantized bf16 slab of a quantized matrix in a batched product (gemm); the
+    // emulated tests shrink it (FASTGEN_CUDA_DEQUANT_SLAB) so that their small matrices take several.
+    size_t dequant_slab_ = size_t(64) << 20;
     int device_ = 0;
     int sms_ = 0;
     size_t smem_optin_ = 0;  // shared memory one block may use (cudaFuncAttributeMaxDynamicSharedMemorySize)
@@ -1227,17 +1231,30 @@ class CudaOps final : public Ops {
         if (half) convert_kernel<__half><<<grid_for(nx, 256), 256, 0, stream_>>>(static_cast<__half*>(xc), x, nx);
         else convert_kernel<__nv_bfloat16><<<grid_for(nx, 256), 256, 0, stream_>>>(static_cast<__nv_bfloat16*>(xc), x, nx);
         LAUNCH_CHECK("convert_kernel");
-        const void* W = w.data;
-        int ld = w.stride;
-        if (w.dtype == DType::I8 || w.dtype == DType::U8) {
-            const int f = fmt_of(w);
-            check_groups(w, f, "matmul");
-            const size_t nw = size_t(w.rows) * w.cols, rb = row_bytes(w, w.stride);
-            const int group = w.group > 0 ? w.group : 1;
-            auto* d = static_cast<__nv_bfloat16*>(workspace(deq_ws_, 2 * nw));
-            const uint8_t* q = static_cast<const uint8_t*>(w.data);
+        if (w.dtype != DType::I8 && w.dtype != DType::U8) {
+            CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, n, w.cols, &one, w.data, type, w.stride, xc,
+                                      type, w.cols, &zero, out, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            return;
+        }
+        // Quantized: dequantized to bf16 a slab of rows at a time into one reused buffer of at most
+        // dequant_slab_ bytes (a Llama 3 classifier at once would take 1 GB), each slab's rows of out
+        // by cuBLAS.
+        const int f = fmt_of(w);
+        check_groups(w, f, "matmul");
+        const size_t rb = row_bytes(w, w.stride);
+        const int group = w.group > 0 ? w.group : 1;
+        const size_t scales_per_row = grouped(f) ? size_t(w.cols / group) : 1;
+        const int slab = int(std::max<size_t>(1, std::min<size_t>(w.rows, dequant_slab_ / (2 * size_t(w.cols)))));
+        auto* d = static_cast<__nv_bfloat16*>(workspace(deq_ws_, 2 * size_t(slab) * w.cols));
+        for (int r0 = 0; r0 < w.rows; r0 += slab) {
+            const int m = std::min(slab, w.rows - r0);
+            const size_t nw = size_t(m) * w.cols, s0 = size_t(r0) * scales_per_row;
+            const uint8_t* q = static_cast<const uint8_t*>(w.data) + size_t(r0) * rb;
+            const float* scales = w.scales + s0;
+            const uint8_t* zeros = w.zeros ? w.zeros + s0 : nullptr;
+            const float* mins = w.mins ? w.mins + s0 : nullptr;
 #define FASTGEN_DEQUANTIZE(F) \
-    dequantize_kernel<F><<<grid_for(nw, 256), 256, 0, stream_>>>(d, q, w.scales, w.zeros, w.mins, w.rows, w.cols, rb, group)
+    dequantize_kernel<F><<<grid_for(nw, 256), 256, 0, stream_>>>(d, q, scales, zeros, mins, m, w.cols, rb, group)
             switch (f) {
                 case kI8: FASTGEN_DEQUANTIZE(kI8); break;
                 case kI8G: FASTGEN_DEQUANTIZE(kI8G); break;
@@ -1246,11 +1263,9 @@ class CudaOps final : public Ops {
             }
 #undef FASTGEN_DEQUANTIZE
             LAUNCH_CHECK("dequantize_kernel");
-            W = d;
-            ld = w.cols;
+            CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, m, n, w.cols, &one, d, type, w.cols, xc, type, w.cols,
+                                      &zero, out + r0, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         }
-        CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, n, w.cols, &one, W, type, ld, xc, type, w.cols,
-                                  &zero, out, CUDA_R_32F, w.rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
 };
 
