@@ -81,7 +81,7 @@ DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, i
                    Sampler& sampler, Drafter* drafter, int k_max, const std::function<bool(int)>& on_token,
                    int cached) {
     const Config& c = target.cfg;
-    const int limit = std::min(c.max_seq_len, drafter ? drafter->max_positions() : INT_MAX);
+    const int limit = std::min({c.max_seq_len, kv.capacity_tokens(), drafter ? drafter->max_positions() : INT_MAX});
     DecodeStats st;
     st.prompt_tokens = int(prompt.size());
     // The last prompt token is always recomputed below (it is the first round's input).

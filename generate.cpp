@@ -54,7 +54,7 @@ struct Options {
     bool ignore_eos = false;
     int max_batch_tokens = 512;
     int max_seqs = 32;
-    int kv_capacity = 0;  // tokens; 0 = max_seqs full contexts, at most ~1 GiB of cache
+    int kv_capacity = 0;  // tokens; 0 = batch mode: max_seqs full contexts within a budget; else one context
     std::string batching = "continuous";  // continuous | static | static-unpadded
     // chat: --interactive
     bool interactive = false;
@@ -78,6 +78,27 @@ Ops* choose_backend(const Options& o, Comm* world, int* device) {
 }
 
 // What a backend with its own memory holds, printed once the KV cache is allocated.
+// Positions one sequence can use: the model's context, or fewer when the cache holds fewer.
+int sequence_context(const Model& model, const KVCache& kv) { return std::min(model.cfg.max_seq_len, kv.capacity_tokens()); }
+
+// The KV cache (tokens) of a one-sequence run (--prompt, --interactive, --perplexity): --kv-capacity,
+// else the model's whole context, cut on a GPU to 90% of its free memory less 512 MB for the
+// backend's workspaces (Llama 3.1's 131072 positions are 17 GB of bf16 K/V at 8B). Generation
+// stops at the cache's end as it would at the context's.
+int single_sequence_capacity(const Model& model, int kv_capacity) {
+    const Config& c = model.cfg;
+    if (kv_capacity > 0) return std::min(kv_capacity, c.max_seq_len);
+    const double free = double(model.ops()->free_memory());
+    if (free <= 0) return c.max_seq_len;  // the CPU: calloc'd pages cost nothing until written
+    const double bytes_per_token = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * dtype_size(model.ops()->kv_dtype());
+    const double fits = std::max(0.0, 0.9 * free - 512e6) / bytes_per_token;
+    if (fits >= c.max_seq_len) return c.max_seq_len;
+    const int cut = std::max(256, int(fits));  // too little even for this: the allocation says so
+    std::fprintf(stderr, "KV cache: %d tokens fit in free memory, not the model's %d; --kv-capacity sets it\n", cut,
+                 c.max_seq_len);
+    return cut;
+}
+
 void print_memory_plan(const Model& model, KVCache& kv) {
     Ops* ops = model.ops();
     if (ops->host_memory()) return;
@@ -191,9 +212,9 @@ void chat(Model& model, KVCache& kv, const Tokenizer& tok, const ChatStyle& styl
         }
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
         std::vector<int> turn = chat_tokens(tok, style, style.user_turn(line, history.empty()), true);
-        if (history.size() + turn.size() + 1 >= size_t(c.max_seq_len)) {
+        if (history.size() + turn.size() + 1 >= size_t(sequence_context(model, kv))) {
             std::fprintf(stderr, "chat: this turn would pass the context of %d tokens (%zu used); /reset to start over\n",
-                         c.max_seq_len, history.size());
+                         sequence_context(model, kv), history.size());
             continue;
         }
         history.insert(history.end(), turn.begin(), turn.end());
@@ -231,7 +252,7 @@ void chat(Model& model, KVCache& kv, const Tokenizer& tok, const ChatStyle& styl
         }
         std::fprintf(stderr, "[turn: prefill %d tokens (%d reused from the cache), %d generated, %.1f tok/s; "
                      "context %zu of %d]\n", st.prompt_tokens - reused, reused, st.generated,
-                     st.generated / std::max(st.t_decode, 1e-9), history.size(), c.max_seq_len);
+                     st.generated / std::max(st.t_decode, 1e-9), history.size(), sequence_context(model, kv));
     }
 }
 
@@ -244,7 +265,8 @@ void perplexity(Model& model, KVCache& kv, const Tokenizer& tok, const std::stri
     std::vector<int> ids = tok.encode(ss.str(), false, false);
     if (ids.empty()) throw Error(fmt("--perplexity %s: the file has no text", path.c_str()));
     const Config& c = model.cfg;
-    const int window = c.max_seq_len - 1;  // BOS + up to window text tokens per pass
+    const int window = sequence_context(model, kv) - 1;  // BOS + up to window text tokens per pass
+    constexpr size_t kChunk = 512;
     std::vector<float> logits;
     double nll = 0.0;
     size_t counted = 0;
@@ -252,19 +274,23 @@ void perplexity(Model& model, KVCache& kv, const Tokenizer& tok, const std::stri
     for (size_t start = 0; start < ids.size(); start += size_t(window)) {
         size_t end = std::min(ids.size(), start + size_t(window));
         std::vector<BatchToken> batch{{0, 0, c.bos_id}};
-        std::vector<int> rows{0};
-        for (size_t i = start; i < end; i++) {
-            batch.push_back({0, int(i - start) + 1, ids[i]});
-            rows.push_back(int(i - start) + 1);
-        }
-        rows.pop_back();  // the last token predicts nothing we score
+        for (size_t i = start; i < end; i++) batch.push_back({0, int(i - start) + 1, ids[i]});
         kv.release(0);
         if (!kv.reserve(0, int(batch.size()))) throw Error("KV cache too small for a perplexity window");
-        logits.resize(rows.size() * size_t(c.vocab_size));
-        model.forward(kv, batch, rows, logits.data());
-        for (size_t r = 0; r < rows.size(); r++)
-            nll -= log_prob(logits.data() + r * c.vocab_size, c.vocab_size, ids[start + r]);
-        counted += rows.size();
+        // Entry r predicts ids[start + r] (the last one predicts nothing scored). The window goes
+        // through in prefill chunks over the cached prefix, so the logits held are a chunk's rows,
+        // not a long-context model's whole window (131071 rows of 128256 for Llama 3.1).
+        const size_t n = batch.size();
+        for (size_t a = 0; a + 1 < n; a += kChunk) {
+            const std::vector<BatchToken> chunk(batch.begin() + a, batch.begin() + std::min(n, a + kChunk));
+            std::vector<int> rows;
+            for (size_t r = a; r < std::min(n - 1, a + kChunk); r++) rows.push_back(int(r - a));
+            logits.resize(rows.size() * size_t(c.vocab_size));
+            model.forward(kv, chunk, rows, logits.data());
+            for (size_t r = 0; r < rows.size(); r++)
+                nll -= log_prob(logits.data() + r * c.vocab_size, c.vocab_size, ids[start + a + r]);
+            counted += rows.size();
+        }
     }
     double mean = nll / double(counted);
     std::printf("perplexity: %zu tokens, mean NLL %.6f, perplexity %.6f\n", counted, mean, std::exp(mean));
@@ -471,7 +497,7 @@ int run(int argc, char** argv, ErrorOut* err) {
     app.add_option("--max-batch-tokens", o.max_batch_tokens, "tokens per forward step: decodes + prefill chunks")
         ->check(CLI::Range(1, 1 << 20));
     app.add_option("--max-seqs", o.max_seqs, "sequences running at once")->check(CLI::Range(1, 1 << 16));
-    app.add_option("--kv-capacity", o.kv_capacity, "KV cache size in tokens (default: max-seqs full contexts, within ~1 GiB on the CPU or 90% of free GPU memory)")
+    app.add_option("--kv-capacity", o.kv_capacity, "KV cache size in tokens (default: --prompts-file: max-seqs full contexts, within ~1 GiB on the CPU or 90% of free GPU memory; else one full context, cut to 90% of free GPU memory)")
         ->check(CLI::Range(16, 1 << 28));
     app.add_flag("--interactive,-i", o.interactive,
                  "chat on stdin/stdout in the model's chat format; the KV cache is kept between turns");
@@ -523,8 +549,7 @@ int run(int argc, char** argv, ErrorOut* err) {
             if (o.draft != "none") throw Error("--interactive does not support speculative decoding (--draft) yet");
             if (o.num_samples != 1) throw Error("--interactive and --num-samples exclude each other");
         }
-        for (const char* flag : {"--output", "--resume", "--ignore-eos", "--max-batch-tokens", "--max-seqs",
-                                 "--kv-capacity", "--batching"})
+        for (const char* flag : {"--output", "--resume", "--ignore-eos", "--max-batch-tokens", "--max-seqs", "--batching"})
             if (app.count(flag)) throw Error(fmt("%s only applies with --prompts-file", flag));
     }
 
@@ -570,7 +595,7 @@ int run(int argc, char** argv, ErrorOut* err) {
                  o.max_new_tokens);
 
     if (batch_mode) return generate_batch(model, tok, o, comm);
-    KVCache kv(c, c.max_seq_len);
+    KVCache kv(c, single_sequence_capacity(model, o.kv_capacity));
     print_memory_plan(model, kv);
     if (!o.perplexity_file.empty()) {
         perplexity(model, kv, tok, o.perplexity_file);
@@ -607,12 +632,14 @@ int run(int argc, char** argv, ErrorOut* err) {
         drafter = std::make_unique<NgramDrafter>(c.vocab_size, o.ngram_max);
         std::fprintf(stderr, "draft: prompt lookup, n-grams up to %d; k %d\n", o.ngram_max, o.speculate_k);
     }
-    const int context = drafter ? std::min(c.max_seq_len, drafter->max_positions()) : c.max_seq_len;
+    const int context = std::min(sequence_context(model, kv), drafter ? drafter->max_positions() : INT_MAX);
 
     std::vector<int> prompt_ids = o.has_prompt ? tok.encode(o.prompt, true, false) : std::vector<int>{c.bos_id};
     if (int(prompt_ids.size()) >= context)
-        throw Error(fmt("--prompt is %zu tokens but the context is %d tokens%s; shorten it", prompt_ids.size(),
-                        context, context < c.max_seq_len ? " (the draft model's)" : ""));
+        throw Error(fmt("--prompt is %zu tokens but the context is %d tokens%s; shorten it", prompt_ids.size(), context,
+                        context < sequence_context(model, kv) ? " (the draft model's)"
+                        : context < c.max_seq_len         ? " (the KV cache's: --kv-capacity)"
+                                                          : ""));
     Sampler sampler(o.sampling, o.seed);
     for (int s = 0; s < o.num_samples; s++) {
         if (o.num_samples > 1) std::fprintf(stderr, "--- sample %d of %d\n", s + 1, o.num_samples);

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "test_util.h"
+#include "tokenizer.h"
 
 namespace {
 
@@ -150,6 +151,49 @@ TEST_CASE("generate: --perplexity is lower on a story than on its words shuffled
     double shuffled_ppl = perplexity_of(s.out);
     CHECK_MESSAGE(std::isfinite(shuffled_ppl), s.out);
     CHECK_MESSAGE(ppl * 2 < shuffled_ppl, "perplexity: story " << ppl << ", shuffled " << shuffled_ppl);
+}
+
+// Mean NLL of `ids` in windows of `window` text tokens after BOS, from scripts/reference.py's logits.
+double reference_mean_nll(const std::string& model, const std::vector<int>& ids, int window, int vocab) {
+    double nll = 0;
+    size_t counted = 0;
+    for (size_t start = 0; start < ids.size(); start += size_t(window)) {
+        std::vector<int> tokens{1};  // BOS
+        tokens.insert(tokens.end(), ids.begin() + long(start), ids.begin() + long(std::min(ids.size(), start + window)));
+        const std::vector<float> logits = reference_logits(model, tokens, vocab);
+        for (size_t r = 0; r + 1 < tokens.size(); r++) {
+            const float* l = logits.data() + r * vocab;
+            double m = l[0], sum = 0;
+            for (int v = 1; v < vocab; v++) m = std::max(m, double(l[v]));
+            for (int v = 0; v < vocab; v++) sum += std::exp(double(l[v]) - m);
+            nll += m + std::log(sum) - l[tokens[r + 1]];
+            counted++;
+        }
+    }
+    return nll / double(counted);
+}
+
+TEST_CASE("generate: --perplexity over windows longer than a forward chunk, and --kv-capacity cuts the window") {
+    // A random model with a 1200-token context; the story three times (about 1200 tokens): windows
+    // of 1199 tokens, run as prefill chunks of 512, 512 and 175. With --kv-capacity 704 (44 blocks
+    // of 16: a cache holds whole blocks) the windows are 703 tokens.
+    Config c = tiny_config(64, 128, 2, 4, 2, false);
+    c.max_seq_len = 1200;
+    const std::string model = temp_dir() + "/ppl_1200.bin", text = temp_dir() + "/story3.txt";
+    write_model_bin(random_weights(c, 5), model, DType::F32);
+    const std::string story = read_file("tests/data/tinystory.txt");
+    write_bytes(text, story + "\n" + story + "\n" + story);
+    const std::vector<int> ids = Tokenizer(read_file(tok512()), "tok512.model").encode(read_file(text), false, false);
+    REQUIRE(ids.size() > 1000);
+    for (int capacity : {0, 704}) {
+        CAPTURE(capacity);
+        Run r = run("./generate --device cpu --checkpoint " + q(model) + " --perplexity " + q(text) +
+                    (capacity ? " --kv-capacity " + std::to_string(capacity) : std::string()));
+        REQUIRE_MESSAGE(r.rc == 0, r.err);
+        const double want = reference_mean_nll(model, ids, (capacity ? capacity : c.max_seq_len) - 1, c.vocab_size);
+        const double got = std::log(perplexity_of(r.out));
+        CHECK_MESSAGE(std::fabs(got - want) < 1e-4 * want, "mean NLL " << got << ", reference " << want);
+    }
 }
 
 TEST_CASE("generate: the llama2.c flag spellings work") {
