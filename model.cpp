@@ -262,11 +262,21 @@ int group_of(const SafetensorsFile& f, const std::string& name, const TensorView
     return int(cols / groups);
 }
 
+// The kernels read weights in place from the mapping as typed arrays: each must start at a
+// multiple of its element size (our writer's files do; a hand-edited offset may not).
+const TensorView& aligned(const SafetensorsFile& f, const TensorView& t) {
+    const size_t at = size_t(t.data - f.map.data);
+    if (at % dtype_size(t.dtype) != 0)
+        throw Error(fmt("%s: tensor '%s': %s data at file offset %zu is not aligned to its %zu-byte elements", f.path.c_str(),
+                        t.name.c_str(), dtype_name(t.dtype), at, dtype_size(t.dtype)));
+    return t;
+}
+
 const TensorView& f32_tensor(const SafetensorsFile& f, const std::string& name, const std::vector<int64_t>& shape) {
     const TensorView& t = f.get(name, shape);
     if (t.dtype != DType::F32)
         throw Error(fmt("%s: tensor '%s': dtype %s, expected F32", f.path.c_str(), name.c_str(), dtype_name(t.dtype)));
-    return t;
+    return aligned(f, t);
 }
 
 }  // namespace
@@ -327,6 +337,7 @@ Weight load_matrix(const SafetensorsFile& f, const std::string& name, int rows, 
     if (t->dtype != DType::F32 && t->dtype != DType::BF16 && t->dtype != DType::F16)
         throw Error(fmt("%s: tensor '%s': dtype %s is not a float format (F32, BF16, F16), I8 or U8", fp,
                         name.c_str(), dtype_name(t->dtype)));
+    aligned(f, *t);
     return Weight{t->dtype, t->data, rows, cols, cols};
 }
 

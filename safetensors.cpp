@@ -100,11 +100,16 @@ uint16_t f32_to_f16(float f) {
     return sign | uint16_t(r >> 13);
 }
 
+// By memcpy: a safetensors file need not align its tensors (a converter reads them from wherever
+// the data section puts them; only model.bin's in-place views are held to alignment, in model.cpp).
 static float load_float(const void* src, DType t, size_t i) {
+    const uint8_t* p = static_cast<const uint8_t*>(src) + i * dtype_size(t);
+    float f;
+    uint16_t h;
     switch (t) {
-        case DType::F32: return static_cast<const float*>(src)[i];
-        case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
-        case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
+        case DType::F32: std::memcpy(&f, p, 4); return f;
+        case DType::BF16: std::memcpy(&h, p, 2); return bf16_to_f32(h);
+        case DType::F16: std::memcpy(&h, p, 2); return f16_to_f32(h);
         default: assert(false && "not a float dtype"); return 0;
     }
 }

@@ -192,6 +192,22 @@ TEST_CASE("model.bin loader refuses files that do not match their config") {
         CHECK_THROWS_WITH_AS(Model(with_config(patched("dim", "99999999999")), cpu_ops(0)),
                              doctest::Contains("config 'dim' must be an integer"), Error);
     }
+    SUBCASE("a matrix whose data offset breaks its element alignment") {
+        // Found by fuzzing: the kernels read weights in place as typed arrays (UBSan: misaligned
+        // load). The tokenizer (7522 bytes, 2 mod 4) written first puts every F32 tensor 2 bytes off.
+        std::string tok = read_file(models_dir() + "/tok512.model");
+        REQUIRE(tok.size() % 4 == 2);
+        SafetensorsWriter w;
+        w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", c.to_json()},
+                      {"quantization", "none"}};
+        w.add_bytes("tokenizer.model", DType::U8, {int64_t(tok.size())}, tok.data());
+        for (auto& [name, v] : tw.tensors) w.add_bytes(name, DType::F32, tw.shape_of(name), v.data());
+        w.write(dir + "/misaligned.bin");
+        CHECK_THROWS_WITH_AS(Model(dir + "/misaligned.bin", cpu_ops(0)),
+                             doctest::Contains(fmt("tensor 'tok_embeddings.weight': F32 data at file offset %zu is "
+                                                   "not aligned to its 4-byte elements", 4096 + tok.size()).c_str()),
+                             Error);
+    }
     SUBCASE("not a fastgen file") {
         SafetensorsWriter w;
         float x = 1;

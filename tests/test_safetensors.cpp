@@ -349,6 +349,21 @@ TEST_CASE("convert_floats between F32, BF16 and F16") {
     CHECK(back[2] == bf16_to_f32(b[2]));
 }
 
+TEST_CASE("convert_floats reads sources at any byte offset (a safetensors file need not align its tensors)") {
+    // Found by fuzzing: an F32 tensor at an odd data offset made the loads misaligned (UBSan).
+    std::vector<float> x = {1.0f, -2.5f, 3.0f / 7.0f};
+    std::vector<uint8_t> bytes(1 + sizeof(float) * x.size());
+    std::memcpy(bytes.data() + 1, x.data(), sizeof(float) * x.size());
+    std::vector<float> out(x.size());
+    convert_floats(bytes.data() + 1, DType::F32, out.data(), DType::F32, x.size());
+    CHECK(out == x);
+    std::vector<uint16_t> b(x.size());
+    for (size_t i = 0; i < x.size(); i++) b[i] = f32_to_bf16(x[i]);
+    std::memcpy(bytes.data() + 1, b.data(), 2 * b.size());
+    convert_floats(bytes.data() + 1, DType::BF16, out.data(), DType::F32, x.size());
+    for (size_t i = 0; i < x.size(); i++) CHECK(out[i] == bf16_to_f32(b[i]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // refusing malformed files
 
