@@ -7,6 +7,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -33,6 +34,26 @@ std::string Config::to_json() const {
     return j.dump();
 }
 
+namespace {
+// A JSON integer that fits an int (unsigned ones above INT64_MAX included, which get<int64_t> wraps).
+bool int32_value(const json& v, int* out) {
+    if (!v.is_number_integer()) return false;
+    if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(INT_MAX)
+                               : v.get<int64_t>() < INT_MIN || v.get<int64_t>() > INT_MAX)
+        return false;
+    *out = int(v.get<int64_t>());
+    return true;
+}
+
+// A JSON number within float range (a double beyond it would not convert to float defined).
+bool float_value(const json& v, float* out) {
+    const double d = v.get<double>();
+    if (!(std::fabs(d) <= double(std::numeric_limits<float>::max()))) return false;
+    *out = float(d);
+    return true;
+}
+}  // namespace
+
 Config Config::from_json(const std::string& text, const std::string& where) {
     json j;
     try {
@@ -47,14 +68,15 @@ Config Config::from_json(const std::string& text, const std::string& where) {
             if (required) throw Error(fmt("%s: config is missing '%s'", where.c_str(), key));
             return;
         }
-        if (!j[key].is_number_integer() || j[key].get<int64_t>() < INT_MIN || j[key].get<int64_t>() > INT_MAX)
-            throw Error(fmt("%s: config '%s' must be an integer", where.c_str(), key));
-        *out = int(j[key].get<int64_t>());
+        if (!int32_value(j[key], out))
+            throw Error(fmt("%s: config '%s' must be an integer (32-bit), found %s", where.c_str(), key,
+                            j[key].dump().c_str()));
     };
     auto get_number = [&](const char* key, float* out) {
         if (!j.contains(key)) return;
         if (!j[key].is_number()) throw Error(fmt("%s: config '%s' must be a number", where.c_str(), key));
-        *out = j[key].get<float>();
+        if (!float_value(j[key], out))
+            throw Error(fmt("%s: config '%s' = %s is out of float range", where.c_str(), key, j[key].dump().c_str()));
     };
     get_int("dim", &c.dim, true);
     get_int("hidden_dim", &c.hidden_dim, true);
@@ -80,10 +102,11 @@ Config Config::from_json(const std::string& text, const std::string& where) {
         for (const char* key : {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"})
             if (!r.contains(key) || !r[key].is_number())
                 throw Error(fmt("%s: config rope_scaling needs a number '%s'", where.c_str(), key));
-        c.rope_factor = r["factor"].get<float>();
-        c.rope_low_freq_factor = r["low_freq_factor"].get<float>();
-        c.rope_high_freq_factor = r["high_freq_factor"].get<float>();
-        c.rope_original_max_seq_len = r["original_max_seq_len"].get<int>();
+        if (!int32_value(r["original_max_seq_len"], &c.rope_original_max_seq_len) ||
+            !float_value(r["factor"], &c.rope_factor) || !float_value(r["low_freq_factor"], &c.rope_low_freq_factor) ||
+            !float_value(r["high_freq_factor"], &c.rope_high_freq_factor))
+            throw Error(fmt("%s: config rope_scaling %s: original_max_seq_len must be a 32-bit integer and the "
+                            "factors within float range", where.c_str(), r.dump().c_str()));
     }
     if (j.contains("tie_embeddings")) {
         if (!j["tie_embeddings"].is_boolean())
@@ -121,9 +144,18 @@ void Config::validate(const std::string& where) const {
         (n_experts > 0 && (n_experts_per_tok < 1 || n_experts_per_tok > n_experts)))
         throw Error(fmt("%s: config n_experts_per_tok = %d must be between 1 and n_experts = %d (0 and 0 for a "
                         "dense model)", w, n_experts_per_tok, n_experts));
-    if (!(norm_eps > 0) || !(rope_theta > 0))
-        throw Error(fmt("%s: config norm_eps and rope_theta must be positive", w));
-    if (rope_factor != 0 && !(rope_factor >= 1 && rope_low_freq_factor > 0 &&
+    // Readers list every tensor the config implies (model_tensors) before looking in the file: a
+    // corrupt layer or expert count must not make that list run the machine out of memory. The
+    // largest published models have well under 10^5 tensors.
+    const int64_t per_layer = 6 + (n_experts > 0 ? 1 + 3 * int64_t(n_experts) : 3);
+    if (int64_t(n_layers) * per_layer > kMaxTensors)
+        throw Error(fmt("%s: config n_layers = %d with n_experts = %d means %lld tensors, more than the %lld this "
+                        "build accepts (a corrupt config?)", w, n_layers, n_experts,
+                        (long long)(int64_t(n_layers) * per_layer), (long long)kMaxTensors));
+    if (!(norm_eps > 0) || !(rope_theta > 0) || !std::isfinite(norm_eps) || !std::isfinite(rope_theta))
+        throw Error(fmt("%s: config norm_eps = %g and rope_theta = %g must be positive and finite", w, norm_eps,
+                        rope_theta));
+    if (rope_factor != 0 && !(rope_factor >= 1 && std::isfinite(rope_factor) && rope_low_freq_factor > 0 &&
                               rope_high_freq_factor > rope_low_freq_factor && rope_original_max_seq_len > 0))
         throw Error(fmt("%s: config rope_scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
                         "original_max_seq_len > 0 (found %g, %g, %g, %d)", w, rope_factor, rope_low_freq_factor,

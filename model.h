@@ -51,6 +51,9 @@ struct Config {
     void validate(const std::string& where) const;
 };
 
+// Config::validate refuses configs implying more tensors than this (model_tensors' length).
+constexpr int64_t kMaxTensors = int64_t(1) << 18;
+
 // model.bin metadata keys and the format version this build reads and writes.
 constexpr const char* kFormatName = "fastgen";
 constexpr const char* kFormatVersion = "1";

@@ -190,7 +190,29 @@ TEST_CASE("model.bin loader refuses files that do not match their config") {
         CHECK_THROWS_WITH_AS(Model(with_config(patched("head_dim", "600000000")), cpu_ops(0)),
                              doctest::Contains("n_heads x head_dim = 2400000000 is too large"), Error);
         CHECK_THROWS_WITH_AS(Model(with_config(patched("dim", "99999999999")), cpu_ops(0)),
-                             doctest::Contains("config 'dim' must be an integer"), Error);
+                             doctest::Contains("config 'dim' must be an integer (32-bit), found 99999999999"), Error);
+        // An unsigned value above INT64_MAX is named as written, not wrapped to a negative size.
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("dim", "18446744073709551615")), cpu_ops(0)),
+                             doctest::Contains("config 'dim' must be an integer (32-bit), found 18446744073709551615"),
+                             Error);
+        // Found by fuzzing: a corrupt layer count made quantize list 9 x 10^8 tensors before looking in
+        // the file (a hang, then out of memory); the loader, the converter and GGUF import share this.
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("n_layers", "100000000")), cpu_ops(0)),
+                             doctest::Contains("config n_layers = 100000000 with n_experts = 0 means 900000000 tensors"),
+                             Error);
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("n_layers", "2000")), cpu_ops(0)),  // within the bound
+                             doctest::Contains("missing tensor 'layers.1.attention_norm.weight'"), Error);
+        // A double beyond float range would convert to float undefined (inf in practice, which
+        // passed "positive"); infinities are refused too.
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("norm_eps", "1e300")), cpu_ops(0)),
+                             doctest::Contains("config 'norm_eps' = 1e+300 is out of float range"), Error);
+        CHECK_THROWS_WITH_AS(Model(with_config(patched("rope_theta", "3.5e38")), cpu_ops(0)),
+                             doctest::Contains("config 'rope_theta' = 3.5e+38 is out of float range"), Error);
+        std::string scaled = good;
+        scaled.insert(scaled.size() - 1, R"(,"rope_scaling":{"type":"llama3","factor":8,"low_freq_factor":1,)"
+                                         R"("high_freq_factor":4,"original_max_seq_len":8192.5})");
+        CHECK_THROWS_WITH_AS(Model(with_config(scaled), cpu_ops(0)),
+                             doctest::Contains("original_max_seq_len must be a 32-bit integer"), Error);
     }
     SUBCASE("a matrix whose data offset breaks its element alignment") {
         // Found by fuzzing: the kernels read weights in place as typed arrays (UBSan: misaligned
