@@ -23,3 +23,7 @@ inline std::string fmt(const char* s) { return s; }
 
 // Seconds since an arbitrary start, monotonic; for the stats lines.
 double now_seconds();
+
+// Whether s is well-formed UTF-8 (no overlongs, surrogates or stray bytes): what a string must be
+// to go into JSON (tokenizer.json, model.bin's header), which nlohmann::json refuses otherwise.
+bool well_formed_utf8(const std::string& s);

@@ -554,7 +554,12 @@ Checkpoint read_gguf(const std::string& path, const std::string& tokenizer_path)
             throw Error(fmt("%s: tokenizer.ggml.model '%s' is not supported (gpt2: byte-level BPE, llama: "
                             "sentencepiece); pass --tokenizer with a sentencepiece .model", p, model.c_str()));
     }
-    if (f.find("tokenizer.chat_template")) ck.metadata["chat_template"] = f.get_string("tokenizer.chat_template");
+    if (f.find("tokenizer.chat_template")) {
+        const std::string& t = f.get_string("tokenizer.chat_template");
+        if (!well_formed_utf8(t))  // it goes into model.bin's JSON header
+            throw Error(fmt("%s: metadata 'tokenizer.chat_template' is not valid UTF-8", p));
+        ck.metadata["chat_template"] = t;
+    }
     return ck;
 }
 

@@ -580,6 +580,8 @@ std::string gguf_tokenizer_json(const GgufFile& f) {
     json vocab = json::object(), added = json::array(), merge_list = json::array();
     for (size_t id = 0; id < tokens.array.size(); id++) {
         const std::string& t = tokens.array[id].s;
+        if (!well_formed_utf8(t))  // byte-level BPE tokens are always UTF-8 (bytes mapped to characters)
+            throw Error(fmt("%s: tokenizer.ggml.tokens: token %zu is not valid UTF-8", p, id));
         if (vocab.contains(t))
             throw Error(fmt("%s: tokenizer.ggml.tokens: token %zu '%s' repeats token %d", p, id, t.c_str(),
                             vocab[t].get<int>()));
@@ -588,11 +590,13 @@ std::string gguf_tokenizer_json(const GgufFile& f) {
             added.push_back({{"id", id}, {"content", t}, {"single_word", false}, {"lstrip", false},
                              {"rstrip", false}, {"normalized", false}, {"special", true}});
     }
-    for (const GgufValue& m : merges.array) {
-        size_t space = m.s.find(' ');
-        if (space == std::string::npos || space == 0 || space + 1 == m.s.size() || m.s.find(' ', space + 1) != std::string::npos)
-            throw Error(fmt("%s: tokenizer.ggml.merges: '%s' is not two tokens separated by one space", p, m.s.c_str()));
-        merge_list.push_back(m.s);
+    for (size_t i = 0; i < merges.array.size(); i++) {
+        const std::string& m = merges.array[i].s;
+        size_t space = m.find(' ');
+        if (space == std::string::npos || space == 0 || space + 1 == m.size() || m.find(' ', space + 1) != std::string::npos)
+            throw Error(fmt("%s: tokenizer.ggml.merges: '%s' is not two tokens separated by one space", p, m.c_str()));
+        if (!well_formed_utf8(m)) throw Error(fmt("%s: tokenizer.ggml.merges: merge %zu is not valid UTF-8", p, i));
+        merge_list.push_back(m);
     }
     json j = {{"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr}, {"added_tokens", added},
               {"normalizer", nullptr}, {"pre_tokenizer", pre_tokenizer(f)}};

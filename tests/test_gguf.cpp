@@ -214,7 +214,8 @@ void tiny_metadata(GgufBuilder& b, const std::set<std::string>& skip = {}, const
     u32("tokenizer.ggml.bos_token_id", 1);
     u32("tokenizer.ggml.eos_token_id", 2);
     if (add_bos >= 0) b.boolean("tokenizer.ggml.add_bos_token", add_bos == 1);
-    b.str("tokenizer.chat_template", "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}");
+    if (keep("tokenizer.chat_template"))
+        b.str("tokenizer.chat_template", "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}");
 }
 
 TinyGguf tiny_gguf(uint32_t version, bool tied, const std::map<std::string, uint32_t>& types, unsigned seed = 1,
@@ -603,6 +604,32 @@ TEST_CASE("gguf: conversion refusals name the key, tensor or type") {
     bert.str("tokenizer.ggml.model", "bert");
     bert.tensors = t.b.tensors;
     CHECK(has(error_of(bert), "tokenizer.ggml.model 'bert' is not supported"));
+    // Found by fuzzing: tokens, merges or a chat template that are not UTF-8 cannot go into JSON
+    // (tokenizer.json, model.bin's header); they ended in an "internal" nlohmann exception.
+    std::vector<std::string> tokens = tiny_tokens();
+    tokens[5] = "b\xff";
+    GgufBuilder token;
+    tiny_metadata(token, {"tokenizer.ggml.tokens"});
+    token.strs("tokenizer.ggml.tokens", tokens);
+    token.tensors = t.b.tensors;
+    CHECK(has(error_of(token), "tokenizer.ggml.tokens: token 5 is not valid UTF-8"));
+    GgufBuilder merge;
+    tiny_metadata(merge, {"tokenizer.ggml.merges"});
+    merge.strs("tokenizer.ggml.merges", {"a b", "ab \xc3"});
+    merge.tensors = t.b.tensors;
+    CHECK(has(error_of(merge), "tokenizer.ggml.merges: merge 1 is not valid UTF-8"));
+    GgufBuilder chat;
+    tiny_metadata(chat, {"tokenizer.chat_template"});
+    chat.str("tokenizer.chat_template", "{{ messages }}\xe2\x82");
+    chat.tensors = t.b.tensors;
+    CHECK(has(error_of(chat), "metadata 'tokenizer.chat_template' is not valid UTF-8"));
+    // Found by fuzzing: one flipped byte of llama.block_count (2 -> 134217730) made the converter
+    // list 10^9 tensor names before looking for them (a hang, then out of memory).
+    GgufBuilder layers;
+    tiny_metadata(layers, {"llama.block_count"});
+    layers.u32("llama.block_count", 134217730);
+    layers.tensors = t.b.tensors;
+    CHECK(has(error_of(layers), "config n_layers = 134217730 with n_experts = 0 means 1207959570 tensors"));
     // No half-written output after any refusal.
     CHECK(!std::ifstream(out + ".tmp").good());
 }
