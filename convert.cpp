@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -228,18 +229,21 @@ float json_float(const json& j, const char* key, const std::string& where, std::
     const json* v = field(j, key);
     if (!v && fallback) return *fallback;
     if (!v) throw Error(fmt("%s: missing \"%s\"", where.c_str(), key));
-    if (!v->is_number() || v->get<double>() <= 0)
-        throw Error(fmt("%s: \"%s\" must be a positive number, found %s", where.c_str(), key, v->dump().c_str()));
+    // (Beyond float range the conversion to float would be undefined.)
+    if (!v->is_number() || !(v->get<double>() > 0) || v->get<double>() > double(std::numeric_limits<float>::max()))
+        throw Error(fmt("%s: \"%s\" must be a positive number within float range, found %s", where.c_str(), key,
+                        v->dump().c_str()));
     return v->get<float>();
 }
 
 // bos/eos ids: an int, or a list (Llama 3 lists several EOS ids; the first is the main one).
-std::optional<int> json_token_id(const json& j, const char* key, const std::string& where) {
+std::optional<int> json_token_id(const json& j, const char* key, const std::string& where, int vocab_size) {
     const json* v = field(j, key);
     if (v && v->is_array() && !v->empty()) v = &(*v)[0];
     if (!v) return std::nullopt;
-    if (!v->is_number_integer() || v->get<int64_t>() < 0 || v->get<int64_t>() > INT_MAX)
-        throw Error(fmt("%s: \"%s\" must be a token id, found %s", where.c_str(), key, v->dump().c_str()));
+    if (!v->is_number_integer() || v->get<int64_t>() < 0 || v->get<int64_t>() >= vocab_size)
+        throw Error(fmt("%s: \"%s\" must be a token id below vocab_size %d, found %s", where.c_str(), key, vocab_size,
+                        v->dump().c_str()));
     return int(v->get<int64_t>());
 }
 
@@ -252,8 +256,7 @@ Config read_hf_config(const std::string& path) {
         throw Error(fmt("%s: hidden_act %s is not supported (only silu)", p, a->dump().c_str()));
     // Mistral v0.1 attends within a sliding window; without it the model would be wrong past it.
     if (const json* sw = field(j, "sliding_window");
-        sw && sw->is_number_integer() && field(j, "max_position_embeddings") &&
-        sw->get<int64_t>() < (*field(j, "max_position_embeddings")).get<int64_t>())
+        sw && sw->is_number_integer() && sw->get<int64_t>() < json_int(j, "max_position_embeddings", path))
         throw Error(fmt("%s: sliding_window %s (attention limited to a window) is not supported yet", p,
                         sw->dump().c_str()));
     // Llama 3.1's rope scaling is supported; linear, dynamic, yarn, ... are not.
@@ -289,8 +292,8 @@ Config read_hf_config(const std::string& path) {
     if (tie && !tie->is_boolean())
         throw Error(fmt("%s: \"tie_word_embeddings\" must be true or false, found %s", p, tie->dump().c_str()));
     c.tie_embeddings = tie && tie->get<bool>();
-    c.bos_id = json_token_id(j, "bos_token_id", path).value_or(-1);
-    c.eos_id = json_token_id(j, "eos_token_id", path).value_or(-1);
+    c.bos_id = json_token_id(j, "bos_token_id", path, c.vocab_size).value_or(-1);
+    c.eos_id = json_token_id(j, "eos_token_id", path, c.vocab_size).value_or(-1);
     // Mixtral: intermediate_size is each expert's width.
     if (field(j, "num_local_experts")) {
         c.n_experts = json_int(j, "num_local_experts", path);
@@ -753,6 +756,11 @@ ConvertStats convert_checkpoint(const ConvertOptions& o) {
                             tok.vocab_size(), c.vocab_size));
         if (c.bos_id < 0) c.bos_id = tok.bos_id();
         if (c.eos_id < 0) c.eos_id = tok.eos_id();
+        // The loader refuses a model.bin without both (Config::from_json): refuse to write one.
+        if (c.bos_id < 0 || c.bos_id >= c.vocab_size || c.eos_id < 0 || c.eos_id >= c.vocab_size)
+            throw Error(fmt("%s: BOS id %d and EOS id %d (from the checkpoint's config, else its tokenizer; -1: "
+                            "none) must be token ids below vocab_size %d", o.input.c_str(), c.bos_id, c.eos_id,
+                            c.vocab_size));
     }
 
     // auto keeps the source's float type, read off the embedding (norms may differ in HF files).

@@ -584,6 +584,32 @@ TEST_CASE("bad Hugging Face folders are refused with a message that names the pr
     msg = convert_error(options(d, d + "/out.bin", ""));
     CHECK_MESSAGE(has(msg, "n_experts_per_tok = 3 must be between 1 and n_experts = 2"), msg);
 
+    // Found by fuzzing: a sliding_window beside a max_position_embeddings that is not a number
+    // ended in an "internal" JSON type error instead of naming the key.
+    d = make_dir("hf-window");
+    o = HfOptions();
+    o.config_patch = R"({"sliding_window": 4, "max_position_embeddings": "x"})";
+    write_hf(tw, d, o);
+    msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "config.json: \"max_position_embeddings\" must be a positive integer, found \"x\""), msg);
+
+    // Beyond float range (undefined to convert; inf in practice) is refused where it is read.
+    d = make_dir("hf-eps");
+    o.config_patch = R"({"rms_norm_eps": 1e300})";
+    write_hf(tw, d, o);
+    msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "\"rms_norm_eps\" must be a positive number within float range, found 1e+300"), msg);
+
+    // Found by fuzzing: a bos_token_id past the vocabulary was written into a model.bin that
+    // generate then refused; refuse it at conversion, naming the key.
+    d = make_dir("hf-bos");
+    o.config_patch = R"({"bos_token_id": 600})";
+    write_hf(tw, d, o);
+    msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "\"bos_token_id\" must be a token id below vocab_size 512, found 600"), msg);
+    struct stat st;
+    CHECK(stat((d + "/out.bin").c_str(), &st) != 0);
+
     d = make_dir("hf-no-weights");
     write_bytes(d + "/config.json", read_file(make_dir("hf-missing") + "/config.json"));
     msg = convert_error(options(d, d + "/out.bin", ""));
