@@ -99,8 +99,9 @@ struct Llama2cHeader {
 bool plausible(const Llama2cHeader& h) {
     auto in = [](int32_t v, int32_t hi) { return v > 0 && v <= hi; };
     const int32_t big = 1 << 20, small = 1 << 12;
+    // vocab_size is negative for an untied classifier; compared, not std::abs'd (INT_MIN overflows).
     return in(h.dim, big) && in(h.hidden_dim, big) && in(h.n_layers, small) && in(h.n_heads, small) &&
-           in(h.n_kv_heads, small) && h.vocab_size != 0 && in(std::abs(h.vocab_size), big) &&
+           in(h.n_kv_heads, small) && h.vocab_size != 0 && h.vocab_size >= -big && h.vocab_size <= big &&
            in(h.seq_len, big);
 }
 
@@ -634,6 +635,9 @@ Checkpoint read_checkpoint(const std::string& path, const std::string& tokenizer
     Llama2cHeader h = {};
     if (n >= sizeof h) std::memcpy(&h, head, sizeof h);
     if (magic == kLlama2cMagic || (n >= sizeof h && plausible(h))) return read_llama2c(path, tokenizer_path);
+    // A JSON header whose length does not fit the file: a model.bin cut short or with a corrupt
+    // length; the safetensors reader says which.
+    if (n >= 9 && head[8] == '{') return read_model_bin(path, tokenizer_path);
     throw Error(fmt("%s: unknown input kind: not a llama2.c checkpoint, a fastgen model.bin, a GGUF file, or a "
                     "Hugging Face folder (a directory with config.json)", path.c_str()));
 }

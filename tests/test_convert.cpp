@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -504,6 +505,21 @@ TEST_CASE("bad llama2.c inputs are refused with a message that names the problem
 
     msg = convert_error(options(d + "/ok.bin", d + "/out.bin", models_dir() + "/stories260K.bin"));
     CHECK_MESSAGE(has(msg, "not a sentencepiece model"), msg);
+
+    // Found by fuzzing (UBSan): vocab_size INT_MIN overflowed std::abs in the header check.
+    std::string vocab = bytes;
+    int32_t most_negative = INT32_MIN;
+    std::memcpy(&vocab[20], &most_negative, 4);
+    write_bytes(d + "/vocab.bin", vocab);
+    msg = convert_error(options(d + "/vocab.bin", d + "/out.bin", tok_path()));
+    CHECK_MESSAGE(has(msg, "unknown input kind"), msg);
+
+    // Found by fuzzing: a model.bin cut inside its header was "unknown input kind"; the safetensors
+    // reader names the length that no longer fits.
+    write_model_bin(tw, d + "/model.bin", DType::F32);
+    write_bytes(d + "/cut.bin", read_file(d + "/model.bin").substr(0, 100));
+    msg = convert_error(options(d + "/cut.bin", d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "bad header length 4088 (file is 100 bytes)"), msg);
 
     struct stat st;
     CHECK(stat((d + "/out.bin").c_str(), &st) != 0);  // nothing written by any failure
