@@ -7,9 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -461,6 +463,28 @@ Comm* join_ranks(int argc, char** argv, Options& o, ErrorOut* err) {
     return &world;
 }
 
+// CLI::Range lets "nan" through (every comparison with NaN is false): a float flag must also be finite.
+// Not a number at all is left to the flag's own conversion, which names it.
+const CLI::Validator kFinite(
+    [](std::string& s) -> std::string {
+        char* end = nullptr;
+        const double d = std::strtod(s.c_str(), &end);
+        return end != s.c_str() && !std::isfinite(d) ? "Value " + s + " is not a finite number" : "";
+    },
+    "");
+
+// CLI11 reads an unsigned flag with strtoull, which wraps "-1" and saturates past 2^64 - 1: take
+// plain decimal digits that fit, or refuse.
+const CLI::Validator kUint64(
+    [](std::string& s) -> std::string {
+        const std::string bad = "Value " + s + " is not an integer in [0, 18446744073709551615]";
+        if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos) return bad;
+        errno = 0;
+        std::strtoull(s.c_str(), nullptr, 10);
+        return errno == ERANGE ? bad : "";
+    },
+    "");
+
 int run(int argc, char** argv, ErrorOut* err) {
     Options o;
     CLI::App app{"fastgen generate: text generation for Llama-family models"};
@@ -469,16 +493,17 @@ int run(int argc, char** argv, ErrorOut* err) {
     app.add_option("--prompt", o.prompt, "text to continue (default: start from BOS alone)");
     app.add_option("--max-new-tokens,--max_new_tokens", o.max_new_tokens, "tokens to generate")
         ->check(CLI::Range(1, 1 << 30));
-    app.add_option("--temperature", o.sampling.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0));
+    app.add_option("--temperature", o.sampling.temperature, "0 = greedy")
+        ->check(kFinite)->check(CLI::Range(0.0, 100.0));
     app.add_option("--top-k,--top_k", o.sampling.top_k, "keep the k most likely tokens; 0 = all")
         ->check(CLI::Range(0, 1 << 30));
     app.add_option("--top-p,--top_p", o.sampling.top_p, "nucleus sampling mass, in (0, 1]")
-        ->check(CLI::Range(1e-6, 1.0));
-    app.add_option("--seed", o.seed, "random seed (default: from the clock, printed)");
+        ->check(kFinite)->check(CLI::Range(1e-6, 1.0));
+    app.add_option("--seed", o.seed, "random seed (default: from the clock, printed)")->check(kUint64);
     app.add_option("--num-samples,--num_samples", o.num_samples, "completions of the prompt")
         ->check(CLI::Range(1, 1 << 20));
     app.add_option("--device", o.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-    app.add_option("--threads", o.threads, "CPU threads (0 = all cores)")->check(CLI::NonNegativeNumber & CLI::Range(0, 4096));
+    app.add_option("--threads", o.threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 4096));
     app.add_option("--perplexity", o.perplexity_file, "report the perplexity of a text file instead")
         ->check(CLI::ExistingFile);
     app.add_option("--draft-checkpoint,--draft_checkpoint_path", o.draft_checkpoint,

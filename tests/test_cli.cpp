@@ -254,6 +254,22 @@ TEST_CASE("generate: misuse exits non-zero with a message naming the problem") {
     SUBCASE("threads not a number") {
         check_refused(run(generate("--threads abc")), {"--threads", "abc"});
     }
+    SUBCASE("negative threads: the range, once") {
+        check_refused(run(generate("--threads -1")), {"--threads: Value -1 not in range 0 to 4096"});
+    }
+    // Found by fuzzing: CLI::Range passes NaN (every comparison is false), so "nan" sampled garbage.
+    SUBCASE("temperature and top-p must be finite") {
+        check_refused(run(generate("--temperature nan")), {"--temperature", "nan is not a finite number"});
+        check_refused(run(generate("--top-p nan")), {"--top-p", "nan is not a finite number"});
+    }
+    // Found by fuzzing: --seed -1 wrapped to 2^64 - 1 and seeds past 2^64 - 1 saturated to it.
+    SUBCASE("seed must be a 64-bit unsigned integer") {
+        check_refused(run(generate("--seed -1")), {"--seed", "-1 is not an integer in [0, 18446744073709551615]"});
+        check_refused(run(generate("--seed 18446744073709551616")), {"--seed", "18446744073709551616"});
+        Run r = run(generate("--seed 18446744073709551615 --max-new-tokens 2"));
+        CHECK_MESSAGE(r.rc == 0, r.err);
+        CHECK_MESSAGE(has(r.err, "seed 18446744073709551615"), r.err);
+    }
     SUBCASE("perplexity file missing") {
         check_refused(run(generate("--perplexity /no/such/story.txt")), {"--perplexity", "/no/such/story.txt"});
     }
