@@ -271,7 +271,7 @@ Request parse_request(const std::string& line, int line_no, const Tokenizer& tok
                       int context) {
     json j;
     try {
-        j = json::parse(line);
+        j = json::parse(line, JsonDepthLimit{});
     } catch (const json::exception& e) {
         throw Error(fmt("malformed JSON (%s)", e.what()));
     }

@@ -324,7 +324,7 @@ Bpe Bpe::from_hf_json(const std::string& text, const std::string& where) {
     const char* w = where.c_str();
     json j;
     try {
-        j = json::parse(text);
+        j = json::parse(text, JsonDepthLimit{where});
     } catch (const json::exception& e) {
         throw Error(fmt("%s: not valid JSON (%s)", w, e.what()));
     }

@@ -21,6 +21,22 @@ std::string fmt(const char* format, Args... args) {
 }
 inline std::string fmt(const char* s) { return s; }
 
+// A nlohmann::json::parse callback refusing nesting deeper than kMaxJsonDepth: the library parses
+// any depth, but dump() (which error messages use to quote a value) recurses once per level, so a
+// line of a million '[' overflowed the stack. No config, header or tokenizer nests beyond a few.
+// `where` prefixes the message ("" for none).
+constexpr int kMaxJsonDepth = 128;
+struct JsonDepthLimit {
+    std::string where;
+    template <typename Event, typename Json>
+    bool operator()(int depth, Event, Json&) const {
+        if (depth > kMaxJsonDepth)
+            throw Error(fmt("%s%sJSON nested deeper than %d levels", where.c_str(), where.empty() ? "" : ": ",
+                            kMaxJsonDepth));
+        return true;
+    }
+};
+
 // Seconds since an arbitrary start, monotonic; for the stats lines.
 double now_seconds();
 

@@ -205,7 +205,7 @@ Checkpoint read_llama2c(const std::string& path, const std::string& tokenizer_pa
 json read_json(const std::string& path) {
     std::string text = read_whole_file(path);
     try {
-        return json::parse(text);
+        return json::parse(text, JsonDepthLimit{path});
     } catch (const json::exception& e) {
         throw Error(fmt("%s: not valid JSON: %s", path.c_str(), e.what()));
     }

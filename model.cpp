@@ -57,7 +57,7 @@ bool float_value(const json& v, float* out) {
 Config Config::from_json(const std::string& text, const std::string& where) {
     json j;
     try {
-        j = json::parse(text);
+        j = json::parse(text, JsonDepthLimit{where});
     } catch (const json::exception& e) {
         throw Error(fmt("%s: config is not valid JSON: %s", where.c_str(), e.what()));
     }

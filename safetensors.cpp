@@ -177,7 +177,7 @@ SafetensorsFile::SafetensorsFile(const std::string& p) : path(p), map(p) {
                         (unsigned long long)header_len, map.size));
     json header;
     try {
-        header = json::parse(map.data + 8, map.data + 8 + header_len);
+        header = json::parse(map.data + 8, map.data + 8 + header_len, JsonDepthLimit{path});
     } catch (const json::exception& e) {
         throw Error(fmt("%s: header is not valid JSON: %s", f, e.what()));
     }

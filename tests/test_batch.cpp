@@ -310,6 +310,12 @@ TEST_CASE("batch: JSONL request parsing and result lines") {
     refused(R"({"prompt": "Hi", "stop": [1]})", "stop");
     refused(R"({"prompt": "Hi", "temprature": 1})", "unknown field");
     refused(R"({"prompt": "Once upon a time, there was a little girl named Lily."})", "context");
+    // Found by fuzzing: a "stop" nested a million levels deep overflowed the stack quoting it in the
+    // message (nlohmann's dump() recurses per level); the parse refuses it first. 128 levels pass.
+    refused("{\"prompt\": \"Hi\", \"stop\": " + std::string(1000000, '[') + std::string(1000000, ']') + "}",
+            "JSON nested deeper than 128 levels");
+    refused("{\"prompt\": \"Hi\", \"stop\": " + std::string(127, '[') + std::string(127, ']') + "}",
+            "\"stop\" must be a string or an array of strings");
 
     Result res;
     res.id = "q\"1";

@@ -626,6 +626,15 @@ TEST_CASE("bad Hugging Face folders are refused with a message that names the pr
     struct stat st;
     CHECK(stat((d + "/out.bin").c_str(), &st) != 0);
 
+    // Found by fuzzing: a value nested 300000 levels deep overflowed the stack (SIGSEGV) when its
+    // message quoted it; config.json is refused at the parse.
+    d = make_dir("hf-deep");
+    o.config_patch = "";
+    write_hf(tw, d, o);
+    write_bytes(d + "/config.json", "{\"hidden_size\": " + std::string(300000, '[') + std::string(300000, ']') + "}");
+    msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, d + "/config.json: JSON nested deeper than 128 levels"), msg);
+
     d = make_dir("hf-no-weights");
     write_bytes(d + "/config.json", read_file(make_dir("hf-missing") + "/config.json"));
     msg = convert_error(options(d, d + "/out.bin", ""));

@@ -473,6 +473,15 @@ TEST_CASE("reader refuses malformed files with a message naming the file and the
         msg = open_error(path);
         CHECK_MESSAGE(has(msg, "overlap at offset 4"), msg);
     }
+    SUBCASE("nesting deeper than 128 levels") {
+        // Found by fuzzing: quoting such a dtype in the message overflowed the stack (dump() recurses).
+        path = crafted("deep.safetensors",
+                       R"({"x": {"dtype": )" + std::string(300000, '[') + std::string(300000, ']') +
+                           R"(, "shape": [], "data_offsets": [0, 0]}})",
+                       "");
+        msg = open_error(path);
+        CHECK_MESSAGE(has(msg, "JSON nested deeper than 128 levels"), msg);
+    }
     SUBCASE("a good file cut short: offsets run past the end") {
         std::vector<float> a(100, 1.0f), b(100, 2.0f);
         SafetensorsWriter w;
