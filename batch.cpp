@@ -301,7 +301,7 @@ Request parse_request(const std::string& line, int line_no, const Tokenizer& tok
             r.sampling.temperature = v.get<float>();
         } else if (key == "top_k") {
             need(v.is_number_integer() && v.get<long long>() >= 0 && v.get<long long>() <= (1 << 30),
-                 "an integer >= 0 (0 = all)");
+                 "an integer in [0, 2^30] (0 = all)");
             r.sampling.top_k = v.get<int>();
         } else if (key == "top_p") {
             need(v.is_number() && v.get<double>() > 0 && v.get<double>() <= 1, "a number in (0, 1]");

@@ -308,6 +308,8 @@ TEST_CASE("batch: JSONL request parsing and result lines") {
     refused(R"({"prompt": "Hi", "top_p": 0})", "top_p");
     refused(R"({"prompt": "Hi", "temperature": "hot"})", "temperature");
     refused(R"({"prompt": "Hi", "stop": [1]})", "stop");
+    // Found by fuzzing: the message said "an integer >= 0" of a value that was one, but past 2^30.
+    refused(R"({"prompt": "Hi", "top_k": 18446744073709551615})", "\"top_k\" must be an integer in [0, 2^30]");
     refused(R"({"prompt": "Hi", "temprature": 1})", "unknown field");
     refused(R"({"prompt": "Once upon a time, there was a little girl named Lily."})", "context");
     // Found by fuzzing: a "stop" nested a million levels deep overflowed the stack quoting it in the
