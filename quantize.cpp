@@ -17,6 +17,8 @@
 static std::string check_output_path(std::string& p) {
     struct stat st;
     if (stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return "output is a directory: " + p;
+    if (stat(p.c_str(), &st) == 0 && !S_ISREG(st.st_mode))  // the rename would replace a device node
+        return "output exists and is not a regular file (a device or pipe): " + p;
     size_t slash = p.rfind('/');
     std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : p.substr(0, slash);
     if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return "output directory does not exist: " + dir;

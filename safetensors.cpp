@@ -298,6 +298,12 @@ void SafetensorsWriter::write(const std::string& path, bool show_progress) const
     size_t padded = (8 + h.size() + kDataAlign - 1) / kDataAlign * kDataAlign - 8;
     h.append(padded - h.size(), ' ');
 
+    // The rename below replaces whatever `path` names: never a device or a pipe (--output /dev/null
+    // as root turned /dev/null into a regular file).
+    struct stat st;
+    if (stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+        throw Error(fmt("%s: exists and is not a regular file (a device, pipe or folder); the model is written to "
+                        "a temporary file and renamed over its path, so give a file name", path.c_str()));
     const std::string tmp = path + ".tmp";
     FILE* out = std::fopen(tmp.c_str(), "wb");
     if (!out) throw Error(fmt("%s: cannot create: %s", tmp.c_str(), std::strerror(errno)));

@@ -289,6 +289,18 @@ TEST_CASE("quantize: misuse exits non-zero, names the problem, and writes nothin
                           q(tok512()) + " --output " + q(out)),
                       {"--mode", "int3"});
     }
+    SUBCASE("output that is not a regular file") {
+        // Found by fuzzing: --output /dev/null replaced the device node with the model (as root).
+        std::string pipe = temp_dir() + "/pipe";
+        std::remove(pipe.c_str());
+        REQUIRE(mkfifo(pipe.c_str(), 0600) == 0);
+        check_refused(run("./quantize --input " + q(models_dir() + "/stories260K.bin") + " --tokenizer " + q(tok512()) +
+                          " --output " + q(pipe)),
+                      {"--output", "not a regular file", pipe});
+        struct stat st;
+        REQUIRE(stat(pipe.c_str(), &st) == 0);
+        CHECK(S_ISFIFO(st.st_mode));
+    }
     SUBCASE("llama2.c input without --tokenizer") {
         check_refused(run("./quantize --input " + q(models_dir() + "/stories260K.bin") + " --output " + q(out)),
                       {"stories260K.bin", "--tokenizer"});

@@ -550,6 +550,21 @@ TEST_CASE("writer: a failed write leaves neither the file nor its temp file") {
         CHECK(read_file(path) == "old contents");
         CHECK_FALSE(exists(path + ".tmp"));
     }
+    SUBCASE("a path that is not a regular file is left alone") {
+        // Found by fuzzing quantize --output: /dev/null, as root, became a regular file (the temp
+        // file was renamed over it). A pipe stands in for the device here.
+        std::string path = st_dir() + "/pipe";
+        std::remove(path.c_str());
+        REQUIRE(mkfifo(path.c_str(), 0600) == 0);
+        SafetensorsWriter w;
+        w.add_bytes("x", DType::F32, {1}, &x);
+        CHECK_THROWS_WITH_AS(w.write(path), doctest::Contains((path + ": exists and is not a regular file").c_str()),
+                             Error);
+        struct stat st;
+        REQUIRE(stat(path.c_str(), &st) == 0);
+        CHECK(S_ISFIFO(st.st_mode));
+        CHECK_FALSE(exists(path + ".tmp"));
+    }
     SUBCASE("a successful write replaces an older file") {
         std::string path = st_dir() + "/replace.bin";
         write_raw(path, "old contents");
