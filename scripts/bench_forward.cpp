@@ -22,17 +22,12 @@
 #include <string>
 #include <vector>
 
+#include "batch.h"  // percentile
 #include "common.h"
 #include "model.h"
 #include "ops.h"
 
 namespace {
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 int usage() {
     std::fprintf(stderr,
@@ -137,12 +132,12 @@ int main(int argc, char** argv) {
         std::printf("%3s %10s %10s %10s %8s %10s %10s\n", "n", "ms", "min ms", "max ms", "ratio", "min ratio",
                     "ms/token");
         for (int n : ns) {
-            const double med = median(ms[n]);
+            const double med = percentile(ms[n], 50);
             const double mn = *std::min_element(ms[n].begin(), ms[n].end());
             std::vector<double> ratios;
             for (int r = 0; r < rounds; r++) ratios.push_back(ms[n][r] / ms[1][r]);
             std::printf("%3d %10.3f %10.3f %10.3f %8.2f %10.2f %10.3f\n", n, med, mn,
-                        *std::max_element(ms[n].begin(), ms[n].end()), median(ratios), mn / min1, med / n);
+                        *std::max_element(ms[n].begin(), ms[n].end()), percentile(ratios, 50), mn / min1, med / n);
         }
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());

@@ -19,17 +19,12 @@
 #include <string>
 #include <vector>
 
+#include "batch.h"  // percentile
 #include "common.h"
 #include "model.h"
 #include "ops.h"
 
 namespace {
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 int usage() {
     std::fprintf(stderr, "usage: bench_matmul MODEL.bin [MODEL.bin ...] [--n N (1)] [--threads T (0 = all)] [--rounds R (15)]\n");
@@ -113,7 +108,7 @@ int main(int argc, char** argv) {
             const double best = *std::min_element(p.seconds.begin(), p.seconds.end());
             std::printf("%-48s %6s %9.1f %9.3f %9.2f %10.2f\n", p.path.c_str(),
                         dtype_name(p.model->w.layers[0].wq.dtype), p.bytes / 1e6, 1e3 * best, p.bytes / best / 1e9,
-                        p.bytes / median(p.seconds) / 1e9);
+                        p.bytes / percentile(p.seconds, 50) / 1e9);
         }
     } catch (const Error& e) {
         std::fprintf(stderr, "bench_matmul: %s\n", e.what());
