@@ -335,8 +335,11 @@ Checkpoint read_hf(const std::string& dir, const std::string& tokenizer_path) {
         auto it = weight_map.find(hf);
         if (it == weight_map.end())
             throw Error(fmt("%s: tensor '%s' is missing from weight_map", index_path.c_str(), hf.c_str()));
-        if (!it->is_string())
-            throw Error(fmt("%s: weight_map entry '%s' is not a file name", index_path.c_str(), hf.c_str()));
+        // A shard is a file beside the index: no folders, so an index cannot point outside `dir`.
+        if (!it->is_string() || it->get<std::string>().empty() || it->get<std::string>().find('/') != std::string::npos ||
+            it->get<std::string>() == "." || it->get<std::string>() == "..")
+            throw Error(fmt("%s: weight_map entry '%s' is %s, not a file name in the folder", index_path.c_str(),
+                            hf.c_str(), it->dump().c_str()));
         std::string shard = it->get<std::string>();
         if (!shards.count(shard)) {
             ck.files.push_back(std::make_unique<SafetensorsFile>(dir + "/" + shard));

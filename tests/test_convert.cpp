@@ -549,6 +549,19 @@ TEST_CASE("bad Hugging Face folders are refused with a message that names the pr
     CHECK_MESSAGE(has(msg, "model.layers.1.mlp.up_proj.weight"), msg);
     CHECK_MESSAGE(has(msg, "model.safetensors.index.json"), msg);
 
+    // A shard is a file beside the index: an entry naming a folder (here one outside the model's)
+    // is refused before anything is opened.
+    d = make_dir("hf-shard-path");
+    o = HfOptions();
+    o.shards = 2;
+    write_hf(tw, d, o);
+    json index = json::parse(read_file(d + "/model.safetensors.index.json"));
+    index["weight_map"]["model.embed_tokens.weight"] = "../hf-missing-sharded/model-00001-of-00002.safetensors";
+    write_bytes(d + "/model.safetensors.index.json", index.dump());
+    msg = convert_error(options(d, d + "/out.bin", ""));
+    CHECK_MESSAGE(has(msg, "weight_map entry 'model.embed_tokens.weight' is \"../hf-missing-sharded/"), msg);
+    CHECK_MESSAGE(has(msg, "not a file name in the folder"), msg);
+
     d = make_dir("hf-shape");
     o = HfOptions();
     o.bad_shape = "model.layers.0.self_attn.k_proj.weight";
