@@ -620,7 +620,9 @@ int run(int argc, char** argv, ErrorOut* err) {
                  o.max_new_tokens);
 
     if (batch_mode) return generate_batch(model, tok, o, comm);
-    KVCache kv(c, single_sequence_capacity(model, o.kv_capacity));
+    int capacity = single_sequence_capacity(model, o.kv_capacity);
+    if (comm) capacity = int(min_over_ranks(capacity));  // GPU ranks' free memory differs; their steps must not
+    KVCache kv(c, capacity);
     print_memory_plan(model, kv);
     if (!o.perplexity_file.empty()) {
         perplexity(model, kv, tok, o.perplexity_file);
