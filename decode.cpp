@@ -29,7 +29,8 @@ int verify_drafts(const std::vector<std::vector<float>>& p, const std::vector<st
 // ---------------------------------------------------------------------------------------------
 // drafters
 
-ModelDrafter::ModelDrafter(Model& draft) : kv(draft.cfg, draft.cfg.max_seq_len), model_(draft) {}
+ModelDrafter::ModelDrafter(Model& draft, int positions)
+    : kv(draft.cfg, std::min(draft.cfg.max_seq_len, positions)), model_(draft) {}
 
 void ModelDrafter::propose(const std::vector<int>& context, int k, Sampler& sampler, std::vector<int>& drafts,
                            std::vector<std::vector<float>>& probs) {

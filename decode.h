@@ -2,6 +2,7 @@
 // EOS, the token limit or the end of the context. Plain decoding is a round with no drafts;
 // speculative decoding adds a Drafter (a smaller model, or prompt lookup).
 #pragma once
+#include <algorithm>
 #include <climits>
 #include <functional>
 #include <vector>
@@ -18,7 +19,7 @@ class Drafter {
                          std::vector<std::vector<float>>& probs) = 0;
     // The first n context tokens are final: forget whatever was computed past them.
     virtual void rollback(int n) = 0;
-    // Positions the drafter can handle (its model's context length).
+    // Positions the drafter can handle (its model's context, or its cache's length).
     virtual int max_positions() const { return INT_MAX; }
 };
 
@@ -26,11 +27,12 @@ class Drafter {
 // would break the exactness argument only if the settings differed; it shares the target's).
 class ModelDrafter final : public Drafter {
   public:
-    explicit ModelDrafter(Model& draft);
+    // The draft's cache holds its context, or `positions` when fewer (the target's: no more is used).
+    explicit ModelDrafter(Model& draft, int positions = INT_MAX);
     void propose(const std::vector<int>& context, int k, Sampler& sampler, std::vector<int>& drafts,
                  std::vector<std::vector<float>>& probs) override;
     void rollback(int n) override;
-    int max_positions() const override { return model_.cfg.max_seq_len; }
+    int max_positions() const override { return std::min(model_.cfg.max_seq_len, kv.capacity_tokens()); }
     KVCache kv;  // sequence 0 holds positions [0, done_) of the context (+ unverified drafts)
 
   private:

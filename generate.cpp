@@ -651,7 +651,7 @@ int run(int argc, char** argv, ErrorOut* err) {
         draft_model = std::make_unique<Model>(o.draft_checkpoint, ops);
         Tokenizer draft_tok(draft_model->tokenizer_model, o.draft_checkpoint + ": " + draft_model->tokenizer_tensor);
         check_same_vocabulary(model, tok, *draft_model, draft_tok, o);
-        drafter = std::make_unique<ModelDrafter>(*draft_model);
+        drafter = std::make_unique<ModelDrafter>(*draft_model, sequence_context(model, kv));
         std::fprintf(stderr, "draft %s: dim %d, %d layers, %.1f MB of weights; k %d\n", o.draft_checkpoint.c_str(),
                      draft_model->cfg.dim, draft_model->cfg.n_layers, draft_model->weight_bytes_per_token() / 1e6,
                      o.speculate_k);
