@@ -597,15 +597,16 @@ __device__ double block_total(double v) {
     return t;
 }
 
-// Which elements of a (sub)set pass a threshold: the largest bit pattern `cut` (non-negative
-// floats order as their bits) such that weight(elements >= cut) >= need, by bisection on the bits.
-// count_mode: weight 1 per element (top-k), else the element's value (top-p).
-__device__ uint32_t threshold_bits(const float* e, int lo, int hi, double need, bool count_mode) {
+// Which elements of e[0..n) pass a threshold: the largest bit pattern `cut` (non-negative floats
+// order as their bits) such that weight(elements >= cut) >= need, by bisection on the bits.
+// count_mode: weight 1 per element (top-k), else the element's value (top-p). Its 31 passes need
+// no id order, so threads read with a stride of the block (coalesced) rather than their own ids.
+__device__ uint32_t threshold_bits(const float* e, int n, double need, bool count_mode) {
     uint32_t prefix = 0;
     for (int bit = 30; bit >= 0; bit--) {  // bit 31 (sign) is 0 for every kept value
         const uint32_t cand = prefix | (1u << bit);
         double w = 0.0;
-        for (int i = lo; i < hi; i++)
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
             if (e[i] >= 0.0f && __float_as_uint(e[i]) >= cand) w += count_mode ? 1.0 : double(e[i]);
         if (block_total(w) >= need) prefix = cand;
     }
@@ -678,7 +679,7 @@ sample_kernel(int* tokens, const float* logits, float* work, const float* u, int
     // top-k: the k largest (ties to the lower id)
     const int keep = top_k > 0 ? min(top_k, vocab) : vocab;
     if (keep < vocab) {
-        const uint32_t cut = threshold_bits(e, lo, hi, double(keep), true);
+        const uint32_t cut = threshold_bits(e, vocab, double(keep), true);
         double above = 0.0;
         for (int i = lo; i < hi; i++) above += __float_as_uint(e[i]) > cut ? 1.0 : 0.0;
         keep_ties(e, lo, hi, cut, double(keep) - block_total(above));
@@ -688,7 +689,7 @@ sample_kernel(int* tokens, const float* logits, float* work, const float* u, int
         double mass = 0.0;
         for (int i = lo; i < hi; i++) mass += e[i] >= 0.0f ? double(e[i]) : 0.0;
         const double target = double(top_p) * block_total(mass);
-        const uint32_t cut = threshold_bits(e, lo, hi, target, false);
+        const uint32_t cut = threshold_bits(e, vocab, target, false);
         double above = 0.0, ties = 0.0;
         for (int i = lo; i < hi; i++) {
             if (e[i] < 0.0f) continue;
