@@ -79,7 +79,6 @@ Ops* choose_backend(const Options& o, Comm* world, int* device) {
     return cpu_ops(o.threads);
 }
 
-// What a backend with its own memory holds, printed once the KV cache is allocated.
 // Positions one sequence can use: the model's context, or fewer when the cache holds fewer.
 int sequence_context(const Model& model, const KVCache& kv) { return std::min(model.cfg.max_seq_len, kv.capacity_tokens()); }
 
@@ -101,6 +100,7 @@ int single_sequence_capacity(const Model& model, int kv_capacity) {
     return cut;
 }
 
+// What a backend with its own memory holds, printed once the KV cache is allocated.
 void print_memory_plan(const Model& model, KVCache& kv) {
     Ops* ops = model.ops();
     if (ops->host_memory()) return;
