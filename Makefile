@@ -4,16 +4,27 @@
 #   make test-asan  the CPU suite under AddressSanitizer and UBSan
 #   make setup      install the Debian packages the project needs (scripts/setup.sh)
 #   make bench      CPU (and GPU when present) benchmarks (scripts/bench.sh)
-# Overrides: ARCH=-march=x86-64-v3 (CPU target), CUDA_ARCH="-gencode ..." (GPU targets), NVCC=path.
+# Overrides: ARCH=... (the baseline CPU; the kernels pick their SIMD target at run time whatever it
+# is), CUDA_ARCH="-gencode ..." (GPU targets), NVCC=path.
 
 CXX      ?= g++
-ARCH     ?= -march=native
+# A portable baseline: the CPU kernels are compiled for every SIMD target (Highway: SSE4, AVX2,
+# AVX-512, AVX-512 VNNI; NEON) and choose the best at run time, so one build runs fast anywhere.
+# (-march=native would drop the targets below the build machine's, and with them their tests.)
+# x86: x86-64-v2 (SSE4.2) with AES and CLMUL, Highway's SSE4 target, so no scalar fallback is built.
+ifeq ($(shell uname -m),x86_64)
+  ARCH   ?= -march=x86-64-v2 -maes -mpclmul
+else
+  ARCH   ?=
+endif
 BUILD    ?= build
 # Open MPI (tensor parallel): its wrapper compiler knows the include and library flags.
 MPI_CFLAGS := $(shell mpicxx --showme:compile 2>/dev/null)
 MPI_LIBS   := $(shell mpicxx --showme:link 2>/dev/null || echo -lmpi)
-CXXFLAGS := -std=c++17 -O3 $(ARCH) -fopenmp -Wall -Wextra -Werror -MMD -MP $(MPI_CFLAGS)
-LDLIBS   := -lsentencepiece -lpcre2-8 -fopenmp $(MPI_LIBS)
+# -ffp-contract=off: a multiply and an add fuse only where the code says so (batch invariance: no
+# path may get an FMA that another does not). -I.: Highway re-includes kernels_cpu.cpp by name.
+CXXFLAGS := -std=c++17 -O3 $(ARCH) -ffp-contract=off -fopenmp -Wall -Wextra -Werror -MMD -MP -I. $(MPI_CFLAGS)
+LDLIBS   := -lsentencepiece -lpcre2-8 -lhwy -fopenmp $(MPI_LIBS)
 
 # Library code shared by the programs and the tests.
 CORE := common safetensors model kernels_cpu tokenizer bpe sampler convert decode batch tp gguf chat

@@ -44,6 +44,7 @@ struct Options {
     int num_samples = 1;
     std::string device = "auto";
     int threads = 0;
+    std::string simd = "auto";  // the CPU kernels' SIMD target (ops.h cpu_set_simd_target)
     std::string perplexity_file;
     std::string draft_checkpoint;
     std::string draft = "none";  // none | model | ngram
@@ -504,6 +505,12 @@ int run(int argc, char** argv, ErrorOut* err) {
         ->check(CLI::Range(1, 1 << 20));
     app.add_option("--device", o.device, "auto, cpu or cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
     app.add_option("--threads", o.threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 4096));
+    std::vector<std::string> simd_names = cpu_simd_targets();
+    simd_names.insert(simd_names.begin(), "auto");
+    app.add_option("--simd", o.simd,
+                   "the CPU kernels' SIMD target: auto (the best this CPU runs) or one of those it runs, "
+                   "to compare them (avx3_dl = AVX-512 with VNNI, avx3 = AVX-512)")
+        ->check(CLI::IsMember(simd_names));
     app.add_option("--perplexity", o.perplexity_file, "report the perplexity of a text file instead")
         ->check(CLI::ExistingFile);
     app.add_option("--draft-checkpoint,--draft_checkpoint_path", o.draft_checkpoint,
@@ -540,6 +547,7 @@ int run(int argc, char** argv, ErrorOut* err) {
     } catch (const CLI::ParseError& e) {
         return app.exit(e) == 0 ? 0 : 1;  // --help is not an error; bad flags exit 1
     }
+    if (std::string why; !cpu_set_simd_target(o.simd, &why)) throw Error("--simd: " + why);
     o.has_prompt = app.count("--prompt") > 0;
     o.has_system = app.count("--system") > 0;
     o.has_seed = app.count("--seed") > 0;
@@ -614,8 +622,8 @@ int run(int argc, char** argv, ErrorOut* err) {
                  dtype_name(model.w.layers[0].wq.dtype),
                  ops->name(),
                  !ops->host_memory()  ? fmt("GPU %d", device).c_str()
-                 : o.threads > 0      ? fmt("%d threads", o.threads).c_str()
-                                      : "all cores",
+                 : o.threads > 0      ? fmt("%d threads, simd %s", o.threads, cpu_simd_target().c_str()).c_str()
+                                      : fmt("all cores, simd %s", cpu_simd_target().c_str()).c_str(),
                  o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed,
                  o.max_new_tokens);
 

@@ -1,29 +1,798 @@
-// kernels_cpu.cpp: the CPU backend of the op table: OpenMP threads, AVX-512 where the build
-// targets it (a portable scalar path otherwise). Also the reference twin for the CUDA kernels.
+// kernels_cpu.cpp: the CPU backend of the op table: OpenMP threads, and SIMD written once against
+// Highway's portable ops, compiled for every SIMD target of the architecture (x86: SSE4, AVX2,
+// AVX-512, AVX-512 with VNNI; Arm: NEON) and chosen at run time for the CPU it runs on. Also the
+// reference twin for the CUDA kernels.
+//
+// The file is read once per target (hwy/foreach_target.h includes it again with HWY_TARGET set):
+//   1. shared declarations, once (include guard);
+//   2. the kernels, in namespace cpu_kernels::HWY_NAMESPACE, once per target;
+//   3. (HWY_ONCE) the dispatch tables, the op table and the scalar code, once.
+//
+// Batch invariance on every target: each (token, row) dot product has its own accumulator vector
+// fed the same operations in the same order whatever tile it runs in, and every horizontal sum is
+// one fixed tree (SumLanes), so a token's output is bitwise the same alone and in any batch. The
+// order differs between targets (their vectors differ in width), never within one. The build
+// turns off floating-point contraction (Makefile: -ffp-contract=off), so no path gets an FMA the
+// other does not.
+
+#ifndef FASTGEN_KERNELS_CPU_SHARED
+#define FASTGEN_KERNELS_CPU_SHARED
 #include <omp.h>
 
 #include <algorithm>
 #include <cassert>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
 #include "ops.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_* placeholders
-// (GCC bug 105593); the warning is about the header, not this code.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#define FASTGEN_AVX512 1
+// SVE's vectors have no compile-time size, and the tiles below keep arrays of vectors; Arm builds
+// run NEON. SSSE3 is below the x86 baseline the Makefile sets (x86-64-v2 with AES and CLMUL: Highway's SSE4).
+#define HWY_DISABLED_TARGETS (HWY_SVE | HWY_SVE2 | HWY_SVE_256 | HWY_SVE2_128 | HWY_SSSE3)
+#define HWY_WANT_AVX3_DL 1  // AVX-512 with VNNI (Ice Lake, Zen 4 and later): vpdpwssd
+
+namespace cpu_kernels {
+
+// Activations of the int8/int4 matmuls. These multiply by x rounded to 15-bit integers per
+// 32-column block (quantize_activations): a dot product is then integer multiply-adds (pairs of
+// 16-bit products per 32-bit lane: vpmaddwd, or AVX-512 VNNI's vpdpwssd) and the scales apply once
+// per block, where widening and converting every weight to f32 kept these formats compute-bound.
+// 15 bits, not llama.cpp's 8: with 8-bit blocks, a model with massive activations (SmolLM2) turned
+// chaotic (a 1e-6 change of x moved its logits by 3-30%, as rounding flipped around outliers); 15
+// bits round 128x finer. The rounding is per token: a token's result does not depend on its batch.
+struct QuantizedX {
+    int n = 0, cols = 0, stride = 0;  // stride: cols rounded up to 128, the widest kernel step
+    std::vector<int16_t> v;           // [n][stride] rounded x, zero-padded
+    std::vector<float> d;             // [n][stride / 32] the blocks' scales (0 for padding)
+    // The kernels' layouts, made by the running target (its vector width N floats sets them):
+    std::vector<int16_t> v8, v4;      // [n][stride] v reordered for the int8 / int4 tile (PrepInt8/4)
+    std::vector<float> lanes8, lanes4;  // per token and kernel step, each lane's block scale d
+                                        // (int8: divided by 256, its kernel multiplies by 256 w)
+
+    void make(const float* x, int n_, int cols_) {
+        n = n_, cols = cols_, stride = (cols + 127) / 128 * 128;
+        const int blocks = stride / 32;
+        v.assign(size_t(n) * stride, 0);
+        d.assign(size_t(n) * blocks, 0.0f);
+        v8.clear(), v4.clear(), lanes8.clear(), lanes4.clear();
+        for (int t = 0; t < n; t++)
+            quantize_activations(x + size_t(t) * cols, cols, v.data() + size_t(t) * stride, d.data() + size_t(t) * blocks);
+    }
+};
+
+// For a grouped W, per kernel step (a target's int8 or int4 step of columns): lane 0's group, how
+// many groups the step's lanes see (1..4), how many lanes see the first one (groups rise with the
+// lane), and each lane's group relative to the first.
+struct StepTable {
+    std::vector<int32_t> first, distinct, split;  // [steps]
+    std::vector<int32_t> idx;                     // [steps][N]
+};
+
+// What an int8/int4 tile reads besides W: the rounded x, and for W's groups the sums of rounded x
+// per group (int4's zero points and minimums) and the step table.
+struct IntX {
+    const QuantizedX* x = nullptr;
+    const float* gsum = nullptr;      // [n][cols / group]
+    const StepTable* steps = nullptr;
+};
+
+// One matmul's operands as the tiles read them: x in the layout of W's format (PrepFloatX), or
+// the rounded x of the integer formats.
+struct MatmulArgs {
+    float* out;        // [n][w->rows]
+    const float* x;    // [n][x_stride]: f32 / f16 / bf16 weights
+    size_t x_stride;
+    const Weight* w;
+    IntX ix;           // int8 / int4 weights
+    int n;
+};
+
+}  // namespace cpu_kernels
+#endif  // FASTGEN_KERNELS_CPU_SHARED
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels_cpu.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/cache_control.h>
+#include <hwy/highway.h>
+
+HWY_BEFORE_NAMESPACE();
+namespace cpu_kernels {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;      // N floats
+using VF = hn::Vec<DF>;
+using DI = hn::RebindToSigned<DF>;      // N int32
+using VI = hn::Vec<DI>;
+using DU = hn::RebindToUnsigned<DF>;    // N uint32
+using D16 = hn::Repartition<int16_t, DF>;  // 2N int16
+using V16 = hn::Vec<D16>;
+using D8 = hn::Repartition<int8_t, DF>;    // 4N int8
+using DU8 = hn::Repartition<uint8_t, DF>;  // 4N uint8
+constexpr size_t N = hn::MaxLanes(DF());
+
+// Vector registers: 32 on AVX-512 and NEON, 16 on SSE4/AVX2; the prefill tiles are sized to fit.
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL || HWY_ARCH_ARM
+constexpr bool kManyRegisters = true;
+#else
+constexpr bool kManyRegisters = false;
 #endif
 
+const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
+
+// ---------------------------------------------------------------------------------------------
+// Horizontal sums, one fixed order
+
+// out[j] = the sum of v[j]'s lanes, for j < J, N vectors at a time: each level adds every vector's
+// adjacent lanes (2i, 2i+1) and packs two vectors' results into one (ConcatEven + ConcatOdd), so
+// after log2(N) levels lane j holds vector j's sum. A vector's arithmetic is the same tree of
+// adjacent pairs in whichever slot it sits and whatever sits beside it (a missing neighbour is
+// zero): a dot product is bitwise the same from any tile, and the shuffles are shared by N sums.
+template <size_t J>
+HWY_INLINE void SumLanes(const VF (&v)[J], float* out) {
+    const DF d;
+    for (size_t j0 = 0; j0 < J; j0 += N) {
+        const size_t m = std::min(N, J - j0);
+        VF cur[N];
+        size_t count = m;
+        for (size_t j = 0; j < count; j++) cur[j] = v[j0 + j];
+        for (size_t width = N; width > 1; width /= 2) {
+            const size_t next = (count + 1) / 2;
+            for (size_t i = 0; i < next; i++) {
+                const VF a = cur[2 * i], b = 2 * i + 1 < count ? cur[2 * i + 1] : hn::Zero(d);
+                cur[i] = hn::Add(hn::ConcatEven(d, b, a), hn::ConcatOdd(d, b, a));
+            }
+            count = next;
+        }
+        alignas(64) float lanes[N];
+        hn::Store(cur[0], d, lanes);
+        for (size_t j = 0; j < m; j++) out[j0 + j] = lanes[j];
+    }
+}
+
+// The first `bytes` bytes at p as a vector of D's lanes, the rest zero, reading nothing past them:
+// row tails. AVX2 and AVX-512 load whole 32-bit lanes under a mask (vpmaskmovd / masked loads
+// never fault past the mask); elsewhere, or for a byte count that is not a multiple of 4, a
+// zero-padded copy.
+template <class D>
+HWY_INLINE hn::Vec<D> LoadTailBytes(D d, const void* p, size_t bytes) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+    if (bytes % 4 == 0) {
+        const hn::Repartition<uint32_t, D> du;
+        return hn::BitCast(d, hn::MaskedLoad(hn::FirstN(du, bytes / 4), du, static_cast<const uint32_t*>(p)));
+    }
+#endif
+    alignas(64) uint8_t buf[hn::MaxLanes(D()) * sizeof(hn::TFromD<D>)] = {};
+    std::memcpy(buf, p, bytes);
+    return hn::Load(d, reinterpret_cast<const hn::TFromD<D>*>(buf));
+}
+
+// `len` (< N) floats from p, the rest zero: column tails, without reading past the end.
+HWY_INLINE VF LoadTail(const float* p, size_t len) { return LoadTailBytes(DF(), p, len * sizeof(float)); }
+
+// sum a[i] * b[i] over i < n.
+HWY_INLINE float DotOne(const float* a, const float* b, int n) {
+    const DF d;
+    VF acc[1] = {hn::Zero(d)};
+    size_t i = 0;
+    for (; i + N <= size_t(n); i += N) acc[0] = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), acc[0]);
+    if (i < size_t(n)) acc[0] = hn::MulAdd(LoadTail(a + i, n - i), LoadTail(b + i, n - i), acc[0]);
+    float s;
+    SumLanes(acc, &s);
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention's inner products (CpuOps::attention)
+
+// out[p] = a . rows[p] for p < len, N positions at a time sharing a's loads and the sums' shuffles;
+// each summed exactly as DotOne sums it.
+void Dots(const float* a, const float* const* rows, int len, int n, float* out) {
+    const DF d;
+    int p = 0;
+    for (; p + int(N) <= len; p += int(N)) {
+        VF acc[N];
+        for (size_t j = 0; j < N; j++) acc[j] = hn::Zero(d);
+        size_t i = 0;
+        for (; i + N <= size_t(n); i += N) {
+            const VF av = hn::LoadU(d, a + i);
+            for (size_t j = 0; j < N; j++) acc[j] = hn::MulAdd(av, hn::LoadU(d, rows[p + j] + i), acc[j]);
+        }
+        if (i < size_t(n)) {
+            const VF av = LoadTail(a + i, n - i);
+            for (size_t j = 0; j < N; j++) acc[j] = hn::MulAdd(av, LoadTail(rows[p + j] + i, n - i), acc[j]);
+        }
+        SumLanes(acc, out + p);
+    }
+    for (; p < len; p++) out[p] = DotOne(a, rows[p], n);
+}
+
+// out[i] = sum over p < len of a[p] * rows[p][i], for i < n: the weighted sum of value rows, in
+// position order, 4N columns at a time in registers (accumulating into memory per position was
+// bound by its loads and stores). Each output is one chain of fused multiply-adds.
+void WeightedRows(const float* a, const float* const* rows, int len, int n, float* out) {
+    const DF d;
+    for (size_t c0 = 0; c0 < size_t(n); c0 += 4 * N) {
+        const size_t width = std::min(4 * N, size_t(n) - c0), full = width / N;  // full: chunks of N
+        VF acc[4] = {hn::Zero(d), hn::Zero(d), hn::Zero(d), hn::Zero(d)};
+        for (int p = 0; p < len; p++) {
+            const VF ap = hn::Set(d, a[p]);
+            const float* r = rows[p] + c0;
+            for (size_t j = 0; j < full; j++) acc[j] = hn::MulAdd(ap, hn::LoadU(d, r + j * N), acc[j]);
+            if (full < 4 && width % N) acc[full] = hn::MulAdd(ap, LoadTail(r + full * N, width % N), acc[full]);
+        }
+        for (size_t j = 0; j < full; j++) hn::StoreU(acc[j], d, out + c0 + j * N);
+        if (width % N) {
+            alignas(64) float buf[N];
+            hn::Store(acc[full], d, buf);
+            std::memcpy(out + c0 + full * N, buf, (width % N) * sizeof(float));
+        }
+    }
+}
+
+// out[t] = x[t] / rms(x[t]) * weight, for the n rows [n][dim].
+void Rmsnorm(float* out, const float* x, const float* weight, int n, int dim, float eps) {
+    const DF d;
+    for (int t = 0; t < n; t++) {
+        const float* xt = x + size_t(t) * dim;
+        float* ot = out + size_t(t) * dim;
+        const float ss = DotOne(xt, xt, dim);
+        const VF scale = hn::Set(d, 1.0f / std::sqrt(ss / float(dim) + eps));
+        int i = 0;
+        for (; i + int(N) <= dim; i += int(N))
+            hn::StoreU(hn::Mul(hn::Mul(hn::LoadU(d, xt + i), scale), hn::LoadU(d, weight + i)), d, ot + i);
+        for (; i < dim; i++) ot[i] = xt[i] * (1.0f / std::sqrt(ss / float(dim) + eps)) * weight[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul: out[n][rows] = x[n][cols] . W[rows][cols]^T, W in f32/bf16/f16 (f32 accumulation) or
+// int8/int4 (integer dot products on x rounded to 15 bits, above).
+//
+// Decode (n = 1) is a matrix-vector product bound by memory bandwidth: threads take contiguous
+// row ranges, and each step streams 4 weight rows (int8 on AVX-512: 8) so enough loads are in
+// flight (bf16 and the integer formats also prefetch 16 rows ahead). Prefill (n > 1) tiles tokens
+// x rows in registers (AVX-512 and NEON: 4 x 4; SSE4/AVX2, with half the registers: 4 x 2): each
+// weight vector loaded (and converted) once feeds several tokens, and a block of rows is reused
+// from cache across all token tiles, so weights come from memory once per matmul rather than once
+// per token. Column tails: x comes zero-padded to whole steps, and each row's last columns are
+// copied to a zero-padded step, so no load reads past a row.
+
+// Columns a step of format T covers: N (f32, f16: one vector), 2N (bf16: a vector of pairs).
+constexpr size_t FloatStep(DType T) { return T == DType::BF16 ? 2 * N : N; }
+
+// x [n][cols] in the layout format T's tiles read, zero-padded to whole steps: f32 and f16 read it
+// as it is (a padded copy only when cols is not a multiple of N); bf16 reads each 2N-column block
+// as its N even columns, then its N odd ones (see FloatSteps). Returns x or buf's data.
+const float* PrepFloatX(DType T, const float* x, int n, int cols, std::vector<float>* buf, size_t* stride) {
+    const size_t step = FloatStep(T), padded = (size_t(cols) + step - 1) / step * step;
+    *stride = padded;
+    if (T != DType::BF16 && padded == size_t(cols)) {
+        *stride = size_t(cols);
+        return x;
+    }
+    buf->assign(size_t(n) * padded, 0.0f);
+    for (int t = 0; t < n; t++) {
+        const float* xt = x + size_t(t) * cols;
+        float* ot = buf->data() + size_t(t) * padded;
+        if (T != DType::BF16) {
+            std::memcpy(ot, xt, sizeof(float) * size_t(cols));
+            continue;
+        }
+        for (size_t k = 0; k < size_t(cols); k++) {
+            const size_t b = k / step * step, i = k - b;
+            ot[b + (i % 2) * N + i / 2] = xt[k];
+        }
+    }
+    return buf->data();
+}
+
+// One step of an NT x NR float tile at column k (the tail step: `bytes` of each row): each weight
+// vector feeds NT fused multiply-adds. bf16 without shuffles: a vector of 32-bit lanes holds 2N
+// weights, each lane an even column (low half) and the next odd one (high half), so a shift gives
+// the even columns as f32 and a mask the odd ones, against x's matching halves (PrepFloatX).
+// Widening instead costs a shuffle per N weights, which made bf16 decode compute-bound on AVX-512
+// (36 vs 42 GB/s for f32).
+template <DType T, int NT, int NR, bool kTail>
+HWY_INLINE void FloatSteps(VF (&acc)[NT * NR], const float* x, size_t xs, const uint8_t* w, size_t ws, size_t k,
+                           size_t bytes) {
+    const DF d;
+    constexpr size_t es = T == DType::F32 ? 4 : 2;
+    if constexpr (T == DType::BF16) {
+        const DU du;
+        const auto high = hn::Set(du, 0xffff0000u);
+        VF even[NR], odd[NR];
+        for (int r = 0; r < NR; r++) {
+            const uint8_t* p = w + r * ws + k * es;
+            const auto v = kTail ? LoadTailBytes(du, p, bytes) : hn::LoadU(du, reinterpret_cast<const uint32_t*>(p));
+            even[r] = hn::BitCast(d, hn::ShiftLeft<16>(v));
+            odd[r] = hn::BitCast(d, hn::And(v, high));
+        }
+        for (int t = 0; t < NT; t++) {
+            const VF xe = hn::LoadU(d, x + t * xs + k), xo = hn::LoadU(d, x + t * xs + k + N);
+            for (int r = 0; r < NR; r++) acc[t * NR + r] = hn::MulAdd(xo, odd[r], hn::MulAdd(xe, even[r], acc[t * NR + r]));
+        }
+    } else {
+        VF wv[NR];
+        for (int r = 0; r < NR; r++) {
+            const uint8_t* p = w + r * ws + k * es;
+            if constexpr (T == DType::F32) {
+                wv[r] = kTail ? LoadTailBytes(d, p, bytes) : hn::LoadU(d, reinterpret_cast<const float*>(p));
+            } else {
+                const hn::Rebind<hwy::float16_t, DF> dh;
+                wv[r] = hn::PromoteTo(d, kTail ? LoadTailBytes(dh, p, bytes) : hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(p)));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const VF xv = hn::LoadU(d, x + t * xs + k);
+            for (int r = 0; r < NR; r++) acc[t * NR + r] = hn::MulAdd(xv, wv[r], acc[t * NR + r]);
+        }
+    }
+}
+
+// Prefetching a tile asks for: none, the next tile's rows at the same column (the first token
+// tile of a prefill block streams its rows from memory; later tiles find the block in L2, where
+// prefetching into L1 measured much slower, n = 64: 79 -> 155+ ms), or rows 16 ahead (decode).
+enum Fetch { kNoPrefetch, kNextTile, kAhead };
+
+// NT tokens x NR rows of dot products over all columns; results to out[t][r].
+template <DType T, int NT, int NR, Fetch P>
+HWY_INLINE void FloatTile(float* out, size_t out_stride, const float* x, size_t xs, const uint8_t* w, size_t ws,
+                          int cols) {
+    constexpr size_t S = FloatStep(T), es = T == DType::F32 ? 4 : 2;
+    VF acc[NT * NR];
+    for (auto& a : acc) a = hn::Zero(DF());
+    size_t k = 0;
+    for (; k + S <= size_t(cols); k += S) {
+        if constexpr (P == kNextTile)
+            for (int r = 0; r < NR; r++) hwy::Prefetch(w + (NR + r) * ws + k * es);
+        // bf16 decode: rows 4 tiles ahead, once per cache line (bf16 110m decode 158 -> 187 tok/s
+        // on AVX-512). f32 measured slower with it: its longer rows keep the hardware prefetcher
+        // ahead on its own.
+        if constexpr (P == kAhead)
+            if ((k * es) % 64 == 0)
+                for (int r = 0; r < NR; r++) hwy::Prefetch(w + (16 + r) * ws + k * es);
+        FloatSteps<T, NT, NR, false>(acc, x, xs, w, ws, k, 0);
+    }
+    if (k < size_t(cols)) FloatSteps<T, NT, NR, true>(acc, x, xs, w, ws, k, (size_t(cols) - k) * es);
+    float sums[NT * NR];
+    SumLanes(acc, sums);
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t * NR + r];
+}
+
+// ---- the integer formats
+
+// Lane sums of 16-bit products: lane i of the result = sum over j of a[j][2i] b[j][2i] +
+// a[j][2i+1] b[j][2i+1], exact in 32 bits here (|a b| < 2^29, at most 8 products a lane).
+// AVX-512 VNNI fuses each multiply and add (vpdpwssd), which Highway's op does not use; written
+// as asm because Highway 1.0.3's AVX3_DL target does not enable the intrinsic (it names avxvnni).
+template <size_t K>
+HWY_INLINE VI PairDots(const V16 (&a)[K], const V16 (&b)[K]) {
+    const DI di;
+#if HWY_TARGET == HWY_AVX3_DL
+    __m512i s = hn::Zero(di).raw;
+    for (size_t j = 0; j < K; j++) asm("vpdpwssd %2, %1, %0" : "+v"(s) : "v"(a[j].raw), "v"(b[j].raw));
+    return VI{s};
+#else
+    VI s0 = hn::Zero(di), s1 = hn::Zero(di);
+    for (size_t j = 0; j < K; j++) s0 = hn::ReorderWidenMulAccumulate(di, a[j], b[j], s0, s1);
+    return hn::RearrangeToOddPlusEven(s0, s1);
+#endif
+}
+
+// The integer kernels' steps. int8: 4N columns (one vector of weight bytes); each byte goes to a
+// 16-bit word as 256 w by interleaving under a zero byte, within each 128-bit block j: columns
+// 16j..16j+7 to the first vector, 16j+8..16j+15 to the second, so that lane l's products stay in
+// 16-column chunk l / 4, inside one 32-column block. int4: 8N columns (4N bytes, two nibbles
+// each); the low nibbles (even columns) and high ones (odd columns) interleave under zero bytes
+// into four vectors of 16-bit q, and each 128-bit block j of them holds exactly the 32 columns
+// 32j..32j+31: lanes 4j..4j+3 sum one block.
+constexpr size_t kStepI8 = 4 * N, kStepI4 = 8 * N;
+// The first column of lane l's chunk in step s.
+inline int LaneColumnI8(size_t s, size_t l) { return int(s * kStepI8 + 16 * (l / 4)); }
+inline int LaneColumnI4(size_t s, size_t l) { return int(s * kStepI4 + 32 * (l / 4)); }
+
+// x's rounded values in the int8 tile's order (above): per step, for each 128-bit block j, x
+// [16j..16j+7] then (in the second vector) x[16j+8..16j+15]; lanes8: each lane's block d / 256.
+void PrepInt8(QuantizedX* X) {
+    if (!X->v8.empty()) return;
+    const size_t stride = size_t(X->stride), steps = stride / kStepI8, blocks = stride / 32;
+    X->v8.resize(X->v.size());
+    X->lanes8.resize(size_t(X->n) * steps * N);
+    for (size_t t = 0; t < size_t(X->n); t++)
+        for (size_t s = 0; s < steps; s++) {
+            const int16_t* v = X->v.data() + t * stride + s * kStepI8;
+            int16_t* o = X->v8.data() + t * stride + s * kStepI8;
+            for (size_t j = 0; j < N / 4; j++)
+                for (size_t i = 0; i < 8; i++) {
+                    o[8 * j + i] = v[16 * j + i];
+                    o[2 * N + 8 * j + i] = v[16 * j + 8 + i];
+                }
+            for (size_t l = 0; l < N; l++)
+                X->lanes8[(t * steps + s) * N + l] = X->d[t * blocks + size_t(LaneColumnI8(s, l)) / 32] / 256;
+        }
+}
+
+// x's rounded values in the int4 tile's order: per step and 128-bit block j, the block's columns
+// 32j + {0, 2, .., 14}, {16, .., 30}, {1, .., 15}, {17, .., 31}, one vector each; lanes4: each
+// lane's block d.
+void PrepInt4(QuantizedX* X) {
+    if (!X->v4.empty()) return;
+    const size_t stride = size_t(X->stride), steps = stride / kStepI4, blocks = stride / 32;
+    X->v4.resize(X->v.size());
+    X->lanes4.resize(size_t(X->n) * steps * N);
+    static constexpr int kBase[4] = {0, 16, 1, 17};
+    for (size_t t = 0; t < size_t(X->n); t++)
+        for (size_t s = 0; s < steps; s++) {
+            const int16_t* v = X->v.data() + t * stride + s * kStepI4;
+            int16_t* o = X->v4.data() + t * stride + s * kStepI4;
+            for (size_t q = 0; q < 4; q++)
+                for (size_t j = 0; j < N / 4; j++)
+                    for (size_t i = 0; i < 8; i++) o[q * 2 * N + 8 * j + i] = v[32 * j + size_t(kBase[q]) + 2 * i];
+            for (size_t l = 0; l < N; l++)
+                X->lanes4[(t * steps + s) * N + l] = X->d[t * blocks + size_t(LaneColumnI4(s, l)) / 32];
+        }
+}
+
+// W's groups as each step's lanes see them (StepTable), for the int8 or int4 step of this target.
+void BuildSteps(int cols, int group, bool int4, StepTable* st) {
+    const size_t step = int4 ? kStepI4 : kStepI8, steps = (size_t(cols) + step - 1) / step;
+    st->first.resize(steps), st->distinct.resize(steps), st->split.resize(steps), st->idx.resize(steps * N);
+    for (size_t s = 0; s < steps; s++) {
+        int first = 0, last = 0, split = 0;
+        for (size_t l = 0; l < N; l++) {
+            // lanes past the last column (zero x) take the last group's scale
+            const int col = std::min(int4 ? LaneColumnI4(s, l) : LaneColumnI8(s, l), cols - 1);
+            const int g = col / group;
+            if (l == 0) first = g;
+            last = g;
+            split += g == first;
+            st->idx[s * N + l] = g - first;
+        }
+        st->first[s] = first, st->distinct[s] = last - first + 1, st->split[s] = split;
+    }
+}
+
+// p[0..3] in the first four lanes (16-lane vectors only; narrower ones never need it).
+template <class D>
+HWY_INLINE hn::Vec<D> LoadFour(D d, const float* p) {
+    if constexpr (hn::MaxLanes(D()) == 16)
+        return hn::ZeroExtendVector(d, hn::ZeroExtendVector(hn::Half<D>(), hn::LoadU(hn::Full128<float>(), p)));
+    else
+        return hn::LoadU(d, p);  // unreached
+}
+
+// How the lanes of step s find their group scales (StepTable), worked out once for all the rows of
+// a tile: one group (a broadcast), two (two broadcasts and a blend), or up to four consecutive
+// ones (AVX-512 int4 at group 32: one load of four, one permute).
+using IdxF = decltype(hn::SetTableIndices(DF(), static_cast<const int32_t*>(nullptr)));
+struct StepScales {
+    int first, distinct;
+    bool four;           // distinct > 2: the load of four stays inside the row
+    hn::Mask<DF> lead;   // distinct == 2: the lanes of the first group
+    IdxF idx;            // distinct > 2: each lane's group relative to the first
+};
+
+HWY_INLINE StepScales PlanScales(const StepTable& st, size_t s, int ng) {
+    const DF d;
+    StepScales p;
+    p.first = st.first[s], p.distinct = st.distinct[s];
+    p.four = N == 16 && p.distinct > 2 && p.first + 4 <= ng;
+    p.lead = hn::FirstN(d, size_t(st.split[s]));
+    p.idx = hn::SetTableIndices(d, &st.idx[s * N]);
+    return p;
+}
+
+// Each lane's group scale, for a row whose group scales start at sc.
+HWY_INLINE VF RowScales(const StepScales& p, const StepTable& st, size_t s, const float* sc) {
+    const DF d;
+    const float* g = sc + p.first;
+    if (p.distinct == 1) return hn::Set(d, g[0]);
+    if (p.distinct == 2) return hn::IfThenElse(p.lead, hn::Set(d, g[0]), hn::Set(d, g[1]));
+    if (p.four) return hn::TableLookupLanes(LoadFour(d, g), p.idx);
+    alignas(64) float lanes[N];
+    for (size_t l = 0; l < N; l++) lanes[l] = g[st.idx[s * N + l]];
+    return hn::Load(d, lanes);
+}
+
+// One step of the int8 tile: NR rows of 4N weight bytes at column k (the tail step: `bytes` of
+// them), against NT tokens' x. Decode prefetches rows 16 ahead, once per cache line (as StepI4,
+// where it took SmolLM2's shapes from 27 to 42 GB/s on AVX-512; here it measured neutral).
+template <int NT, int NR, bool kTail>
+HWY_INLINE void StepI8(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, const int8_t* w, size_t ws,
+                       const float* sc, size_t gs, const int16_t* xv, size_t xs, const float* xl, size_t ls, size_t s,
+                       size_t bytes) {
+    const DF d;
+    const D16 d16;
+    const D8 d8;
+    const size_t k = s * kStepI8;
+    V16 lo[NR], hi[NR];
+    VF sw[NR];
+    for (int r = 0; r < NR; r++) {
+        const int8_t* p = w + r * ws + k;
+        const auto b = kTail ? LoadTailBytes(d8, p, bytes) : hn::LoadU(d8, p);
+        lo[r] = hn::BitCast(d16, hn::InterleaveLower(d8, hn::Zero(d8), b));
+        hi[r] = hn::BitCast(d16, hn::InterleaveUpper(d8, hn::Zero(d8), b));
+        if constexpr (NT == 1 && NR >= 4 && !kTail)
+            if (k % 64 == 0) hwy::Prefetch(p + 16 * ws);
+    }
+    if (W.group) {
+        const StepScales plan = PlanScales(*ix.steps, s, W.cols / W.group);
+        for (int r = 0; r < NR; r++) sw[r] = RowScales(plan, *ix.steps, s, sc + r * gs);
+    }
+    for (int t = 0; t < NT; t++) {
+        const int16_t* p = xv + t * xs + k;
+        const V16 xa = hn::LoadU(d16, p), xb = hn::LoadU(d16, p + 2 * N);
+        const VF dv = hn::LoadU(d, xl + t * ls + s * N);
+        for (int r = 0; r < NR; r++) {
+            const V16 a[2] = {lo[r], hi[r]}, x[2] = {xa, xb};
+            const VF sums = hn::ConvertTo(d, PairDots(a, x));
+            acc[t * NR + r] = hn::MulAdd(sums, W.group ? hn::Mul(dv, sw[r]) : dv, acc[t * NR + r]);
+        }
+    }
+}
+
+// int8 weights (per row or grouped) x rounded x, NT tokens x NR rows from row r0: per step two
+// vectors of 256 w words against x's (PrepInt8), the 32-bit lane sums converted once and scaled by
+// the lane's block d / 256 (grouped: times the lane's group scale). A per-row scale multiplies the
+// finished dot product.
+template <int NT, int NR>
+HWY_INLINE void TileI8(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
+    const QuantizedX& X = *ix.x;
+    const size_t ws = size_t(W.stride), gs = W.group ? size_t(W.stride) / W.group : 0;
+    const size_t xs = size_t(X.stride), ls = xs / kStepI8 * N;
+    const int8_t* w = static_cast<const int8_t*>(W.data) + r0 * ws;
+    const float* sc = W.scales + r0 * gs;
+    const int16_t* xv = X.v8.data() + size_t(t0) * xs;
+    const float* xl = X.lanes8.data() + size_t(t0) * ls;
+    VF acc[NT * NR];
+    for (auto& a : acc) a = hn::Zero(DF());
+    const size_t full = size_t(W.cols) / kStepI8;
+    for (size_t s = 0; s < full; s++) StepI8<NT, NR, false>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, s, 0);
+    if (full * kStepI8 < size_t(W.cols))
+        StepI8<NT, NR, true>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) - full * kStepI8);
+    float sums[NT * NR];
+    SumLanes(acc, sums);
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++)
+            out[t * out_stride + r] = W.group ? sums[t * NR + r] : sums[t * NR + r] * W.scales[r0 + r];
+}
+
+// `len` (<= N) floats from p into the lanes, the rest zero.
+HWY_INLINE VF LoadUpTo(const float* p, size_t len) { return len == N ? hn::LoadU(DF(), p) : LoadTail(p, len); }
+
+// One step of the int4 tile: NR rows of 4N bytes (8N columns) at column k (the tail: `bytes`),
+// against NT tokens' x; decode prefetches rows, scales and minimums 16 rows ahead.
+template <int NT, int NR, bool kMins, bool kTail>
+HWY_INLINE void StepI4(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, int r0, const uint8_t* w, size_t ws,
+                       const float* sc, size_t gs, const int16_t* xv, size_t xs, const float* xl, size_t ls, size_t s,
+                       size_t bytes) {
+    const DF d;
+    const D16 d16;
+    const DU8 du8;
+    const hn::Repartition<uint16_t, DF> du16;
+    const size_t k = s * kStepI4;
+    const auto nib = hn::Set(du8, uint8_t(0x0f));
+    const StepScales plan = PlanScales(*ix.steps, s, W.cols / W.group);
+    V16 e0[NR], e1[NR], o0[NR], o1[NR];
+    VF sw[NR];
+    for (int r = 0; r < NR; r++) {
+        const uint8_t* p = w + r * ws + k / 2;
+        const auto b = kTail ? LoadTailBytes(du8, p, bytes) : hn::LoadU(du8, p);
+        const auto lo = hn::And(b, nib), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, b))), nib);
+        e0[r] = hn::BitCast(d16, hn::InterleaveLower(du8, lo, hn::Zero(du8)));
+        e1[r] = hn::BitCast(d16, hn::InterleaveUpper(du8, lo, hn::Zero(du8)));
+        o0[r] = hn::BitCast(d16, hn::InterleaveLower(du8, hi, hn::Zero(du8)));
+        o1[r] = hn::BitCast(d16, hn::InterleaveUpper(du8, hi, hn::Zero(du8)));
+        sw[r] = RowScales(plan, *ix.steps, s, sc + r * gs);
+        if constexpr (NT == 1 && NR == 4 && !kTail)
+            if (k % 128 == 0) {
+                hwy::Prefetch(p + 16 * ws);
+                hwy::Prefetch(sc + (r + 16) * gs + plan.first);
+                if constexpr (kMins) hwy::Prefetch(W.mins + (r0 + r + 16) * gs + plan.first);
+            }
+    }
+    for (int t = 0; t < NT; t++) {
+        const int16_t* p = xv + t * xs + k;
+        const V16 x[4] = {hn::LoadU(d16, p), hn::LoadU(d16, p + 2 * N), hn::LoadU(d16, p + 4 * N), hn::LoadU(d16, p + 6 * N)};
+        const VF dv = hn::LoadU(d, xl + t * ls + s * N);
+        for (int r = 0; r < NR; r++) {
+            const V16 q[4] = {e0[r], e1[r], o0[r], o1[r]};
+            const VF sums = hn::ConvertTo(d, PairDots(q, x));
+            acc[t * NR + r] = hn::MulAdd(sums, hn::Mul(dv, sw[r]), acc[t * NR + r]);
+        }
+    }
+}
+
+// int4 x rounded x, NT tokens x NR rows from row r0: per step four vectors of q words against x's
+// (PrepInt4), each block's exact integer sum scaled once by the block's d times its group's scale.
+// Per group, sum x*w = s * sum x*q + m * sum x (minimums) or s * sum x*q - s*z * sum x (zero
+// points): the second terms go in at the end, N groups at a time, from the sums of rounded x per
+// group (gsum). cols is a multiple of the group.
+template <int NT, int NR, bool kMins>
+HWY_INLINE void TileI4(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
+    const DF d;
+    const QuantizedX& X = *ix.x;
+    const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;  // bytes, groups per row
+    const int ng = W.cols / W.group;
+    const size_t xs = size_t(X.stride), ls = xs / kStepI4 * N;
+    const uint8_t* w = static_cast<const uint8_t*>(W.data) + r0 * ws;
+    const float* sc = W.scales + r0 * gs;
+    const int16_t* xv = X.v4.data() + size_t(t0) * xs;
+    const float* xl = X.lanes4.data() + size_t(t0) * ls;
+    VF acc[NT * NR];
+    for (auto& a : acc) a = hn::Zero(d);
+    const size_t full = size_t(W.cols) / kStepI4;
+    for (size_t s = 0; s < full; s++) StepI4<NT, NR, kMins, false>(acc, ix, W, r0, w, ws, sc, gs, xv, xs, xl, ls, s, 0);
+    if (full * kStepI4 < size_t(W.cols))
+        StepI4<NT, NR, kMins, true>(acc, ix, W, r0, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) / 2 - full * kStepI4 / 2);
+    const float* xsum = ix.gsum + size_t(t0) * ng;
+    for (int g = 0; g < ng; g += int(N)) {  // acc -= s * z * xsum (or += m * xsum), N groups a step
+        const size_t len = std::min(N, size_t(ng - g));
+        for (int r = 0; r < NR; r++) {
+            VF m;
+            if constexpr (kMins) {
+                m = LoadUpTo(W.mins + (r0 + r) * gs + g, len);
+            } else {
+                alignas(64) float z[N] = {};
+                for (size_t i = 0; i < len; i++) z[i] = float(W.zeros[(r0 + r) * gs + g + i]);
+                m = hn::Mul(LoadUpTo(sc + r * gs + g, len), hn::Load(d, z));
+            }
+            for (int t = 0; t < NT; t++) {
+                const VF xg = LoadUpTo(xsum + t * ng + g, len);
+                acc[t * NR + r] = kMins ? hn::MulAdd(m, xg, acc[t * NR + r]) : hn::NegMulAdd(m, xg, acc[t * NR + r]);
+            }
+        }
+    }
+    float sums[NT * NR];
+    SumLanes(acc, sums);
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t * NR + r];
+}
+
+// NT tokens x NR rows starting at row r: the tile for format T.
+template <DType T, int NT, int NR, Fetch P>
+HWY_INLINE void TileAt(const MatmulArgs& a, int t0, int r) {
+    const Weight& W = *a.w;
+    float* o = a.out + size_t(t0) * W.rows + r;
+    if constexpr (T == DType::I8) {
+        TileI8<NT, NR>(o, W.rows, a.ix, t0, W, r);
+    } else if constexpr (T == DType::U8) {
+        if (W.mins) TileI4<NT, NR, true>(o, W.rows, a.ix, t0, W, r);
+        else TileI4<NT, NR, false>(o, W.rows, a.ix, t0, W, r);
+    } else {
+        const size_t ws = size_t(W.stride) * dtype_size(T);
+        FloatTile<T, NT, NR, P>(o, W.rows, a.x + size_t(t0) * a.x_stride, a.x_stride,
+                                static_cast<const uint8_t*>(W.data) + r * ws, ws, W.cols);
+    }
+}
+
+// Rows per tile: decode 4 (int8 on AVX-512: 8, its loop is bound by instructions, not memory:
+// +7-9% decode), prefill 4 where 32 registers hold the tile, else 2.
+template <DType T, int NT>
+constexpr int TileRows() {
+    if (NT == 1) return T == DType::I8 && kManyRegisters ? 8 : 4;
+    return kManyRegisters ? 4 : 2;
+}
+
+// Rows [r0, r1) for tokens [t0, t0 + NT): full tiles, then the row tail one row at a time.
+template <DType T, int NT>
+HWY_INLINE void RowsForTokens(const MatmulArgs& a, int t0, int r0, int r1) {
+    constexpr int NR = TileRows<T, NT>();
+    constexpr Fetch kStream = NT > 1 ? kNextTile : T == DType::BF16 ? kAhead : kNoPrefetch;
+    int r = r0;
+    if (NT == 1 || t0 == 0)
+        for (; r + NR <= r1; r += NR) TileAt<T, NT, NR, kStream>(a, t0, r);
+    else
+        for (; r + NR <= r1; r += NR) TileAt<T, NT, NR, kNoPrefetch>(a, t0, r);
+    if constexpr (NR > 4)
+        for (; r + 4 <= r1; r += 4) TileAt<T, NT, 4, kNoPrefetch>(a, t0, r);
+    for (; r < r1; r++) TileAt<T, NT, 1, kNoPrefetch>(a, t0, r);
+}
+
+// Rows [r0, r1) of out[n][W.rows] for all n tokens: token tiles (int4: 2 tokens, whose tile holds
+// four q vectors a row), then the token tail.
+template <DType T>
+void MatmulRowsOf(const MatmulArgs& a, int r0, int r1) {
+    constexpr int NT = T == DType::U8 ? 2 : 4;
+    int t = 0;
+    for (; t + NT <= a.n; t += NT) RowsForTokens<T, NT>(a, t, r0, r1);
+    switch (a.n - t) {
+        case 3: RowsForTokens<T, 3>(a, t, r0, r1); break;
+        case 2: RowsForTokens<T, 2>(a, t, r0, r1); break;
+        case 1: RowsForTokens<T, 1>(a, t, r0, r1); break;
+        default: break;
+    }
+}
+
+void MatmulRows(const MatmulArgs& a, int r0, int r1) {
+    switch (a.w->dtype) {
+        case DType::F32: MatmulRowsOf<DType::F32>(a, r0, r1); break;
+        case DType::BF16: MatmulRowsOf<DType::BF16>(a, r0, r1); break;
+        case DType::F16: MatmulRowsOf<DType::F16>(a, r0, r1); break;
+        case DType::I8: MatmulRowsOf<DType::I8>(a, r0, r1); break;
+        case DType::U8: MatmulRowsOf<DType::U8>(a, r0, r1); break;
+        default: assert(false && "matmul: unsupported weight dtype");
+    }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace cpu_kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace cpu_kernels {
+HWY_EXPORT(TargetName);
+HWY_EXPORT(Dots);
+HWY_EXPORT(WeightedRows);
+HWY_EXPORT(Rmsnorm);
+HWY_EXPORT(PrepFloatX);
+HWY_EXPORT(PrepInt8);
+HWY_EXPORT(PrepInt4);
+HWY_EXPORT(BuildSteps);
+HWY_EXPORT(MatmulRows);
+}  // namespace cpu_kernels
+
+// ---------------------------------------------------------------------------------------------
+// SIMD targets (ops.h)
+
+namespace {
+// Targets this build compiled that this CPU runs, best first (Highway's bits: lower is better).
+std::vector<int64_t> runnable_targets() {
+    std::vector<int64_t> out;
+    hwy::SetSupportedTargetsForTest(0);  // the real CPU, not a restriction in force
+    const int64_t all = hwy::SupportedTargets() & HWY_TARGETS;
+    for (int64_t t = all; t != 0; t &= t - 1) out.push_back(t & ~(t - 1));
+    return out;
+}
+std::string lower(std::string s) {
+    for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+    return s;
+}
+int64_t g_forced_target = 0;  // 0: the best the CPU runs
+}  // namespace
+
+std::string cpu_simd_target() { return lower(HWY_DYNAMIC_DISPATCH(cpu_kernels::TargetName)()); }
+
+std::vector<std::string> cpu_simd_targets() {
+    std::vector<std::string> names;
+    const int64_t forced = g_forced_target;
+    for (int64_t t : runnable_targets()) names.push_back(lower(hwy::TargetName(t)));
+    hwy::SetSupportedTargetsForTest(forced);
+    return names;
+}
+
+bool cpu_set_simd_target(const std::string& name, std::string* why) {
+    if (name.empty() || name == "auto") {
+        g_forced_target = 0;
+        hwy::SetSupportedTargetsForTest(0);
+        return true;
+    }
+    std::string known;
+    for (int64_t t : runnable_targets()) {
+        const std::string n = lower(hwy::TargetName(t));
+        if (n == lower(name)) {
+            g_forced_target = t;
+            hwy::SetSupportedTargetsForTest(t);
+            return true;
+        }
+        known += (known.empty() ? "" : ", ") + n;
+    }
+    hwy::SetSupportedTargetsForTest(g_forced_target);
+    if (why) *why = fmt("SIMD target '%s' is not one this build and CPU can run (they are: %s, or auto)", name.c_str(), known.c_str());
+    return false;
+}
+
 void quantize_activations(const float* x, int cols, int16_t* v, float* d) {
-    // 127 * 128: the int4 kernel splits v into two int8 digits, and the int8 kernel's four
-    // products of v by 256 * w (|w| <= 128) per 32-bit lane stay below 2^31.
+    // 127 * 128: the int8 kernel's four products of v by 256 * w (|w| <= 128) per 32-bit lane stay
+    // below 2^31.
     constexpr float kMax = 16256.0f;
     for (int b = 0; b * 32 < cols; b++) {
         const int k0 = b * 32, len = std::min(32, cols - k0);
@@ -37,106 +806,10 @@ void quantize_activations(const float* x, int cols, int16_t* v, float* d) {
 }
 
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Activations of the int8/int4 matmuls. These multiply by x rounded to 15-bit integers per
-// 32-column block (quantize_activations): a dot product is then integer multiply-adds (AVX-512
-// VNNI: 32 or 64 a vpdpwssd / vpdpbusd) and the scales apply once per block, where widening and
-// converting every weight to f32 kept these formats compute-bound at ~18 GB/s on two cores. 15
-// bits, not llama.cpp's 8: with 8-bit blocks, a model with massive activations (SmolLM2) turned
-// chaotic (a 1e-6 change of x moved its logits by 3-30%, as rounding flipped around outliers);
-// 15 bits round 128x finer. The rounding is per token: a token's result does not depend on its
-// batch.
-struct QuantizedX {
-    int n = 0, cols = 0, stride = 0;  // stride: cols rounded up to 128, the widest kernel step
-    std::vector<int16_t> v;           // [n][stride] rounded x, zero-padded
-    std::vector<float> d;             // [n][stride / 32] the blocks' scales (0 for padding)
-    std::vector<int16_t> v8;          // int8 kernel (AVX-512): per 64 columns, in the order unpacking
-                                      // a 64-byte row of weights to 16 bits gives (see tile_i8)
-    std::vector<int8_t> digits;       // int4 kernel (AVX-512): per 128 columns (4 blocks), v = 128 h + l
-                                      // as int8 digits: h of the blocks' even columns (16 each), h of
-                                      // their odd ones, then l of the even ones, l of the odd ones
-    std::vector<float> lanes8, lanes4;  // AVX-512, per step of 64 (int8) / 128 (int4) columns: each of
-                                        // the 16 lanes' block scale (8 / 4 lanes per block); int8's
-                                        // divided by 256 (its kernel multiplies by 256 w)
-
-    void make(const float* x, int n_, int cols_) {
-        n = n_, cols = cols_, stride = (cols + 127) / 128 * 128;
-        const int blocks = stride / 32;
-        v.assign(size_t(n) * stride, 0);
-        d.assign(size_t(n) * blocks, 0.0f);
-        v8.clear(), digits.clear(), lanes8.clear(), lanes4.clear();
-        for (int t = 0; t < n; t++)
-            quantize_activations(x + size_t(t) * cols, cols, v.data() + size_t(t) * stride, d.data() + size_t(t) * blocks);
-    }
-    // Each lane's block scale times `f`, per step of `step` columns (16 / (step / 32) lanes per block).
-    void make_lanes(int step, float f, std::vector<float>& lanes) const {
-        const int steps = stride / step, per_block = 16 / (step / 32), blocks = stride / 32;
-        lanes.resize(size_t(n) * steps * 16);
-        for (int t = 0; t < n; t++)
-            for (int i = 0; i < steps * 16; i++)
-                lanes[size_t(t) * steps * 16 + i] = f * d[size_t(t) * blocks + (i / 16) * (step / 32) + (i % 16) / per_block];
-    }
-    // Per 64 columns: within each 16-column quarter j, columns 0..7 go to words 8j..8j+7 of the
-    // first half, columns 8..15 to the same words of the second (vpunpcklbw / vpunpckhbw order).
-    void make_int8_layout() {
-        if (!v8.empty()) return;
-        v8.resize(v.size());
-        for (size_t s = 0; s < v.size(); s += 64)
-            for (int j = 0; j < 4; j++)
-                for (int i = 0; i < 8; i++) {
-                    v8[s + 8 * j + i] = v[s + 16 * j + i];
-                    v8[s + 32 + 8 * j + i] = v[s + 16 * j + 8 + i];
-                }
-        make_lanes(64, 1.0f / 256, lanes8);
-    }
-    void make_int4_layout() {
-        if (!digits.empty()) return;
-        digits.resize(v.size() * 2);
-        for (size_t s = 0; s < v.size(); s += 128) {  // a 128-column step: 4 blocks
-            int8_t* o = digits.data() + 2 * s;
-            for (int j = 0; j < 4; j++)
-                for (int i = 0; i < 16; i++)
-                    for (int odd = 0; odd < 2; odd++) {
-                        const int x = v[s + 32 * j + 2 * i + odd], h = (x + 64) >> 7;  // l = x - 128 h in [-64, 63]
-                        o[64 * odd + 16 * j + i] = int8_t(h);
-                        o[128 + 64 * odd + 16 * j + i] = int8_t(x - 128 * h);
-                    }
-        }
-        make_lanes(128, 1.0f, lanes4);
-    }
-};
-
-// What an int8/int4 tile reads besides W: the rounded x, and for W's groups the sums of rounded x
-// per group (int4's zero points and minimums) and the step tables (grouped_steps).
-struct IntX {
-    const QuantizedX* x = nullptr;
-    const float* gsum = nullptr;         // [n][cols / group]
-    const int32_t* step_idx = nullptr;   // [steps][16]
-    const uint8_t* step_mask = nullptr;  // [steps]
-};
-
-#ifdef FASTGEN_AVX512
-// For a grouped W, per kernel step of `step` columns (64: int8, 128: int4): each lane's group,
-// relative to the step's first group (lanes split evenly over the step's 32-column blocks; blocks
-// past the last column repeat the last one's), and the mask of the scales the step reads (at most
-// 4, one per block).
-void grouped_steps(int cols, int group, int step, std::vector<int32_t>& idx, std::vector<uint8_t>& mask) {
-    const int steps = (cols + step - 1) / step, per_block = 16 / (step / 32);
-    idx.resize(size_t(steps) * 16);
-    mask.resize(size_t(steps));
-    for (int s = 0; s < steps; s++) {
-        const int k = s * step;
-        int last = 0;
-        for (int i = 0; i < 16; i++) {
-            const int col = std::min(k + 32 * (i / per_block), cols - 32);
-            idx[size_t(s) * 16 + i] = col / group - k / group;
-            last = std::max(last, idx[size_t(s) * 16 + i]);
-        }
-        mask[size_t(s)] = uint8_t((1u << (last + 1)) - 1);
-    }
-}
-#endif
+using cpu_kernels::IntX;
+using cpu_kernels::MatmulArgs;
+using cpu_kernels::QuantizedX;
+using cpu_kernels::StepTable;
 
 // gsum[t][g] = sum of rounded x over W's group g: per block d * (the integer sum of v), in order.
 void group_sums(const QuantizedX& x, int group, std::vector<float>& gsum) {
@@ -154,552 +827,29 @@ void group_sums(const QuantizedX& x, int group, std::vector<float>& gsum) {
         }
 }
 
-// ---------------------------------------------------------------------------------------------
-// matmul: out[n][rows] = x[n][cols] . W[rows][cols]^T, W in f32/bf16/f16 (f32 accumulation) or
-// int8/int4 (integer dot products on x rounded to 15 bits, above).
-//
-// Decode (n = 1) is a matrix-vector product bound by memory bandwidth: threads take contiguous
-// row ranges, and each step streams 4 weight rows so enough loads are in flight (bf16 and the
-// integer formats also prefetch 16 rows ahead). Prefill (n > 1) tiles 4 tokens (int4: 2) x 4 rows
-// in registers: each weight vector loaded (and converted) once feeds several tokens, and a block
-// of rows is reused from cache across all token tiles, so weights come from memory once per
-// matmul rather than once per token.
-
-#ifdef FASTGEN_AVX512
-constexpr int kLanes = 16;
-
-// 16 weights from row `w` at column k, converted to f32. Masked loads are only for the column
-// tail: in the main loop they cost far more than plain loads on this CPU (measured: 1.5-2x decode).
-template <DType T, bool kMasked>
-inline __m512 load_w(const void* w, size_t k, __mmask16 m) {
-    if constexpr (T == DType::F32) {
-        const float* p = static_cast<const float*>(w) + k;
-        return kMasked ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
-    } else {
-        const uint16_t* p = static_cast<const uint16_t*>(w) + k;
-        __m256i h = kMasked ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        if constexpr (T == DType::BF16)
-            return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        else
-            return _mm512_cvtph_ps(h);
-    }
-}
-
-// The 16 horizontal sums of v[0..15] at once: sum j lands in lane 4 * (j % 4) + j / 4. Each sum is
-// formed in exactly _mm512_reduce_add_ps's order (256-bit halves, then 128, 64, 32), so a dot
-// product is bitwise the same whichever reduction its tile used (batch invariance), while the
-// shuffles are shared by 16 sums: 30 shuffles + 15 adds instead of 16 x (6 shuffles + 4 adds).
-inline __m512 reduce16(const __m512 (&v)[16]) {
-    __m512 c[8], e[4], g[2];
-    for (int j = 0; j < 8; j++)  // lanes: v[2j] halves summed (8), v[2j+1] halves summed (8)
-        c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xee));
-    for (int j = 0; j < 4; j++)  // 128-bit lane k: v[4j + k] reduced to 4
-        e[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88),
-                             _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xdd));
-    for (int j = 0; j < 2; j++)  // lane k: v[8j + k] reduced to 2, then v[8j + 4 + k]
-        g[j] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * j], e[2 * j + 1], 0x44),
-                             _mm512_shuffle_ps(e[2 * j], e[2 * j + 1], 0xee));
-    return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xdd));
-}
-
-// sums[t][r] = horizontal sum of acc[t][r]; batched 16 at a time for tiles big enough to pay.
-template <int NT, int NR>
-inline void reduce_tile(const __m512 (&acc)[NT][NR], float (&sums)[NT][NR]) {
-    constexpr int n = NT * NR;
-    if constexpr (n < 8) {
-        for (int t = 0; t < NT; t++)
-            for (int r = 0; r < NR; r++) sums[t][r] = _mm512_reduce_add_ps(acc[t][r]);
-    } else {
-        for (int j0 = 0; j0 < n; j0 += 16) {
-            __m512 v[16];
-            for (int j = 0; j < 16; j++) v[j] = j0 + j < n ? acc[(j0 + j) / NR][(j0 + j) % NR] : _mm512_setzero_ps();
-            alignas(64) float lanes[16];
-            _mm512_store_ps(lanes, reduce16(v));
-            for (int j = 0; j < 16 && j0 + j < n; j++) sums[(j0 + j) / NR][(j0 + j) % NR] = lanes[4 * (j % 4) + j / 4];
-        }
-    }
-}
-
-// One 16-column step of an NT x NR tile: each weight vector feeds NT FMAs.
-template <DType T, int NT, int NR, bool kMasked, bool kPrefetch = false>
-inline void tile_step(__m512 (&acc)[NT][NR], const float* x, size_t x_stride, const uint8_t* w, size_t w_stride,
-                      int k, __mmask16 m) {
-    __m512 wv[NR];
-    for (int r = 0; r < NR; r++) wv[r] = load_w<T, kMasked>(w + r * w_stride, size_t(k), m);
-    if constexpr (kPrefetch)
-        for (int r = 0; r < NR; r++) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * w_stride + size_t(k) * dtype_size(T)), _MM_HINT_T0);
-    for (int t = 0; t < NT; t++) {
-        const float* xp = x + t * x_stride + k;
-        __m512 xv = kMasked ? _mm512_maskz_loadu_ps(m, xp) : _mm512_loadu_ps(xp);
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-    }
-}
-
-// bf16 without shuffles: one 64-byte load holds 32 weights; within each 32-bit lane the low half
-// is an even column and the high half the next odd one, so a shift gives the 16 even columns as
-// f32 and a mask the 16 odd ones. x comes pre-split to match (split_pairs): per 32-column block,
-// its 16 even columns, then its 16 odd ones. Widening with vpmovzxwd instead costs a shuffle per
-// 16 weights, which made bf16 decode compute-bound (measured 36 vs 42 GB/s for f32).
-template <int NT, int NR, bool kPrefetch>
-inline void tile_step_bf16_pairs(__m512 (&acc)[NT][NR], const float* x, size_t x_stride, const uint8_t* w,
-                                 size_t w_stride, int k) {
-    const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
-    __m512 even[NR], odd[NR];
-    for (int r = 0; r < NR; r++) {
-        __m512i v = _mm512_loadu_si512(w + r * w_stride + size_t(k) * 2);
-        even[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        odd[r] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-    }
-    if constexpr (kPrefetch)
-        for (int r = 0; r < NR; r++) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * w_stride + size_t(k) * 2), _MM_HINT_T0);
-    // Decode: rows 4 tiles ahead, as the int8/int4 tiles do (bf16 110m decode 158 -> 187 tok/s,
-    // SmolLM2 131 -> 166). f32 measured slower with it (99 -> 78): its longer rows keep the
-    // hardware prefetcher ahead on its own.
-    if constexpr (NT == 1 && NR == 4)
-        for (int r = 0; r < NR; r++) _mm_prefetch(reinterpret_cast<const char*>(w + (16 + r) * w_stride + size_t(k) * 2), _MM_HINT_T0);
-    for (int t = 0; t < NT; t++) {
-        __m512 xe = _mm512_loadu_ps(x + t * x_stride + k), xo = _mm512_loadu_ps(x + t * x_stride + k + 16);
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_fmadd_ps(xo, odd[r], _mm512_fmadd_ps(xe, even[r], acc[t][r]));
-    }
-}
-
-template <int NT, int NR>
-inline void zero_tile(__m512 (&acc)[NT][NR]) {
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) acc[t][r] = _mm512_setzero_ps();
-}
-
-constexpr bool kSplitPairs = true;  // bf16 matmuls read x in split_pairs layout
-
-// NT tokens x NR rows of dot products over all columns; results to out[t][row r].
-template <DType T, int NT, int NR, bool kPrefetch>
-inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride, const uint8_t* w,
-                 size_t w_stride, int cols) {
-    __m512 acc[NT][NR];
-    zero_tile<NT, NR>(acc);
-    int k = 0;
-    if constexpr (T == DType::BF16)
-        for (; k + 2 * kLanes <= cols; k += 2 * kLanes) tile_step_bf16_pairs<NT, NR, kPrefetch>(acc, x, x_stride, w, w_stride, k);
-    for (; k + kLanes <= cols; k += kLanes) tile_step<T, NT, NR, false, kPrefetch>(acc, x, x_stride, w, w_stride, k, 0);
-    if (k < cols) tile_step<T, NT, NR, true>(acc, x, x_stride, w, w_stride, k, __mmask16((1u << (cols - k)) - 1));
-    float sums[NT][NR];
-    reduce_tile<NT, NR>(acc, sums);
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r];
-}
-// Integer dot products added to acc, with or without VNNI (the fallbacks are exact here: no pair
-// sum reaches 16 bits' saturation, |w| <= 15 against int8 digits, and 32-bit sums stay small):
-// u8 x s8, 4 products per 32-bit lane (vpdpbusd), and s16 x s16, 2 per lane (vpdpwssd).
-inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
-#ifdef __AVX512VNNI__
-    return _mm512_dpbusd_epi32(acc, u, s);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
-#endif
-}
-inline __m512i dot_s16(__m512i acc, __m512i a, __m512i b) {
-#ifdef __AVX512VNNI__
-    return _mm512_dpwssd_epi32(acc, a, b);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
-#endif
-}
-
-// int8 weights (per row or grouped) x rounded x: 64 columns a step. The 64 weight bytes become
-// 16-bit words 256 w by unpacking under a zero byte (each 16-column quarter's columns 0..7 into
-// the first vector, 8..15 into the second; x comes in that order, v8), so that two vpdpwssd leave
-// block 0's integer sums in lanes 0..7 and block 1's in lanes 8..15, converted once per step and
-// scaled by the block's d / 256 (grouped: times the group's scale, gathered to the lanes by a
-// permute). Unpacking under the sign bytes instead would cost two mask instructions per 64 weights.
-// The row's one scale (per-row int8) multiplies the finished dot product. Each token's lanes see
-// the same operations whatever NT (batch invariance).
-template <int NT, int NR>
-inline void tile_i8(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
-    const QuantizedX& X = *ix.x;
-    const size_t ws = size_t(W.stride), gs = W.group ? size_t(W.stride) / W.group : 0;
-    const int8_t* w = static_cast<const int8_t*>(W.data) + r0 * ws;
-    const float* sc = W.scales + r0 * gs;
-    const size_t ls = size_t(X.stride) / 64 * 16;
-    const int16_t* xv = X.v8.data() + size_t(t0) * X.stride;
-    const float* xl = X.lanes8.data() + size_t(t0) * ls;
-    __m512 acc[NT][NR];
-    zero_tile<NT, NR>(acc);
-    auto step = [&](int s, auto masked) {
-        const int k = 64 * s;
-        __m512i lo[NR], hi[NR];
-        __m512 sw[NR];
-        for (int r = 0; r < NR; r++) {
-            const int8_t* p = w + r * ws + k;
-            const __m512i b = masked ? _mm512_maskz_loadu_epi8((1ull << (W.cols - k)) - 1, p) : _mm512_loadu_si512(p);
-            lo[r] = _mm512_unpacklo_epi8(_mm512_setzero_si512(), b);
-            hi[r] = _mm512_unpackhi_epi8(_mm512_setzero_si512(), b);
-            // decode: rows 16 ahead, as tile_i4 does (there it took SmolLM2's shapes from 27 to
-            // 42 GB/s; here it measured neutral)
-            if constexpr (NT == 1 && NR >= 4) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ws), _MM_HINT_T0);
-        }
-        if (W.group) {
-            const __m512i idx = _mm512_loadu_si512(ix.step_idx + 16 * s);
-            const float* g0 = sc + k / W.group;
-            for (int r = 0; r < NR; r++) {
-                sw[r] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_maskz_loadu_ps(ix.step_mask[s], g0 + r * gs)));
-                if constexpr (NT == 1 && NR >= 4) _mm_prefetch(reinterpret_cast<const char*>(g0 + (r + 16) * gs), _MM_HINT_T0);
-            }
-        }
-        for (int t = 0; t < NT; t++) {
-            const __m512i xa = _mm512_loadu_si512(xv + t * X.stride + k), xb = _mm512_loadu_si512(xv + t * X.stride + k + 32);
-            const __m512 dv = _mm512_loadu_ps(xl + t * ls + 16 * s);
-            for (int r = 0; r < NR; r++) {
-                const __m512i i = dot_s16(dot_s16(_mm512_setzero_si512(), lo[r], xa), hi[r], xb);
-                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), W.group ? _mm512_mul_ps(dv, sw[r]) : dv, acc[t][r]);
-            }
-        }
-    };
-    const int full = W.cols / 64;
-    for (int s = 0; s < full; s++) step(s, std::false_type());
-    if (full * 64 < W.cols) step(full, std::true_type());
-    float sums[NT][NR];
-    reduce_tile<NT, NR>(acc, sums);
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = W.group ? sums[t][r] : sums[t][r] * W.scales[r0 + r];
-}
-
-// int4 x rounded x: 128 columns (64 bytes, 4 blocks) a step. A mask of the bytes gives each block's
-// even columns (low nibbles) in its 128-bit lane, a shift and mask the odd ones. x comes as two
-// int8 digits, v = 128 h + l, in the same order (digits), so vpdpbusd (unsigned nibbles x signed
-// digits) twice per digit and 128 * sum(q h) + sum(q l) leave block j's exact integer sum in lanes
-// 4j..4j+3, scaled once per step by the block's d times its group's scale. Per group,
-// sum x*w = s * sum x*q + m * sum x (minimums) or s * sum x*q - s*z * sum x (zero points): the
-// second terms go in at the end, 16 groups at a time, from the sums of rounded x per group (gsum).
-// cols is a multiple of the group.
-template <int NT, int NR, bool kMins>
-inline void tile_i4(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
-    const QuantizedX& X = *ix.x;
-    const size_t ws = size_t(W.stride) / 2, gs = size_t(W.stride) / W.group;  // bytes, groups per row
-    const int ng = W.cols / W.group;
-    const uint8_t* w = static_cast<const uint8_t*>(W.data) + r0 * ws;
-    const float* sc = W.scales + r0 * gs;
-    const size_t ls = size_t(X.stride) / 128 * 16, xs = size_t(X.stride) * 2;
-    const int8_t* xd = X.digits.data() + size_t(t0) * xs;
-    const float* xl = X.lanes4.data() + size_t(t0) * ls;
-    const float* xsum = ix.gsum + size_t(t0) * ng;
-    const __m512i nib = _mm512_set1_epi8(0x0f);
-    __m512 acc[NT][NR];
-    zero_tile<NT, NR>(acc);
-    auto step = [&](int s, auto masked) {
-        const int k = 128 * s;
-        __m512i lo[NR], hi[NR];
-        __m512 sw[NR];
-        const __m512i idx = _mm512_loadu_si512(ix.step_idx + 16 * s);
-        const float* g0 = sc + k / W.group;
-        for (int r = 0; r < NR; r++) {
-            const uint8_t* p = w + r * ws + k / 2;
-            const __m512i b = masked ? _mm512_maskz_loadu_epi8((1ull << ((W.cols - k) / 2)) - 1, p) : _mm512_loadu_si512(p);
-            lo[r] = _mm512_and_si512(b, nib);
-            hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
-            // Masked loads cost far more than plain ones here; a full step of group 32 has 4 scales.
-            const __m128 s4 = !masked && W.group == 32 ? _mm_loadu_ps(g0 + r * gs) : _mm_maskz_loadu_ps(ix.step_mask[s], g0 + r * gs);
-            sw[r] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
-            if constexpr (NT == 1 && NR == 4) {  // decode: rows, scales and minimums 4 tiles ahead
-                _mm_prefetch(reinterpret_cast<const char*>(p + 16 * ws), _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char*>(g0 + (r + 16) * gs), _MM_HINT_T0);
-                if constexpr (kMins) _mm_prefetch(reinterpret_cast<const char*>(W.mins + (r0 + r + 16) * gs + k / W.group), _MM_HINT_T0);
-            }
-        }
-        for (int t = 0; t < NT; t++) {
-            const int8_t* p = xd + t * xs + 2 * k;
-            const __m512i eh = _mm512_loadu_si512(p), oh = _mm512_loadu_si512(p + 64);
-            const __m512i el = _mm512_loadu_si512(p + 128), ol = _mm512_loadu_si512(p + 192);
-            const __m512 dv = _mm512_loadu_ps(xl + t * ls + 16 * s);
-            for (int r = 0; r < NR; r++) {
-                const __m512i h = dot_u8s8(dot_u8s8(_mm512_setzero_si512(), lo[r], eh), hi[r], oh);
-                const __m512i l = dot_u8s8(dot_u8s8(_mm512_setzero_si512(), lo[r], el), hi[r], ol);
-                const __m512i i = _mm512_add_epi32(_mm512_slli_epi32(h, 7), l);
-                acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, sw[r]), acc[t][r]);
-            }
-        }
-    };
-    const int full = W.cols / 128;
-    for (int s = 0; s < full; s++) step(s, std::false_type());
-    if (full * 128 < W.cols) step(full, std::true_type());
-    const uint8_t* zp = kMins ? nullptr : W.zeros + r0 * gs;
-    const float* mp = kMins ? W.mins + r0 * gs : nullptr;
-    for (int g = 0; g < ng; g += kLanes) {  // acc -= s * z * xsum (or += m * xsum), 16 groups per step
-        const bool full = ng - g >= kLanes;
-        const __mmask16 m = full ? __mmask16(0xffff) : __mmask16((1u << (ng - g)) - 1);
-        for (int r = 0; r < NR; r++) {
-            if constexpr (kMins) {
-                const float* mr = mp + r * gs + g;
-                const __m512 mn = full ? _mm512_loadu_ps(mr) : _mm512_maskz_loadu_ps(m, mr);
-                for (int t = 0; t < NT; t++) {
-                    const float* xg = xsum + t * ng + g;
-                    acc[t][r] = _mm512_fmadd_ps(mn, full ? _mm512_loadu_ps(xg) : _mm512_maskz_loadu_ps(m, xg), acc[t][r]);
-                }
-                continue;
-            }
-            __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + r * gs + g),
-                                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zp + r * gs + g))));
-            for (int t = 0; t < NT; t++)
-                acc[t][r] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(m, xsum + t * ng + g), acc[t][r]);
-        }
-    }
-    float sums[NT][NR];
-    reduce_tile<NT, NR>(acc, sums);
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t][r];
-}
-#else
-// Portable path: same tiling, scalar conversion; the compiler vectorises what it can.
-constexpr bool kSplitPairs = false;
-
-template <DType T>
-inline float load_w1(const void* w, size_t k) {
-    if constexpr (T == DType::F32) return static_cast<const float*>(w)[k];
-    else if constexpr (T == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(w)[k]);
-    else return f16_to_f32(static_cast<const uint16_t*>(w)[k]);
-}
-
-template <DType T, int NT, int NR, bool kPrefetch>
-inline void tile(float* out, size_t out_stride, const float* x, size_t x_stride, const uint8_t* w,
-                 size_t w_stride, int cols) {
-    float acc[NT][NR] = {};
-    for (int k = 0; k < cols; k++) {
-        for (int r = 0; r < NR; r++) {
-            float wv = load_w1<T>(w + r * w_stride, size_t(k));
-            for (int t = 0; t < NT; t++) acc[t][r] += x[t * x_stride + k] * wv;
-        }
-    }
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = acc[t][r];
-}
-
-// int8 / int4 on the portable path: the same arithmetic as the AVX-512 tiles, one value at a time:
-// per 32-column block an integer sum of x's v times w's q, scaled by the block's d (and the
-// group's scale), then int4's minimum or zero-point terms from the group sums of rounded x.
-template <int NT, int NR>
-inline void tile_i8(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
-    const QuantizedX& X = *ix.x;
-    const int blocks = X.stride / 32;
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) {
-            const int8_t* w = static_cast<const int8_t*>(W.data) + size_t(r0 + r) * W.stride;
-            const int16_t* xq = X.v.data() + size_t(t0 + t) * X.stride;
-            const float* d = X.d.data() + size_t(t0 + t) * blocks;
-            float acc = 0.0f;
-            for (int k0 = 0; k0 < W.cols; k0 += 32) {
-                int s = 0;
-                for (int k = k0; k < std::min(W.cols, k0 + 32); k++) s += int(xq[k]) * int(w[k]);
-                const float scale = W.group ? W.scales[size_t(r0 + r) * (W.stride / W.group) + k0 / W.group] : 1.0f;
-                acc += float(s) * (d[k0 / 32] * scale);
-            }
-            out[t * out_stride + r] = W.group ? acc : acc * W.scales[r0 + r];
-        }
-}
-
-template <int NT, int NR, bool kMins>
-inline void tile_i4(float* out, size_t out_stride, const IntX& ix, int t0, const Weight& W, int r0) {
-    const QuantizedX& X = *ix.x;
-    const int blocks = X.stride / 32, ng = W.cols / W.group;
-    const size_t gs = size_t(W.stride) / W.group;
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < NR; r++) {
-            const uint8_t* w = static_cast<const uint8_t*>(W.data) + size_t(r0 + r) * (W.stride / 2);
-            const int16_t* xq = X.v.data() + size_t(t0 + t) * X.stride;
-            const float* d = X.d.data() + size_t(t0 + t) * blocks;
-            const float* sc = W.scales + (r0 + r) * gs;
-            float acc = 0.0f;
-            for (int k0 = 0; k0 < W.cols; k0 += 32) {
-                int s = 0;
-                for (int k = k0; k < k0 + 32; k++) s += int(xq[k]) * (k % 2 ? w[k / 2] >> 4 : w[k / 2] & 0xf);
-                acc += float(s) * (d[k0 / 32] * sc[k0 / W.group]);
-            }
-            const float* xsum = ix.gsum + size_t(t0 + t) * ng;
-            for (int g = 0; g < ng; g++)
-                acc += kMins ? W.mins[(r0 + r) * gs + g] * xsum[g] : -(sc[g] * float(W.zeros[(r0 + r) * gs + g])) * xsum[g];
-            out[t * out_stride + r] = acc;
-        }
-}
-#endif
-
-// x[n][cols] rearranged for tile_step_bf16_pairs: each full 32-column block becomes its even
-// columns then its odd ones; the columns after the last full block stay in place.
-void split_pairs(const float* x, int n, int cols, std::vector<float>& out) {
-    out.resize(size_t(n) * cols);
-    for (int t = 0; t < n; t++) {
-        const float* xt = x + size_t(t) * cols;
-        float* ot = out.data() + size_t(t) * cols;
-        int k = 0;
-        for (; k + 32 <= cols; k += 32)
-            for (int i = 0; i < 16; i++) {
-                ot[k + i] = xt[k + 2 * i];
-                ot[k + 16 + i] = xt[k + 2 * i + 1];
-            }
-        for (; k < cols; k++) ot[k] = xt[k];
-    }
-}
-
-// sum a[i] * b[i]; explicit lanes because the compiler may not reorder a float reduction.
-inline float dot(const float* a, const float* b, int n) {
-#ifdef FASTGEN_AVX512
-    __m512 acc = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + kLanes <= n; i += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    if (i < n) {
-        __mmask16 m = __mmask16((1u << (n - i)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-#else
-    float s = 0.0f;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-#endif
-}
-
-// out[p] = a . rows[p] for p < len, each summed exactly as dot() sums it (16 at a time through
-// reduce16, which keeps _mm512_reduce_add_ps's order).
-inline void dots(const float* a, const float* const* rows, int len, int n, float* out) {
-#ifdef FASTGEN_AVX512
-    int p = 0;
-    for (; p + 16 <= len; p += 16) {
-        __m512 acc[16];
-        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
-        int i = 0;
-        for (; i + kLanes <= n; i += kLanes) {
-            const __m512 av = _mm512_loadu_ps(a + i);
-            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(av, _mm512_loadu_ps(rows[p + j] + i), acc[j]);
-        }
-        if (i < n) {
-            const __mmask16 m = __mmask16((1u << (n - i)) - 1);
-            const __m512 av = _mm512_maskz_loadu_ps(m, a + i);
-            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, rows[p + j] + i), acc[j]);
-        }
-        alignas(64) float lanes[16];
-        _mm512_store_ps(lanes, reduce16(acc));
-        for (int j = 0; j < 16; j++) out[p + j] = lanes[4 * (j % 4) + j / 4];
-    }
-    for (; p < len; p++) out[p] = dot(a, rows[p], n);
-#else
-    for (int p = 0; p < len; p++) out[p] = dot(a, rows[p], n);
-#endif
-}
-
-// out[d] = sum over p < len of a[p] * rows[p][d], for d < n: the weighted sum of value rows, in
-// position order, 64 columns at a time in registers (accumulating into memory per position was
-// bound by its loads and stores: a third of a batched decode step).
-inline void weighted_rows(const float* a, const float* const* rows, int len, int n, float* out) {
-#ifdef FASTGEN_AVX512
-    for (int d0 = 0; d0 < n; d0 += 4 * kLanes) {
-        const int chunks = std::min(4, (n - d0 + kLanes - 1) / kLanes);
-        const __mmask16 tail = (n - d0) % kLanes ? __mmask16((1u << ((n - d0) % kLanes)) - 1) : __mmask16(0xffff);
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        const int full = std::min(4, (n - d0) / kLanes);  // chunks without a tail: plain loads
-        for (int p = 0; p < len; p++) {
-            const __m512 ap = _mm512_set1_ps(a[p]);
-            const float* r = rows[p] + d0;
-            for (int j = 0; j < full; j++) acc[j] = _mm512_fmadd_ps(ap, _mm512_loadu_ps(r + j * kLanes), acc[j]);
-            if (full < chunks) acc[full] = _mm512_fmadd_ps(ap, _mm512_maskz_loadu_ps(tail, r + full * kLanes), acc[full]);
-        }
-        for (int j = 0; j < chunks; j++) {
-            const __mmask16 m = d0 + (j + 1) * kLanes <= n ? __mmask16(0xffff) : tail;
-            _mm512_mask_storeu_ps(out + d0 + j * kLanes, m, acc[j]);
-        }
-    }
-#else
-    std::fill(out, out + n, 0.0f);
-    for (int p = 0; p < len; p++)
-        for (int d = 0; d < n; d++) out[d] += a[p] * rows[p][d];
-#endif
-}
-
-// NT tokens x NR rows starting at row r: the tile for format T.
-template <DType T, int NT, int NR, bool kPrefetch>
-inline void tile_at(float* out, const float* x, const Weight& W, int t0, int r, const IntX& ix) {
-    float* o = out + size_t(t0) * W.rows + r;
-    const float* xt = x + size_t(t0) * W.cols;
-    if constexpr (T == DType::I8) {
-        tile_i8<NT, NR>(o, W.rows, ix, t0, W, r);
-    } else if constexpr (T == DType::U8) {
-        if (W.mins) tile_i4<NT, NR, true>(o, W.rows, ix, t0, W, r);
-        else tile_i4<NT, NR, false>(o, W.rows, ix, t0, W, r);
-    } else {
-        const size_t ws = size_t(W.stride) * dtype_size(T);
-        tile<T, NT, NR, kPrefetch>(o, W.rows, xt, W.cols, static_cast<const uint8_t*>(W.data) + r * ws, ws, W.cols);
-    }
-}
-
-// Rows [r0, r1) for tokens [t0, t0 + NT): full NT x 4 tiles, then the row tail one row at a time.
-// The first token tile of a block streams its rows from memory, so it prefetches the next tile's
-// rows; later token tiles find the block in L2, where prefetching into L1 measured much slower
-// (n = 64: 79 -> 155+ ms). Larger tiles (8x2, 8x3, 6x4) measured slower too (BENCHMARKS.md).
-template <DType T, int NT>
-inline void rows_for_tokens(float* out, const float* x, const Weight& W, int t0, int r0, int r1, const IntX& ix) {
-    // int8 decode: 8-row tiles (its loop is bound by instructions, not memory: +7-9% decode, +40%
-    // on one thread in a microbenchmark); the rest 4 rows.
-    constexpr int NR = T == DType::I8 && NT == 1 ? 8 : 4;
-    int r = r0;
-    if (NT > 1 && t0 == 0)
-        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, true>(out, x, W, t0, r, ix);
-    else
-        for (; r + NR <= r1; r += NR) tile_at<T, NT, NR, false>(out, x, W, t0, r, ix);
-    if constexpr (NR > 4)
-        for (; r + 4 <= r1; r += 4) tile_at<T, NT, 4, false>(out, x, W, t0, r, ix);
-    for (; r < r1; r++) tile_at<T, NT, 1, false>(out, x, W, t0, r, ix);
-}
-
-// Rows [r0, r1) of out[n][W.rows] for all n tokens: 4-token tiles, then the token tail.
-template <DType T>
-void matmul_rows(float* out, const float* x, const Weight& W, int n, int r0, int r1, const IntX& ix) {
-    int t = 0;
-    if constexpr (T == DType::U8) {  // int4: 2-token tiles (4 x 4 spilled its 28+ live vectors)
-        for (; t + 2 <= n; t += 2) rows_for_tokens<T, 2>(out, x, W, t, r0, r1, ix);
-    } else {
-        for (; t + 4 <= n; t += 4) rows_for_tokens<T, 4>(out, x, W, t, r0, r1, ix);
-    }
-    switch (n - t) {
-        case 3: rows_for_tokens<T, 3>(out, x, W, t, r0, r1, ix); break;
-        case 2: rows_for_tokens<T, 2>(out, x, W, t, r0, r1, ix); break;
-        case 1: rows_for_tokens<T, 1>(out, x, W, t, r0, r1, ix); break;
-        default: break;
-    }
-}
-
 // One matmul ready to run a row block at a time, so that several matmuls of one input share a
 // parallel region (matmul_qkv, ffn_gate_up): on 2 cores a small model's decode is bound by the
-// fork/barrier of each region, not by bandwidth. x is in the layout W's kernels read (split_pairs
-// for bf16), ix what int8/int4 kernels read.
+// fork/barrier of each region, not by bandwidth.
 struct RowBlocks {
-    float* out;
-    const float* x;
-    const Weight* w;
-    IntX ix;
-    int n, block, n_blocks;
+    MatmulArgs a;
+    int block, n_blocks;
 
     // Row blocks small enough that a block of weights stays in L2 while every token tile uses it
     // (at most 64 rows at decode), as many as a multiple of the threads, and of equal size: with
     // blocks of the largest size, a 768-row int4 matrix at prefill was 680 + 88 rows, one thread
     // idle most of the time.
-    RowBlocks(float* out_, const float* x_, const Weight& w_, int n_, const IntX& ix_)
-        : out(out_), x(x_), w(&w_), ix(ix_), n(n_) {
-        const size_t row_bytes = w_.dtype == DType::U8 ? size_t(w_.cols) / 2 : size_t(w_.cols) * dtype_size(w_.dtype);
-        const int largest = n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
+    explicit RowBlocks(const MatmulArgs& a_) : a(a_) {
+        const Weight& w = *a.w;
+        const size_t row_bytes = w.dtype == DType::U8 ? size_t(w.cols) / 2 : size_t(w.cols) * dtype_size(w.dtype);
+        const int largest = a.n == 1 ? 64 : std::max<int>(4, int((256 * 1024) / row_bytes) / 4 * 4);
         const int threads = omp_get_max_threads();
-        const int blocks = ((w_.rows + largest - 1) / largest + threads - 1) / threads * threads;
-        block = ((w_.rows + blocks - 1) / blocks + 3) / 4 * 4;
-        n_blocks = (w_.rows + block - 1) / block;
+        const int blocks = ((w.rows + largest - 1) / largest + threads - 1) / threads * threads;
+        block = ((w.rows + blocks - 1) / blocks + 3) / 4 * 4;
+        n_blocks = (w.rows + block - 1) / block;
     }
     // Rows [r0, r1), or the rows of block b; the same arithmetic per row whatever the range.
-    void run_rows(int r0, int r1) const {
-        switch (w->dtype) {
-            case DType::F32: matmul_rows<DType::F32>(out, x, *w, n, r0, r1, ix); break;
-            case DType::BF16: matmul_rows<DType::BF16>(out, x, *w, n, r0, r1, ix); break;
-            case DType::F16: matmul_rows<DType::F16>(out, x, *w, n, r0, r1, ix); break;
-            case DType::I8: matmul_rows<DType::I8>(out, x, *w, n, r0, r1, ix); break;
-            case DType::U8: matmul_rows<DType::U8>(out, x, *w, n, r0, r1, ix); break;
-            default: assert(false && "matmul: unsupported weight dtype");
-        }
-    }
-    void run(int b) const { run_rows(b * block, std::min(w->rows, (b + 1) * block)); }
+    void run_rows(int r0, int r1) const { HWY_DYNAMIC_DISPATCH(cpu_kernels::MatmulRows)(a, r0, r1); }
+    void run(int b) const { run_rows(b * block, std::min(a.w->rows, (b + 1) * block)); }
 };
 
 // silu(h) * up over rows [r0, r1) of h and up [n][rows], in place in h.
@@ -729,10 +879,13 @@ struct CpuOps final : Ops {
     void zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
 
     // The forms of one input x that its matmuls' kernels read, each made at most once per x
-    // (matmul_qkv and ffn_gate_up run several matmuls of one x): bf16 reads x in split_pairs layout
-    // (AVX-512), int8 and int4 read it rounded to int8 (x_q_).
+    // (matmul_qkv and ffn_gate_up run several matmuls of one x): f32/f16 read it zero-padded to
+    // whole steps, bf16 in even/odd halves (PrepFloatX), int8 and int4 rounded (x_q_, in the
+    // layout of each).
     struct XForms {
-        const float* split = nullptr;
+        const float* floats = nullptr;  // PrepFloatX's x, for f32/f16 (`pairs` false) or bf16
+        bool pairs = false;
+        size_t stride = 0;
         bool quantized = false;
     };
 
@@ -741,36 +894,35 @@ struct CpuOps final : Ops {
     RowBlocks prepare(float* out, const float* x, const Weight& w, int n, int slot, XForms& xf) {
         assert(w.dtype == DType::F32 || w.dtype == DType::BF16 || w.dtype == DType::F16 || w.dtype == DType::I8 ||
                w.dtype == DType::U8);
-        IntX ix;
+        MatmulArgs a{out, x, size_t(w.cols), &w, IntX{}, n};
         if (w.dtype == DType::I8 || w.dtype == DType::U8) {
             assert(w.group == 0 || (w.group % 32 == 0 && w.cols % w.group == 0 && w.stride % w.group == 0));
             assert(w.dtype == DType::I8 || (w.group > 0 && (w.zeros == nullptr) != (w.mins == nullptr)));
             if (!xf.quantized) x_q_.make(x, n, w.cols);
             xf.quantized = true;
             assert(x_q_.n == n && x_q_.cols == w.cols);
-            ix.x = &x_q_;
+            a.ix.x = &x_q_;
             if (w.dtype == DType::U8) {
+                HWY_DYNAMIC_DISPATCH(cpu_kernels::PrepInt4)(&x_q_);
                 group_sums(x_q_, w.group, x_gsum_[slot]);
-                ix.gsum = x_gsum_[slot].data();
+                a.ix.gsum = x_gsum_[slot].data();
+            } else {
+                HWY_DYNAMIC_DISPATCH(cpu_kernels::PrepInt8)(&x_q_);
             }
-#ifdef FASTGEN_AVX512
-            if (w.dtype == DType::U8) x_q_.make_int4_layout();
-            else x_q_.make_int8_layout();
             if (w.group) {
-                grouped_steps(w.cols, w.group, w.dtype == DType::U8 ? 128 : 64, step_idx_[slot], step_mask_[slot]);
-                ix.step_idx = step_idx_[slot].data();
-                ix.step_mask = step_mask_[slot].data();
+                HWY_DYNAMIC_DISPATCH(cpu_kernels::BuildSteps)(w.cols, w.group, w.dtype == DType::U8, &steps_[slot]);
+                a.ix.steps = &steps_[slot];
             }
-#endif
+            return RowBlocks(a);
         }
-        if (kSplitPairs && w.dtype == DType::BF16) {
-            if (!xf.split) {
-                split_pairs(x, n, w.cols, x_split_);
-                xf.split = x_split_.data();
-            }
-            x = xf.split;
+        const bool pairs = w.dtype == DType::BF16;
+        if (!xf.floats || xf.pairs != pairs) {
+            xf.floats = HWY_DYNAMIC_DISPATCH(cpu_kernels::PrepFloatX)(w.dtype, x, n, w.cols, &x_float_[pairs], &xf.stride);
+            xf.pairs = pairs;
         }
-        return RowBlocks(out, x, w, n, ix);
+        a.x = xf.floats;
+        a.x_stride = xf.stride;
+        return RowBlocks(a);
     }
 
     void matmul(float* out, const float* x, const Weight& w, int n) override {
@@ -811,15 +963,10 @@ struct CpuOps final : Ops {
     }
 
     void rmsnorm(float* out, const float* x, const float* weight, int n, int dim, float eps) override {
-#pragma omp parallel for schedule(static) if (n > 1)
-        for (int t = 0; t < n; t++) {
-            const float* xt = x + size_t(t) * dim;
-            float* ot = out + size_t(t) * dim;
-            float ss = 0.0f;
-            for (int i = 0; i < dim; i++) ss += xt[i] * xt[i];
-            float scale = 1.0f / std::sqrt(ss / float(dim) + eps);
-            for (int i = 0; i < dim; i++) ot[i] = xt[i] * scale * weight[i];
-        }
+        if (n == 1) return HWY_DYNAMIC_DISPATCH(cpu_kernels::Rmsnorm)(out, x, weight, 1, dim, eps);
+#pragma omp parallel for schedule(static)
+        for (int t = 0; t < n; t++)
+            HWY_DYNAMIC_DISPATCH(cpu_kernels::Rmsnorm)(out + size_t(t) * dim, x + size_t(t) * dim, weight, 1, dim, eps);
     }
 
     // Rotations, then the copies into the cache (f32 on the CPU).
@@ -856,7 +1003,7 @@ struct CpuOps final : Ops {
     // Attention, split along the sequence (flash-decoding on the CPU): work items are (token, KV
     // head, chunk of kAttnChunk positions), so a decode step of a few KV heads still fills every
     // core; the query heads that share a KV head (GQA) read each cached K and V row once. Per
-    // chunk: scores (16 positions at a time, summed like dot()), the chunk's max, exp, its sum
+    // chunk: scores (N positions at a time, each summed like DotOne), the chunk's max, exp, its sum
     // and the unnormalised weighted sum of values; then per (token, KV head) the chunks combine in
     // order. The chunking depends on the position alone, so a token's result is the same
     // operation sequence whatever the batch.
@@ -905,14 +1052,15 @@ struct CpuOps final : Ops {
                 }
                 for (int g = 0; g < group; g++) {
                     float* sg = scores.data() + size_t(g) * len;
-                    dots(qg + g * hd, rows, len, hd, sg);
+                    HWY_DYNAMIC_DISPATCH(cpu_kernels::Dots)(qg + g * hd, rows, len, hd, sg);
                     mx[g] = -INFINITY;
                     for (int p = 0; p < len; p++) mx[g] = std::max(mx[g], sg[p] *= scale);
                     float s = 0.0f;
                     for (int p = 0; p < len; p++) s += (sg[p] = std::exp(sg[p] - mx[g]));
                     sum[g] = s;
                 }
-                for (int g = 0; g < group; g++) weighted_rows(scores.data() + size_t(g) * len, vrows, len, hd, o + g * hd);
+                for (int g = 0; g < group; g++)
+                    HWY_DYNAMIC_DISPATCH(cpu_kernels::WeightedRows)(scores.data() + size_t(g) * len, vrows, len, hd, o + g * hd);
             }
             // Combine each (token, query head)'s chunks: rescale to the largest max, then normalise.
 #pragma omp for schedule(static)
@@ -939,11 +1087,10 @@ struct CpuOps final : Ops {
     std::vector<int> attn_first_;   // scratch: per token, its first attention work item
     std::vector<float> attn_part_;  // scratch: per work item, partial outputs, maxima and sums
 
-    std::vector<float> x_split_;  // scratch: x in split_pairs layout for bf16 weights
-    QuantizedX x_q_;                  // scratch: x rounded to int8 for int8/int4 weights
-    std::vector<float> x_gsum_[3];     // scratch per slot: int4 group sums of rounded x
-    std::vector<int32_t> step_idx_[3];  // scratch per slot: grouped_steps tables
-    std::vector<uint8_t> step_mask_[3];
+    std::vector<float> x_float_[2];  // scratch: PrepFloatX's x for f32/f16 [0] and bf16 [1]
+    QuantizedX x_q_;                 // scratch: x rounded for int8/int4 weights
+    std::vector<float> x_gsum_[3];   // scratch per slot: int4 group sums of rounded x
+    StepTable steps_[3];             // scratch per slot: BuildSteps tables
 
     void add(float* x, const float* y, size_t n) override {
         for (size_t i = 0; i < n; i++) x[i] += y[i];
@@ -1229,3 +1376,4 @@ Ops* cuda_ops(int) {
                 "use --device cpu");
 }
 #endif
+#endif  // HWY_ONCE

@@ -215,6 +215,16 @@ class Buffer {
 // The CPU backend (kernels_cpu.cpp). threads <= 0: OpenMP's default.
 Ops* cpu_ops(int threads);
 
+// The CPU backend's SIMD target (Highway's, lower case: "avx3_dl" = AVX-512 with VNNI, "avx3" =
+// AVX-512, "avx2", "sse4", "neon"): the one its kernels run, chosen at start for this CPU.
+std::string cpu_simd_target();
+// The targets this build compiled that this CPU runs, best first.
+std::vector<std::string> cpu_simd_targets();
+// Runs the kernels on `name` from now on ("auto" or "": the best again); false with the reason in
+// *why when this build or CPU cannot run it. (Kernels' results depend on the target: call it
+// before work, not between the steps of one.)
+bool cpu_set_simd_target(const std::string& name, std::string* why);
+
 // The CUDA backend (kernels.cu), one per process, on `device` (a tensor-parallel rank's own GPU,
 // tp.h rank_device); throws Error saying why when this build has no CUDA, the device does not
 // exist, or the backend is already on another device.
