@@ -116,6 +116,8 @@ using V16 = hn::Vec<D16>;
 using D8 = hn::Repartition<int8_t, DF>;    // 4N int8
 using DU8 = hn::Repartition<uint8_t, DF>;  // 4N uint8
 constexpr size_t N = hn::MaxLanes(DF());
+// HWY_UNROLL(16) on the loops over a tile's tokens and rows: fully unrolled, its arrays of
+// vectors live in registers (unrolled partly, GCC kept them on the stack: int4 decode -20%).
 
 // Vector registers: 32 on AVX-512 and NEON, 16 on SSE4/AVX2; the prefill tiles are sized to fit.
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL || HWY_ARCH_ARM
@@ -157,12 +159,15 @@ HWY_INLINE void SumLanes(const VF (&v)[J], float* out) {
 }
 
 // The first `bytes` bytes at p as a vector of D's lanes, the rest zero, reading nothing past them:
-// row tails. AVX2 and AVX-512 load whole 32-bit lanes under a mask (vpmaskmovd / masked loads
-// never fault past the mask); elsewhere, or for a byte count that is not a multiple of 4, a
-// zero-padded copy.
+// row tails. AVX-512 loads bytes under a mask, AVX2 whole 32-bit lanes (masked loads never fault
+// past the mask); elsewhere, or on AVX2 for a byte count that is not a multiple of 4, a
+// zero-padded copy (its store and reload cost a store-forwarding stall).
 template <class D>
 HWY_INLINE hn::Vec<D> LoadTailBytes(D d, const void* p, size_t bytes) {
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3  // AVX-512: masks of single bytes
+    const hn::Repartition<uint8_t, D> du8;
+    return hn::BitCast(d, hn::MaskedLoad(hn::FirstN(du8, bytes), du8, static_cast<const uint8_t*>(p)));
+#elif HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
     if (bytes % 4 == 0) {
         const hn::Repartition<uint32_t, D> du;
         return hn::BitCast(d, hn::MaskedLoad(hn::FirstN(du, bytes / 4), du, static_cast<const uint32_t*>(p)));
@@ -285,10 +290,13 @@ const float* PrepFloatX(DType T, const float* x, int n, int cols, std::vector<fl
             std::memcpy(ot, xt, sizeof(float) * size_t(cols));
             continue;
         }
-        for (size_t k = 0; k < size_t(cols); k++) {
-            const size_t b = k / step * step, i = k - b;
-            ot[b + (i % 2) * N + i / 2] = xt[k];
-        }
+        size_t b = 0;
+        for (; b + step <= size_t(cols); b += step)
+            for (size_t i = 0; i < N; i++) {
+                ot[b + i] = xt[b + 2 * i];
+                ot[b + N + i] = xt[b + 2 * i + 1];
+            }
+        for (size_t k = b; k < size_t(cols); k++) ot[b + (k - b) % 2 * N + (k - b) / 2] = xt[k];
     }
     return buf->data();
 }
@@ -308,18 +316,22 @@ HWY_INLINE void FloatSteps(VF (&acc)[NT * NR], const float* x, size_t xs, const 
         const DU du;
         const auto high = hn::Set(du, 0xffff0000u);
         VF even[NR], odd[NR];
+        HWY_UNROLL(16)
         for (int r = 0; r < NR; r++) {
             const uint8_t* p = w + r * ws + k * es;
             const auto v = kTail ? LoadTailBytes(du, p, bytes) : hn::LoadU(du, reinterpret_cast<const uint32_t*>(p));
             even[r] = hn::BitCast(d, hn::ShiftLeft<16>(v));
             odd[r] = hn::BitCast(d, hn::And(v, high));
         }
+        HWY_UNROLL(16)
         for (int t = 0; t < NT; t++) {
             const VF xe = hn::LoadU(d, x + t * xs + k), xo = hn::LoadU(d, x + t * xs + k + N);
+            HWY_UNROLL(16)
             for (int r = 0; r < NR; r++) acc[t * NR + r] = hn::MulAdd(xo, odd[r], hn::MulAdd(xe, even[r], acc[t * NR + r]));
         }
     } else {
         VF wv[NR];
+        HWY_UNROLL(16)
         for (int r = 0; r < NR; r++) {
             const uint8_t* p = w + r * ws + k * es;
             if constexpr (T == DType::F32) {
@@ -329,8 +341,10 @@ HWY_INLINE void FloatSteps(VF (&acc)[NT * NR], const float* x, size_t xs, const 
                 wv[r] = hn::PromoteTo(d, kTail ? LoadTailBytes(dh, p, bytes) : hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(p)));
             }
         }
+        HWY_UNROLL(16)
         for (int t = 0; t < NT; t++) {
             const VF xv = hn::LoadU(d, x + t * xs + k);
+            HWY_UNROLL(16)
             for (int r = 0; r < NR; r++) acc[t * NR + r] = hn::MulAdd(xv, wv[r], acc[t * NR + r]);
         }
     }
@@ -347,23 +361,28 @@ HWY_INLINE void FloatTile(float* out, size_t out_stride, const float* x, size_t 
                           int cols) {
     constexpr size_t S = FloatStep(T), es = T == DType::F32 ? 4 : 2;
     VF acc[NT * NR];
+    HWY_UNROLL(16)
     for (auto& a : acc) a = hn::Zero(DF());
     size_t k = 0;
     for (; k + S <= size_t(cols); k += S) {
         if constexpr (P == kNextTile)
+            HWY_UNROLL(16)
             for (int r = 0; r < NR; r++) hwy::Prefetch(w + (NR + r) * ws + k * es);
         // bf16 decode: rows 4 tiles ahead, once per cache line (bf16 110m decode 158 -> 187 tok/s
         // on AVX-512). f32 measured slower with it: its longer rows keep the hardware prefetcher
         // ahead on its own.
         if constexpr (P == kAhead)
             if ((k * es) % 64 == 0)
+                HWY_UNROLL(16)
                 for (int r = 0; r < NR; r++) hwy::Prefetch(w + (16 + r) * ws + k * es);
         FloatSteps<T, NT, NR, false>(acc, x, xs, w, ws, k, 0);
     }
     if (k < size_t(cols)) FloatSteps<T, NT, NR, true>(acc, x, xs, w, ws, k, (size_t(cols) - k) * es);
     float sums[NT * NR];
     SumLanes(acc, sums);
+    HWY_UNROLL(16)
     for (int t = 0; t < NT; t++)
+        HWY_UNROLL(16)
         for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t * NR + r];
 }
 
@@ -376,16 +395,35 @@ HWY_INLINE void FloatTile(float* out, size_t out_stride, const float* x, size_t 
 template <size_t K>
 HWY_INLINE VI PairDots(const V16 (&a)[K], const V16 (&b)[K]) {
     const DI di;
+// Pairs of operands go to separate accumulators, added at the end (integers: the same sums), so
+// the chain of dependent multiply-adds is two long, not K.
 #if HWY_TARGET == HWY_AVX3_DL
-    __m512i s = hn::Zero(di).raw;
-    for (size_t j = 0; j < K; j++) asm("vpdpwssd %2, %1, %0" : "+v"(s) : "v"(a[j].raw), "v"(b[j].raw));
-    return VI{s};
+    __m512i s[2] = {hn::Zero(di).raw, hn::Zero(di).raw};
+    HWY_UNROLL(16)
+    for (size_t j = 0; j < K; j++) asm("vpdpwssd %2, %1, %0" : "+v"(s[j / 2 % 2]) : "v"(a[j].raw), "vm"(b[j].raw));
+    return hn::Add(VI{s[0]}, VI{s[1]});
 #else
-    VI s0 = hn::Zero(di), s1 = hn::Zero(di);
-    for (size_t j = 0; j < K; j++) s0 = hn::ReorderWidenMulAccumulate(di, a[j], b[j], s0, s1);
-    return hn::RearrangeToOddPlusEven(s0, s1);
+    VI s0[2] = {hn::Zero(di), hn::Zero(di)}, s1[2] = {hn::Zero(di), hn::Zero(di)};
+    HWY_UNROLL(16)
+    for (size_t j = 0; j < K; j++) s0[j / 2 % 2] = hn::ReorderWidenMulAccumulate(di, a[j], b[j], s0[j / 2 % 2], s1[j / 2 % 2]);
+    return hn::Add(hn::RearrangeToOddPlusEven(s0[0], s1[0]), hn::RearrangeToOddPlusEven(s0[1], s1[1]));
 #endif
 }
+
+#if HWY_TARGET == HWY_AVX3_DL
+// int4 with VNNI: the nibbles (even columns lo, odd hi) against x's int8 digits (PrepInt4),
+// vpdpbusd's 4 unsigned x signed byte products per lane: 128 * sum(q h) + sum(q l), exact, lanes
+// 4j..4j+3 summing block j as PairDots' do. Half the multiply instructions of the 16-bit words
+// and no interleaving (AVX-512 int4 decode and prefill measured 15-20% faster this way).
+HWY_INLINE VI DigitDots(hn::Vec<DU8> lo, hn::Vec<DU8> hi, const hn::Vec<D8> (&x)[4]) {
+    __m512i h = _mm512_setzero_si512(), l = _mm512_setzero_si512();
+    asm("vpdpbusd %2, %1, %0" : "+v"(h) : "v"(lo.raw), "v"(x[0].raw));
+    asm("vpdpbusd %2, %1, %0" : "+v"(l) : "v"(lo.raw), "v"(x[2].raw));
+    asm("vpdpbusd %2, %1, %0" : "+v"(h) : "v"(hi.raw), "v"(x[1].raw));
+    asm("vpdpbusd %2, %1, %0" : "+v"(l) : "v"(hi.raw), "v"(x[3].raw));
+    return hn::Add(hn::ShiftLeft<7>(VI{h}), VI{l});
+}
+#endif
 
 // The integer kernels' steps. int8: 4N columns (one vector of weight bytes); each byte goes to a
 // 16-bit word as 256 w by interleaving under a zero byte, within each 128-bit block j: columns
@@ -433,9 +471,21 @@ void PrepInt4(QuantizedX* X) {
         for (size_t s = 0; s < steps; s++) {
             const int16_t* v = X->v.data() + t * stride + s * kStepI4;
             int16_t* o = X->v4.data() + t * stride + s * kStepI4;
+#if HWY_TARGET == HWY_AVX3_DL
+            // VNNI (StepI4): v = 128 h + l as int8 digits, l in [-64, 63], in the 256 bytes of the
+            // step's words: h of the even columns, h of the odd ones, l of the even, l of the odd.
+            int8_t* o8 = reinterpret_cast<int8_t*>(o);
+            for (size_t i = 0; i < kStepI4 / 2; i++)
+                for (size_t odd = 0; odd < 2; odd++) {
+                    const int x = v[2 * i + odd], h = (x + 64) >> 7;
+                    o8[64 * odd + i] = int8_t(h);
+                    o8[128 + 64 * odd + i] = int8_t(x - 128 * h);
+                }
+#else
             for (size_t q = 0; q < 4; q++)
                 for (size_t j = 0; j < N / 4; j++)
                     for (size_t i = 0; i < 8; i++) o[q * 2 * N + 8 * j + i] = v[32 * j + size_t(kBase[q]) + 2 * i];
+#endif
             for (size_t l = 0; l < N; l++)
                 X->lanes4[(t * steps + s) * N + l] = X->d[t * blocks + size_t(LaneColumnI4(s, l)) / 32];
         }
@@ -490,9 +540,13 @@ HWY_INLINE StepScales PlanScales(const StepTable& st, size_t s, int ng) {
     return p;
 }
 
-// Each lane's group scale, for a row whose group scales start at sc.
-HWY_INLINE VF RowScales(const StepScales& p, const StepTable& st, size_t s, const float* sc) {
+// Each lane's group scale, for a row whose group scales start at sc. kStep: the step's columns;
+// a step inside one 32-column block sees one group (AVX2's and SSE4's int8, SSE4's int4), and the
+// plan is not looked at.
+template <size_t kStep>
+HWY_INLINE VF RowScales(const StepScales& p, const StepTable& st, size_t s, const float* sc, int group) {
     const DF d;
+    if constexpr (kStep <= 32) return hn::Set(d, sc[s * kStep / size_t(group)]);
     const float* g = sc + p.first;
     if (p.distinct == 1) return hn::Set(d, g[0]);
     if (p.distinct == 2) return hn::IfThenElse(p.lead, hn::Set(d, g[0]), hn::Set(d, g[1]));
@@ -513,28 +567,24 @@ HWY_INLINE void StepI8(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, cons
     const D16 d16;
     const D8 d8;
     const size_t k = s * kStepI8;
-    V16 lo[NR], hi[NR];
-    VF sw[NR];
-    for (int r = 0; r < NR; r++) {
+    StepScales plan{};
+    if (kStepI8 > 32 && W.group) plan = PlanScales(*ix.steps, s, W.cols / W.group);
+    HWY_UNROLL(16)
+    for (int r = 0; r < NR; r++) {  // row by row: a row's vectors live only while its tokens use them
         const int8_t* p = w + r * ws + k;
         const auto b = kTail ? LoadTailBytes(d8, p, bytes) : hn::LoadU(d8, p);
-        lo[r] = hn::BitCast(d16, hn::InterleaveLower(d8, hn::Zero(d8), b));
-        hi[r] = hn::BitCast(d16, hn::InterleaveUpper(d8, hn::Zero(d8), b));
+        const V16 q[2] = {hn::BitCast(d16, hn::InterleaveLower(d8, hn::Zero(d8), b)),
+                          hn::BitCast(d16, hn::InterleaveUpper(d8, hn::Zero(d8), b))};
         if constexpr (NT == 1 && NR >= 4 && !kTail)
             if (k % 64 == 0) hwy::Prefetch(p + 16 * ws);
-    }
-    if (W.group) {
-        const StepScales plan = PlanScales(*ix.steps, s, W.cols / W.group);
-        for (int r = 0; r < NR; r++) sw[r] = RowScales(plan, *ix.steps, s, sc + r * gs);
-    }
-    for (int t = 0; t < NT; t++) {
-        const int16_t* p = xv + t * xs + k;
-        const V16 xa = hn::LoadU(d16, p), xb = hn::LoadU(d16, p + 2 * N);
-        const VF dv = hn::LoadU(d, xl + t * ls + s * N);
-        for (int r = 0; r < NR; r++) {
-            const V16 a[2] = {lo[r], hi[r]}, x[2] = {xa, xb};
-            const VF sums = hn::ConvertTo(d, PairDots(a, x));
-            acc[t * NR + r] = hn::MulAdd(sums, W.group ? hn::Mul(dv, sw[r]) : dv, acc[t * NR + r]);
+        const VF sw = W.group ? RowScales<kStepI8>(plan, *ix.steps, s, sc + r * gs, W.group) : hn::Set(d, 1.0f);
+        HWY_UNROLL(16)
+        for (int t = 0; t < NT; t++) {
+            const int16_t* px = xv + t * xs + k;
+            const V16 x[2] = {hn::LoadU(d16, px), hn::LoadU(d16, px + 2 * N)};
+            const VF dv = hn::LoadU(d, xl + t * ls + s * N);
+            const VF sums = hn::ConvertTo(d, PairDots(q, x));
+            acc[t * NR + r] = hn::MulAdd(sums, W.group ? hn::Mul(dv, sw) : dv, acc[t * NR + r]);
         }
     }
 }
@@ -553,6 +603,7 @@ HWY_INLINE void TileI8(float* out, size_t out_stride, const IntX& ix, int t0, co
     const int16_t* xv = X.v8.data() + size_t(t0) * xs;
     const float* xl = X.lanes8.data() + size_t(t0) * ls;
     VF acc[NT * NR];
+    HWY_UNROLL(16)
     for (auto& a : acc) a = hn::Zero(DF());
     const size_t full = size_t(W.cols) / kStepI8;
     for (size_t s = 0; s < full; s++) StepI8<NT, NR, false>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, s, 0);
@@ -560,13 +611,25 @@ HWY_INLINE void TileI8(float* out, size_t out_stride, const IntX& ix, int t0, co
         StepI8<NT, NR, true>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) - full * kStepI8);
     float sums[NT * NR];
     SumLanes(acc, sums);
+    HWY_UNROLL(16)
     for (int t = 0; t < NT; t++)
+        HWY_UNROLL(16)
         for (int r = 0; r < NR; r++)
             out[t * out_stride + r] = W.group ? sums[t * NR + r] : sums[t * NR + r] * W.scales[r0 + r];
 }
 
 // `len` (<= N) floats from p into the lanes, the rest zero.
 HWY_INLINE VF LoadUpTo(const float* p, size_t len) { return len == N ? hn::LoadU(DF(), p) : LoadTail(p, len); }
+
+// Decode's int4 prefetch, once per cache line of the row: the row, its scales and its minimums
+// 16 rows ahead.
+template <bool kMins>
+HWY_INLINE void PrefetchI4(const Weight& W, int row, const uint8_t* p, size_t ws, const float* sc, size_t gs, size_t k) {
+    if (k % 128) return;
+    hwy::Prefetch(p + 16 * ws);
+    hwy::Prefetch(sc + 16 * gs + k / W.group);
+    if constexpr (kMins) hwy::Prefetch(W.mins + (size_t(row) + 16) * gs + k / W.group);
+}
 
 // One step of the int4 tile: NR rows of 4N bytes (8N columns) at column k (the tail: `bytes`),
 // against NT tokens' x; decode prefetches rows, scales and minimums 16 rows ahead.
@@ -580,35 +643,58 @@ HWY_INLINE void StepI4(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, int 
     const hn::Repartition<uint16_t, DF> du16;
     const size_t k = s * kStepI4;
     const auto nib = hn::Set(du8, uint8_t(0x0f));
-    const StepScales plan = PlanScales(*ix.steps, s, W.cols / W.group);
-    V16 e0[NR], e1[NR], o0[NR], o1[NR];
+    StepScales plan{};
+    if (kStepI4 > 32) plan = PlanScales(*ix.steps, s, W.cols / W.group);
+#if HWY_TARGET == HWY_AVX3_DL
+    // Rows first, then each token's digits once against every row (the digits are 4 vectors a
+    // token, the nibbles 2 a row: 2 x 4 tiles fit the registers).
+    hn::Vec<DU8> lo[NR], hi[NR];
     VF sw[NR];
+    HWY_UNROLL(16)
     for (int r = 0; r < NR; r++) {
         const uint8_t* p = w + r * ws + k / 2;
         const auto b = kTail ? LoadTailBytes(du8, p, bytes) : hn::LoadU(du8, p);
-        const auto lo = hn::And(b, nib), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, b))), nib);
-        e0[r] = hn::BitCast(d16, hn::InterleaveLower(du8, lo, hn::Zero(du8)));
-        e1[r] = hn::BitCast(d16, hn::InterleaveUpper(du8, lo, hn::Zero(du8)));
-        o0[r] = hn::BitCast(d16, hn::InterleaveLower(du8, hi, hn::Zero(du8)));
-        o1[r] = hn::BitCast(d16, hn::InterleaveUpper(du8, hi, hn::Zero(du8)));
-        sw[r] = RowScales(plan, *ix.steps, s, sc + r * gs);
-        if constexpr (NT == 1 && NR == 4 && !kTail)
-            if (k % 128 == 0) {
-                hwy::Prefetch(p + 16 * ws);
-                hwy::Prefetch(sc + (r + 16) * gs + plan.first);
-                if constexpr (kMins) hwy::Prefetch(W.mins + (r0 + r + 16) * gs + plan.first);
-            }
+        lo[r] = hn::And(b, nib);
+        hi[r] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, b))), nib);
+        sw[r] = RowScales<kStepI4>(plan, *ix.steps, s, sc + r * gs, W.group);
+        if constexpr (NT == 1 && NR == 4 && !kTail) PrefetchI4<kMins>(W, r0 + r, p, ws, sc + r * gs, gs, k);
     }
+    HWY_UNROLL(16)
     for (int t = 0; t < NT; t++) {
-        const int16_t* p = xv + t * xs + k;
-        const V16 x[4] = {hn::LoadU(d16, p), hn::LoadU(d16, p + 2 * N), hn::LoadU(d16, p + 4 * N), hn::LoadU(d16, p + 6 * N)};
+        const int8_t* px = reinterpret_cast<const int8_t*>(xv + t * xs + k);
+        const hn::Vec<D8> x[4] = {hn::LoadU(D8(), px), hn::LoadU(D8(), px + 64), hn::LoadU(D8(), px + 128),
+                                  hn::LoadU(D8(), px + 192)};
         const VF dv = hn::LoadU(d, xl + t * ls + s * N);
+        HWY_UNROLL(16)
         for (int r = 0; r < NR; r++) {
-            const V16 q[4] = {e0[r], e1[r], o0[r], o1[r]};
-            const VF sums = hn::ConvertTo(d, PairDots(q, x));
+            const VF sums = hn::ConvertTo(d, DigitDots(lo[r], hi[r], x));
             acc[t * NR + r] = hn::MulAdd(sums, hn::Mul(dv, sw[r]), acc[t * NR + r]);
         }
     }
+#else
+    (void)d16;
+    HWY_UNROLL(16)
+    for (int r = 0; r < NR; r++) {  // row by row: a row's vectors live only while its tokens use them
+        const uint8_t* p = w + r * ws + k / 2;
+        const auto b = kTail ? LoadTailBytes(du8, p, bytes) : hn::LoadU(du8, p);
+        const auto lo = hn::And(b, nib), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, b))), nib);
+        const V16 q[4] = {hn::BitCast(d16, hn::InterleaveLower(du8, lo, hn::Zero(du8))),
+                          hn::BitCast(d16, hn::InterleaveUpper(du8, lo, hn::Zero(du8))),
+                          hn::BitCast(d16, hn::InterleaveLower(du8, hi, hn::Zero(du8))),
+                          hn::BitCast(d16, hn::InterleaveUpper(du8, hi, hn::Zero(du8)))};
+        const VF sw = RowScales<kStepI4>(plan, *ix.steps, s, sc + r * gs, W.group);
+        if constexpr (NT == 1 && NR == 4 && !kTail) PrefetchI4<kMins>(W, r0 + r, p, ws, sc + r * gs, gs, k);
+        HWY_UNROLL(16)
+        for (int t = 0; t < NT; t++) {
+            const int16_t* px = xv + t * xs + k;
+            const V16 x[4] = {hn::LoadU(d16, px), hn::LoadU(d16, px + 2 * N), hn::LoadU(d16, px + 4 * N),
+                              hn::LoadU(d16, px + 6 * N)};
+            const VF dv = hn::LoadU(d, xl + t * ls + s * N);
+            const VF sums = hn::ConvertTo(d, PairDots(q, x));
+            acc[t * NR + r] = hn::MulAdd(sums, hn::Mul(dv, sw), acc[t * NR + r]);
+        }
+    }
+#endif
 }
 
 // int4 x rounded x, NT tokens x NR rows from row r0: per step four vectors of q words against x's
@@ -628,6 +714,7 @@ HWY_INLINE void TileI4(float* out, size_t out_stride, const IntX& ix, int t0, co
     const int16_t* xv = X.v4.data() + size_t(t0) * xs;
     const float* xl = X.lanes4.data() + size_t(t0) * ls;
     VF acc[NT * NR];
+    HWY_UNROLL(16)
     for (auto& a : acc) a = hn::Zero(d);
     const size_t full = size_t(W.cols) / kStepI4;
     for (size_t s = 0; s < full; s++) StepI4<NT, NR, kMins, false>(acc, ix, W, r0, w, ws, sc, gs, xv, xs, xl, ls, s, 0);
@@ -636,15 +723,18 @@ HWY_INLINE void TileI4(float* out, size_t out_stride, const IntX& ix, int t0, co
     const float* xsum = ix.gsum + size_t(t0) * ng;
     for (int g = 0; g < ng; g += int(N)) {  // acc -= s * z * xsum (or += m * xsum), N groups a step
         const size_t len = std::min(N, size_t(ng - g));
+        HWY_UNROLL(16)
         for (int r = 0; r < NR; r++) {
             VF m;
             if constexpr (kMins) {
                 m = LoadUpTo(W.mins + (r0 + r) * gs + g, len);
             } else {
-                alignas(64) float z[N] = {};
-                for (size_t i = 0; i < len; i++) z[i] = float(W.zeros[(r0 + r) * gs + g + i]);
-                m = hn::Mul(LoadUpTo(sc + r * gs + g, len), hn::Load(d, z));
+                const hn::Rebind<uint8_t, DI> dz;
+                const uint8_t* zp = W.zeros + (r0 + r) * gs + g;
+                const auto z = len == N ? hn::LoadU(dz, zp) : LoadTailBytes(dz, zp, len);
+                m = hn::Mul(LoadUpTo(sc + r * gs + g, len), hn::ConvertTo(d, hn::PromoteTo(DI(), z)));
             }
+            HWY_UNROLL(16)
             for (int t = 0; t < NT; t++) {
                 const VF xg = LoadUpTo(xsum + t * ng + g, len);
                 acc[t * NR + r] = kMins ? hn::MulAdd(m, xg, acc[t * NR + r]) : hn::NegMulAdd(m, xg, acc[t * NR + r]);
@@ -653,7 +743,9 @@ HWY_INLINE void TileI4(float* out, size_t out_stride, const IntX& ix, int t0, co
     }
     float sums[NT * NR];
     SumLanes(acc, sums);
+    HWY_UNROLL(16)
     for (int t = 0; t < NT; t++)
+        HWY_UNROLL(16)
         for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t * NR + r];
 }
 
@@ -674,11 +766,17 @@ HWY_INLINE void TileAt(const MatmulArgs& a, int t0, int r) {
     }
 }
 
-// Rows per tile: decode 4 (int8 on AVX-512: 8, its loop is bound by instructions, not memory:
-// +7-9% decode), prefill 4 where 32 registers hold the tile, else 2.
+// Tile shapes. Decode: 4 rows (int8 with 32 registers: 8, its loop is bound by instructions, not
+// memory: +7-9% decode). Prefill, tokens x rows: the floats 4 x 4 with 32 registers, 4 x 2 with 16;
+// int8 4 x 4 / 4 x 1 (4 x 2 spilled its accumulators on AVX2); int4, whose rows unpack to four q vectors each, 4 x 2 / 4 x 1. More tokens per
+// tile share each row's unpacking (int4 at 2 x 4 spilled on AVX-512).
+template <DType T>
+constexpr int PrefillTokens() { return T == DType::U8 && HWY_TARGET == HWY_AVX3_DL ? 2 : 4; }
 template <DType T, int NT>
 constexpr int TileRows() {
     if (NT == 1) return T == DType::I8 && kManyRegisters ? 8 : 4;
+    if (T == DType::U8) return HWY_TARGET == HWY_AVX3_DL ? 4 : kManyRegisters ? 2 : 1;
+    if (T == DType::I8) return kManyRegisters ? 4 : 1;
     return kManyRegisters ? 4 : 2;
 }
 
@@ -686,7 +784,7 @@ constexpr int TileRows() {
 template <DType T, int NT>
 HWY_INLINE void RowsForTokens(const MatmulArgs& a, int t0, int r0, int r1) {
     constexpr int NR = TileRows<T, NT>();
-    constexpr Fetch kStream = NT > 1 ? kNextTile : T == DType::BF16 ? kAhead : kNoPrefetch;
+    constexpr Fetch kStream = NT > 1 ? kNextTile : T != DType::F32 ? kAhead : kNoPrefetch;
     int r = r0;
     if (NT == 1 || t0 == 0)
         for (; r + NR <= r1; r += NR) TileAt<T, NT, NR, kStream>(a, t0, r);
@@ -694,14 +792,15 @@ HWY_INLINE void RowsForTokens(const MatmulArgs& a, int t0, int r0, int r1) {
         for (; r + NR <= r1; r += NR) TileAt<T, NT, NR, kNoPrefetch>(a, t0, r);
     if constexpr (NR > 4)
         for (; r + 4 <= r1; r += 4) TileAt<T, NT, 4, kNoPrefetch>(a, t0, r);
+    if constexpr (NR > 2)
+        for (; r + 2 <= r1; r += 2) TileAt<T, NT, 2, kNoPrefetch>(a, t0, r);
     for (; r < r1; r++) TileAt<T, NT, 1, kNoPrefetch>(a, t0, r);
 }
 
-// Rows [r0, r1) of out[n][W.rows] for all n tokens: token tiles (int4: 2 tokens, whose tile holds
-// four q vectors a row), then the token tail.
+// Rows [r0, r1) of out[n][W.rows] for all n tokens: token tiles, then the token tail.
 template <DType T>
 void MatmulRowsOf(const MatmulArgs& a, int r0, int r1) {
-    constexpr int NT = T == DType::U8 ? 2 : 4;
+    constexpr int NT = PrefillTokens<T>();
     int t = 0;
     for (; t + NT <= a.n; t += NT) RowsForTokens<T, NT>(a, t, r0, r1);
     switch (a.n - t) {

@@ -10,7 +10,7 @@
 // Mixture-of-experts layers are skipped (their products depend on the routing).
 //
 // Build: make build/bench_matmul
-// Usage: build/bench_matmul MODEL.bin [MODEL.bin ...] [--n N (1)] [--threads T (0 = all)] [--rounds R (15)]
+// Usage: build/bench_matmul MODEL.bin [MODEL.bin ...] [--n N (1)] [--threads T (0 = all)] [--rounds R (15)] [--simd TARGET (auto)]
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -27,7 +27,7 @@
 namespace {
 
 int usage() {
-    std::fprintf(stderr, "usage: bench_matmul MODEL.bin [MODEL.bin ...] [--n N (1)] [--threads T (0 = all)] [--rounds R (15)]\n");
+    std::fprintf(stderr, "usage: bench_matmul MODEL.bin [MODEL.bin ...] [--n N (1)] [--threads T (0 = all)] [--rounds R (15)] [--simd TARGET (auto)]\n");
     return 2;
 }
 
@@ -64,6 +64,10 @@ int main(int argc, char** argv) {
         if (a == "--n") n = next();
         else if (a == "--threads") threads = next();
         else if (a == "--rounds") rounds = next();
+        else if (a == "--simd" && i + 1 < argc) {
+            std::string why;
+            if (!cpu_set_simd_target(argv[++i], &why)) { std::fprintf(stderr, "bench_matmul: %s\n", why.c_str()); return 2; }
+        }
         else if (a == "-h" || a == "--help") return usage(), 0;
         else if (!a.empty() && a[0] == '-') { std::fprintf(stderr, "bench_matmul: unknown option %s\n", a.c_str()); return usage(); }
         else paths.push_back(a);
@@ -103,7 +107,7 @@ int main(int argc, char** argv) {
             }
         std::printf("n %d, threads %s, %d rounds; weight bytes read per pass / time\n", n,
                     threads > 0 ? std::to_string(threads).c_str() : "all", rounds);
-        std::printf("%-48s %6s %9s %9s %9s %10s\n", "model", "dtype", "MB", "best ms", "best GB/s", "median GB/s");
+        std::printf("simd %s\n%-48s %6s %9s %9s %9s %10s\n", cpu_simd_target().c_str(), "model", "dtype", "MB", "best ms", "best GB/s", "median GB/s");
         for (const Products& p : all) {
             const double best = *std::min_element(p.seconds.begin(), p.seconds.end());
             std::printf("%-48s %6s %9.1f %9.3f %9.2f %10.2f\n", p.path.c_str(),
