@@ -1,6 +1,7 @@
 // tests/test_main.cpp: the doctest runner for every tests/test_*.cpp file. --simd=NAME (before or
 // among doctest's flags) runs the whole suite on one SIMD target of the CPU kernels (ops.h
-// cpu_simd_targets: .ci/run runs the kernel and model tests once per target the host supports).
+// cpu_simd_targets); --simd=list prints the targets this build and CPU run, best first (.ci/run
+// runs the kernel and model tests once per target).
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
@@ -14,6 +15,10 @@
 int main(int argc, char** argv) {
     std::vector<char*> args;
     for (int i = 0; i < argc; i++) {
+        if (std::strcmp(argv[i], "--simd=list") == 0) {
+            for (const std::string& t : cpu_simd_targets()) std::printf("%s\n", t.c_str());
+            return 0;
+        }
         if (std::strncmp(argv[i], "--simd=", 7) == 0) {
             std::string why;
             if (!cpu_set_simd_target(argv[i] + 7, &why)) {

@@ -130,7 +130,7 @@ TEST_CASE("grouped int8 and int4-with-minimums matmul against double sums of the
                 for (int rows : {1, 7, 13}) {
                     RawMatrix m(f, rows, g * groups, g, unsigned(g * 7 + groups * 3 + rows));
                     for (int n = 1; n <= 9; n++) {
-                        CAPTURE(fmt_name(f));
+                        CAPTURE(std::string(fmt_name(f)));  // a const char* would print as a pointer
                         CAPTURE(g);
                         CAPTURE(groups);
                         CAPTURE(rows);
@@ -144,7 +144,7 @@ TEST_CASE("grouped int8 and int4-with-minimums matmul against double sums of the
         // (66) for several 4-row tiles and a tail, and two row blocks at batch 1.
         RawMatrix m(f, 66, 6 * 32, 32, 5);
         for (int n : {1, 4, 6}) {
-            CAPTURE(fmt_name(f));
+            CAPTURE(std::string(fmt_name(f)));  // a const char* would print as a pointer
             CAPTURE(n);
             check_matmul(m, n, 23, 64, 96);
         }
@@ -168,7 +168,7 @@ TEST_CASE("dequantize_row of the new formats gives the exact values") {
 
 TEST_CASE("new formats: a token's output is bitwise the same alone and in any batch") {
     for (Fmt f : {Fmt::I8Group, Fmt::I4Mins}) {
-        CAPTURE(fmt_name(f));
+        CAPTURE(std::string(fmt_name(f)));  // a const char* would print as a pointer
         RawMatrix m(f, 71, 5 * 32, 32, 11);  // 71 rows: 4-row tiles and a 3-row tail
         const Weight W = m.view();
         const int n = 9;
