@@ -556,19 +556,60 @@ HWY_INLINE VF RowScales(const StepScales& p, const StepTable& st, size_t s, cons
     return hn::Load(d, lanes);
 }
 
+// RowScales for NR rows gs groups apart, with the plan's branch taken once for all of them.
+template <size_t kStep, int NR>
+HWY_INLINE void RowScalesAll(const StepScales& p, const StepTable& st, size_t s, const float* sc, size_t gs, int group,
+                             VF (&sw)[NR]) {
+    const DF d;
+    if (kStep <= 32) {
+        HWY_UNROLL(16)
+        for (int r = 0; r < NR; r++) sw[r] = hn::Set(d, sc[r * gs + s * kStep / size_t(group)]);
+    } else if (p.distinct == 1) {
+        HWY_UNROLL(16)
+        for (int r = 0; r < NR; r++) sw[r] = hn::Set(d, sc[r * gs + size_t(p.first)]);
+    } else if (p.distinct == 2) {
+        HWY_UNROLL(16)
+        for (int r = 0; r < NR; r++)
+            sw[r] = hn::IfThenElse(p.lead, hn::Set(d, sc[r * gs + size_t(p.first)]), hn::Set(d, sc[r * gs + size_t(p.first) + 1]));
+    } else if (p.four) {
+        HWY_UNROLL(16)
+        for (int r = 0; r < NR; r++) sw[r] = hn::TableLookupLanes(LoadFour(d, sc + r * gs + p.first), p.idx);
+    } else {
+        for (int r = 0; r < NR; r++) sw[r] = RowScales<kStep>(p, st, s, sc + r * gs, group);
+    }
+}
+
+// Step s's plan: at group 32 every full step's is step 0's shifted by its groups (`uniform`, made
+// once per tile: the table loads and mask of each step were a tenth of AVX-512 int4 decode).
+template <size_t kStep>
+HWY_INLINE StepScales StepPlan(const IntX& ix, const Weight& W, size_t s, const StepScales* uniform) {
+    if (!uniform) return PlanScales(*ix.steps, s, W.cols / W.group);
+    StepScales p = *uniform;
+    p.first = int(s * (kStep / 32));
+    return p;
+}
+
+// The uniform plan of a group-32 matrix with at least one full step, else null (into *p).
+template <size_t kStep>
+HWY_INLINE const StepScales* UniformPlan(const IntX& ix, const Weight& W, StepScales* p) {
+    if (kStep <= 32 || W.group != 32 || size_t(W.cols) < kStep) return nullptr;
+    *p = PlanScales(*ix.steps, 0, W.cols / W.group);
+    return p;
+}
+
 // One step of the int8 tile: NR rows of 4N weight bytes at column k (the tail step: `bytes` of
-// them), against NT tokens' x. Decode prefetches rows 16 ahead, once per cache line (as StepI4,
-// where it took SmolLM2's shapes from 27 to 42 GB/s on AVX-512; here it measured neutral).
+// them), against NT tokens' x. Decode prefetches rows (and group scales) 16 ahead, once per cache
+// line of the row (as StepI4, where it took SmolLM2's shapes from 27 to 42 GB/s on AVX-512).
 template <int NT, int NR, bool kTail>
 HWY_INLINE void StepI8(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, const int8_t* w, size_t ws,
                        const float* sc, size_t gs, const int16_t* xv, size_t xs, const float* xl, size_t ls, size_t s,
-                       size_t bytes) {
+                       size_t bytes, const StepScales* uniform) {
     const DF d;
     const D16 d16;
     const D8 d8;
     const size_t k = s * kStepI8;
     StepScales plan{};
-    if (kStepI8 > 32 && W.group) plan = PlanScales(*ix.steps, s, W.cols / W.group);
+    if (kStepI8 > 32 && W.group) plan = StepPlan<kStepI8>(ix, W, s, uniform);
     HWY_UNROLL(16)
     for (int r = 0; r < NR; r++) {  // row by row: a row's vectors live only while its tokens use them
         const int8_t* p = w + r * ws + k;
@@ -576,7 +617,10 @@ HWY_INLINE void StepI8(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, cons
         const V16 q[2] = {hn::BitCast(d16, hn::InterleaveLower(d8, hn::Zero(d8), b)),
                           hn::BitCast(d16, hn::InterleaveUpper(d8, hn::Zero(d8), b))};
         if constexpr (NT == 1 && NR >= 4 && !kTail)
-            if (k % 64 == 0) hwy::Prefetch(p + 16 * ws);
+            if (k % 64 == 0) {
+                hwy::Prefetch(p + 16 * ws);
+                if (W.group) hwy::Prefetch(sc + (r + 16) * gs + k / size_t(W.group));
+            }
         const VF sw = W.group ? RowScales<kStepI8>(plan, *ix.steps, s, sc + r * gs, W.group) : hn::Set(d, 1.0f);
         HWY_UNROLL(16)
         for (int t = 0; t < NT; t++) {
@@ -606,9 +650,11 @@ HWY_INLINE void TileI8(float* out, size_t out_stride, const IntX& ix, int t0, co
     HWY_UNROLL(16)
     for (auto& a : acc) a = hn::Zero(DF());
     const size_t full = size_t(W.cols) / kStepI8;
-    for (size_t s = 0; s < full; s++) StepI8<NT, NR, false>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, s, 0);
+    StepScales u;
+    const StepScales* uniform = W.group ? UniformPlan<kStepI8>(ix, W, &u) : nullptr;
+    for (size_t s = 0; s < full; s++) StepI8<NT, NR, false>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, s, 0, uniform);
     if (full * kStepI8 < size_t(W.cols))
-        StepI8<NT, NR, true>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) - full * kStepI8);
+        StepI8<NT, NR, true>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) - full * kStepI8, nullptr);
     float sums[NT * NR];
     SumLanes(acc, sums);
     HWY_UNROLL(16)
@@ -636,7 +682,7 @@ HWY_INLINE void PrefetchI4(const Weight& W, int row, const uint8_t* p, size_t ws
 template <int NT, int NR, bool kMins, bool kTail>
 HWY_INLINE void StepI4(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, int r0, const uint8_t* w, size_t ws,
                        const float* sc, size_t gs, const int16_t* xv, size_t xs, const float* xl, size_t ls, size_t s,
-                       size_t bytes) {
+                       size_t bytes, const StepScales* uniform) {
     const DF d;
     const D16 d16;
     const DU8 du8;
@@ -644,19 +690,19 @@ HWY_INLINE void StepI4(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, int 
     const size_t k = s * kStepI4;
     const auto nib = hn::Set(du8, uint8_t(0x0f));
     StepScales plan{};
-    if (kStepI4 > 32) plan = PlanScales(*ix.steps, s, W.cols / W.group);
+    if (kStepI4 > 32) plan = StepPlan<kStepI4>(ix, W, s, uniform);
 #if HWY_TARGET == HWY_AVX3_DL
     // Rows first, then each token's digits once against every row (the digits are 4 vectors a
     // token, the nibbles 2 a row: 2 x 4 tiles fit the registers).
     hn::Vec<DU8> lo[NR], hi[NR];
     VF sw[NR];
+    RowScalesAll<kStepI4, NR>(plan, *ix.steps, s, sc, gs, W.group, sw);
     HWY_UNROLL(16)
     for (int r = 0; r < NR; r++) {
         const uint8_t* p = w + r * ws + k / 2;
         const auto b = kTail ? LoadTailBytes(du8, p, bytes) : hn::LoadU(du8, p);
         lo[r] = hn::And(b, nib);
         hi[r] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, b))), nib);
-        sw[r] = RowScales<kStepI4>(plan, *ix.steps, s, sc + r * gs, W.group);
         if constexpr (NT == 1 && NR == 4 && !kTail) PrefetchI4<kMins>(W, r0 + r, p, ws, sc + r * gs, gs, k);
     }
     HWY_UNROLL(16)
@@ -672,7 +718,8 @@ HWY_INLINE void StepI4(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, int 
         }
     }
 #else
-    (void)d16;
+    VF sws[NR];
+    RowScalesAll<kStepI4, NR>(plan, *ix.steps, s, sc, gs, W.group, sws);
     HWY_UNROLL(16)
     for (int r = 0; r < NR; r++) {  // row by row: a row's vectors live only while its tokens use them
         const uint8_t* p = w + r * ws + k / 2;
@@ -682,7 +729,7 @@ HWY_INLINE void StepI4(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, int 
                           hn::BitCast(d16, hn::InterleaveUpper(du8, lo, hn::Zero(du8))),
                           hn::BitCast(d16, hn::InterleaveLower(du8, hi, hn::Zero(du8))),
                           hn::BitCast(d16, hn::InterleaveUpper(du8, hi, hn::Zero(du8)))};
-        const VF sw = RowScales<kStepI4>(plan, *ix.steps, s, sc + r * gs, W.group);
+        const VF sw = sws[r];
         if constexpr (NT == 1 && NR == 4 && !kTail) PrefetchI4<kMins>(W, r0 + r, p, ws, sc + r * gs, gs, k);
         HWY_UNROLL(16)
         for (int t = 0; t < NT; t++) {
@@ -717,9 +764,11 @@ HWY_INLINE void TileI4(float* out, size_t out_stride, const IntX& ix, int t0, co
     HWY_UNROLL(16)
     for (auto& a : acc) a = hn::Zero(d);
     const size_t full = size_t(W.cols) / kStepI4;
-    for (size_t s = 0; s < full; s++) StepI4<NT, NR, kMins, false>(acc, ix, W, r0, w, ws, sc, gs, xv, xs, xl, ls, s, 0);
+    StepScales u;
+    const StepScales* uniform = UniformPlan<kStepI4>(ix, W, &u);
+    for (size_t s = 0; s < full; s++) StepI4<NT, NR, kMins, false>(acc, ix, W, r0, w, ws, sc, gs, xv, xs, xl, ls, s, 0, uniform);
     if (full * kStepI4 < size_t(W.cols))
-        StepI4<NT, NR, kMins, true>(acc, ix, W, r0, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) / 2 - full * kStepI4 / 2);
+        StepI4<NT, NR, kMins, true>(acc, ix, W, r0, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) / 2 - full * kStepI4 / 2, nullptr);
     const float* xsum = ix.gsum + size_t(t0) * ng;
     for (int g = 0; g < ng; g += int(N)) {  // acc -= s * z * xsum (or += m * xsum), N groups a step
         const size_t len = std::min(N, size_t(ng - g));
