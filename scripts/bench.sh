@@ -9,8 +9,9 @@
 # token) and prefill tok/s, then a markdown table.
 #
 # Usage: scripts/bench.sh [--sizes 110m,1b] [--dtypes f32,bf16,f16,int8,int4] [--threads N] [--tokens N]
-#                         [--prefill-tokens N] [--runs N] [--dir DIR] [--quick]
-# The same settings as env vars: SIZES, DTYPES, THREADS, TOKENS, PREFILL_TOKENS, RUNS, FASTGEN_BENCH_DIR.
+#                         [--prefill-tokens N] [--runs N] [--simd auto|avx2|...] [--dir DIR] [--quick]
+# The same settings as env vars: SIZES, DTYPES, THREADS, TOKENS, PREFILL_TOKENS, RUNS, SIMD, FASTGEN_BENCH_DIR.
+# --simd: the CPU kernels' SIMD target (generate --simd); the table header names the one that ran.
 # Default dtypes: f32,bf16,f16 for 110m and f32,bf16 for 1b; --dtypes applies to every size.
 # int8 / int4 (group 32) are quantized from the f32 model with `./quantize --quantize-embeddings`.
 # --quick: 110m only, f32 and bf16, 32 new tokens, 64-token prefill, 1 run, small membw pass.
@@ -25,6 +26,7 @@ THREADS=${THREADS:-$(nproc)}
 TOKENS=${TOKENS:-128}
 PREFILL_TOKENS=${PREFILL_TOKENS:-256}
 RUNS=${RUNS:-3}
+SIMD=${SIMD:-auto}
 DIR=${FASTGEN_BENCH_DIR:-/tmp/fastgen-bench}
 MEMBW_ARGS="2048 7"
 PY=/usr/bin/python3
@@ -38,6 +40,7 @@ while [ $# -gt 0 ]; do
         --tokens) TOKENS=$2; shift 2 ;;
         --prefill-tokens) PREFILL_TOKENS=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
+        --simd) SIMD=$2; shift 2 ;;
         --dir) DIR=$2; shift 2 ;;
         --quick) SIZES=110m; DTYPES=${DTYPES:-f32,bf16}; TOKENS=32; PREFILL_TOKENS=64; RUNS=1
                  MEMBW_ARGS="512 3"; shift ;;
@@ -121,9 +124,12 @@ TEXT="The quick brown fox jumps over the lazy dog while the little girl named Li
 LONG_PROMPT=""
 for _ in $(seq 1 $(((PREFILL_TOKENS + 22) / 23))); do LONG_PROMPT+=$TEXT; done  # ~23 tokens a copy
 
-stats() {  # path prompt new_tokens -> the stats line
-    ./generate --checkpoint "$1" --prompt "$2" --max-new-tokens "$3" --temperature 0 --seed 1 \
-        --threads "$THREADS" 2>&1 >/dev/null | grep '^prompt '
+stats() {  # path prompt new_tokens -> the stats line; the SIMD target that ran into $DIR/.simd
+    local out
+    out=$(./generate --checkpoint "$1" --prompt "$2" --max-new-tokens "$3" --temperature 0 --seed 1 \
+        --threads "$THREADS" --simd "$SIMD" 2>&1 >/dev/null)
+    sed -nE 's/.*simd ([a-z0-9_]+).*/\1/p' <<<"$out" | head -1 >"$DIR/.simd"
+    grep '^prompt ' <<<"$out"
 }
 field() { sed -n "s#.*$2.*#\1#p" <<<"$1"; }  # line regex-with-one-group
 median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
@@ -168,6 +174,8 @@ membw
 echo
 echo "read bandwidth (best of two membw passes, $THREADS threads): $BW GB/s. Decode: \"$SHORT_PROMPT\", $TOKENS new"
 echo "tokens, median (and best) of $RUNS runs; % of read bw and the prediction use the median run's GB/s."
+echo "CPU kernels' SIMD target that ran: $(cat "$DIR/.simd" 2>/dev/null || echo '?') (--simd $SIMD; this CPU's flags:" \
+     "$(grep -m1 -o -w 'avx2\|avx512f\|avx512_vnni\|avx_vnni\|asimd' /proc/cpuinfo | sort -u | tr '\n' ' '| sed 's/ $//'))"
 echo "Prefill: a ~$PREFILL_TOKENS-token prompt, median of $RUNS runs."
 echo
 echo "| model | dtype | weight MB | decode tok/s | best tok/s | ms/token | GB/s | % of read bw | predicted tok/s | prefill tok/s |"

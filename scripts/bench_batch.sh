@@ -12,7 +12,8 @@
 #
 # Usage: scripts/bench_batch.sh [--n 64] [--seqs 16] [--prompt-tokens 64] [--mean-output 128]
 #                               [--max-batch-tokens 512] [--model PATH] [--threads N]
-#                               [--modes one,static,static-unpadded,continuous]
+#                               [--modes one,static,static-unpadded,continuous] [--keep DIR]
+# --keep DIR: leave the requests (requests.jsonl) and each mode's results (MODE.jsonl) in DIR.
 # Default model: $FASTGEN_BENCH_DIR/random-110m-bf16.bin (made by scripts/make_random_model.py if missing).
 set -euo pipefail
 
@@ -26,7 +27,8 @@ THREADS=$(nproc)
 MODES=one,static,static-unpadded,continuous
 DIR=${FASTGEN_BENCH_DIR:-/tmp/fastgen-bench}
 MODEL=$DIR/random-110m-bf16.bin
-PY=/usr/bin/python3
+PY=${PYTHON:-/usr/bin/python3}
+KEEP=
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -38,7 +40,8 @@ while [ $# -gt 0 ]; do
         --model) MODEL=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --modes) MODES=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --keep) KEEP=$2; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench_batch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -53,8 +56,12 @@ if [ ! -s "$MODEL" ]; then
 fi
 
 # --- the workload: fixed-length prompts (" the" is one token), exponential output lengths ----------
-WORK=$(mktemp -d /tmp/fastgen-bench-batch.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+if [ -n "$KEEP" ]; then
+    WORK=$KEEP && mkdir -p "$WORK"
+else
+    WORK=$(mktemp -d /tmp/fastgen-bench-batch.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
+fi
 $PY - "$N" "$PROMPT_TOKENS" "$MEAN_OUTPUT" >"$WORK/requests.jsonl" <<'EOF'
 import json, random, sys
 n, prompt_tokens, mean = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])

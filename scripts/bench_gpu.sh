@@ -14,6 +14,7 @@
 #
 # Usage: scripts/bench_gpu.sh [--models llama2-7b,llama3-8b,mixtral] [--dtypes bf16,int8,int4]
 #                             [--tokens N] [--runs N] [--dir DIR]
+# --runs 0 only creates the models (scripts/gpu_session.sh does so in the background).
 # Env: FASTGEN_MODELS (for tokenizer.model; default ../shared/models), FASTGEN_BENCH_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
         --tokens) TOKENS=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --dir) DIR=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench_gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
