@@ -523,22 +523,21 @@ HWY_INLINE hn::Vec<D> LoadFour(D d, const float* p) {
 // a tile: one group (a broadcast), two (two broadcasts and a blend), or up to four consecutive
 // ones (AVX-512 int4 at group 32: one load of four, one permute).
 using IdxF = decltype(hn::SetTableIndices(DF(), static_cast<const int32_t*>(nullptr)));
+alignas(64) constexpr int32_t kNoIndices[16] = {};
 struct StepScales {
-    int first, distinct;
-    bool four;           // distinct > 2: the load of four stays inside the row
-    hn::Mask<DF> lead;   // distinct == 2: the lanes of the first group
-    IdxF idx;            // distinct > 2: each lane's group relative to the first
+    int first = 0, distinct = 1;
+    bool four = false;  // distinct > 2: the load of four stays inside the row
+    hn::Mask<DF> lead;  // distinct == 2: the lanes of the first group
+    IdxF idx;           // distinct > 2: each lane's group relative to the first
+    // Spelled out: an implicit constructor would lack the target's attributes (GCC on Arm refuses
+    // to inline Highway's mask constructor into it).
+    HWY_INLINE StepScales() : lead(hn::FirstN(DF(), 0)), idx(hn::SetTableIndices(DF(), kNoIndices)) {}
+    HWY_INLINE StepScales(const StepTable& st, size_t s, int ng)
+        : first(st.first[s]), distinct(st.distinct[s]), four(N == 16 && distinct > 2 && first + 4 <= ng),
+          lead(hn::FirstN(DF(), size_t(st.split[s]))), idx(hn::SetTableIndices(DF(), &st.idx[s * N])) {}
 };
 
-HWY_INLINE StepScales PlanScales(const StepTable& st, size_t s, int ng) {
-    const DF d;
-    StepScales p;
-    p.first = st.first[s], p.distinct = st.distinct[s];
-    p.four = N == 16 && p.distinct > 2 && p.first + 4 <= ng;
-    p.lead = hn::FirstN(d, size_t(st.split[s]));
-    p.idx = hn::SetTableIndices(d, &st.idx[s * N]);
-    return p;
-}
+HWY_INLINE StepScales PlanScales(const StepTable& st, size_t s, int ng) { return StepScales(st, s, ng); }
 
 // Each lane's group scale, for a row whose group scales start at sc. kStep: the step's columns;
 // a step inside one 32-column block sees one group (AVX2's and SSE4's int8, SSE4's int4), and the
@@ -608,7 +607,7 @@ HWY_INLINE void StepI8(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, cons
     const D16 d16;
     const D8 d8;
     const size_t k = s * kStepI8;
-    StepScales plan{};
+    StepScales plan;
     if (kStepI8 > 32 && W.group) plan = StepPlan<kStepI8>(ix, W, s, uniform);
     HWY_UNROLL(16)
     for (int r = 0; r < NR; r++) {  // row by row: a row's vectors live only while its tokens use them
@@ -689,7 +688,7 @@ HWY_INLINE void StepI4(VF (&acc)[NT * NR], const IntX& ix, const Weight& W, int 
     const hn::Repartition<uint16_t, DF> du16;
     const size_t k = s * kStepI4;
     const auto nib = hn::Set(du8, uint8_t(0x0f));
-    StepScales plan{};
+    StepScales plan;
     if (kStepI4 > 32) plan = StepPlan<kStepI4>(ix, W, s, uniform);
 #if HWY_TARGET == HWY_AVX3_DL
     // Rows first, then each token's digits once against every row (the digits are 4 vectors a
@@ -886,6 +885,27 @@ HWY_EXPORT(PrepInt8);
 HWY_EXPORT(PrepInt4);
 HWY_EXPORT(BuildSteps);
 HWY_EXPORT(MatmulRows);
+
+// The kernels for the target chosen at start (or by cpu_set_simd_target). HWY_DYNAMIC_DISPATCH
+// names the exported function from inside this namespace: where Highway has no run-time dispatch
+// (GCC on Arm) it becomes the static target's namespace prefixed to that name.
+const char* target_name() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+void dots(const float* a, const float* const* rows, int len, int n, float* out) {
+    HWY_DYNAMIC_DISPATCH(Dots)(a, rows, len, n, out);
+}
+void weighted_rows(const float* a, const float* const* rows, int len, int n, float* out) {
+    HWY_DYNAMIC_DISPATCH(WeightedRows)(a, rows, len, n, out);
+}
+void rmsnorm(float* out, const float* x, const float* weight, int n, int dim, float eps) {
+    HWY_DYNAMIC_DISPATCH(Rmsnorm)(out, x, weight, n, dim, eps);
+}
+const float* prep_float_x(DType t, const float* x, int n, int cols, std::vector<float>* buf, size_t* stride) {
+    return HWY_DYNAMIC_DISPATCH(PrepFloatX)(t, x, n, cols, buf, stride);
+}
+void prep_int8(QuantizedX* x) { HWY_DYNAMIC_DISPATCH(PrepInt8)(x); }
+void prep_int4(QuantizedX* x) { HWY_DYNAMIC_DISPATCH(PrepInt4)(x); }
+void build_steps(int cols, int group, bool int4, StepTable* st) { HWY_DYNAMIC_DISPATCH(BuildSteps)(cols, group, int4, st); }
+void matmul_rows(const MatmulArgs& a, int r0, int r1) { HWY_DYNAMIC_DISPATCH(MatmulRows)(a, r0, r1); }
 }  // namespace cpu_kernels
 
 // ---------------------------------------------------------------------------------------------
@@ -907,7 +927,7 @@ std::string lower(std::string s) {
 int64_t g_forced_target = 0;  // 0: the best the CPU runs
 }  // namespace
 
-std::string cpu_simd_target() { return lower(HWY_DYNAMIC_DISPATCH(cpu_kernels::TargetName)()); }
+std::string cpu_simd_target() { return lower(cpu_kernels::target_name()); }
 
 std::vector<std::string> cpu_simd_targets() {
     std::vector<std::string> names;
@@ -996,7 +1016,7 @@ struct RowBlocks {
         n_blocks = (w.rows + block - 1) / block;
     }
     // Rows [r0, r1), or the rows of block b; the same arithmetic per row whatever the range.
-    void run_rows(int r0, int r1) const { HWY_DYNAMIC_DISPATCH(cpu_kernels::MatmulRows)(a, r0, r1); }
+    void run_rows(int r0, int r1) const { cpu_kernels::matmul_rows(a, r0, r1); }
     void run(int b) const { run_rows(b * block, std::min(a.w->rows, (b + 1) * block)); }
 };
 
@@ -1051,21 +1071,21 @@ struct CpuOps final : Ops {
             assert(x_q_.n == n && x_q_.cols == w.cols);
             a.ix.x = &x_q_;
             if (w.dtype == DType::U8) {
-                HWY_DYNAMIC_DISPATCH(cpu_kernels::PrepInt4)(&x_q_);
+                cpu_kernels::prep_int4(&x_q_);
                 group_sums(x_q_, w.group, x_gsum_[slot]);
                 a.ix.gsum = x_gsum_[slot].data();
             } else {
-                HWY_DYNAMIC_DISPATCH(cpu_kernels::PrepInt8)(&x_q_);
+                cpu_kernels::prep_int8(&x_q_);
             }
             if (w.group) {
-                HWY_DYNAMIC_DISPATCH(cpu_kernels::BuildSteps)(w.cols, w.group, w.dtype == DType::U8, &steps_[slot]);
+                cpu_kernels::build_steps(w.cols, w.group, w.dtype == DType::U8, &steps_[slot]);
                 a.ix.steps = &steps_[slot];
             }
             return RowBlocks(a);
         }
         const bool pairs = w.dtype == DType::BF16;
         if (!xf.floats || xf.pairs != pairs) {
-            xf.floats = HWY_DYNAMIC_DISPATCH(cpu_kernels::PrepFloatX)(w.dtype, x, n, w.cols, &x_float_[pairs], &xf.stride);
+            xf.floats = cpu_kernels::prep_float_x(w.dtype, x, n, w.cols, &x_float_[pairs], &xf.stride);
             xf.pairs = pairs;
         }
         a.x = xf.floats;
@@ -1111,10 +1131,10 @@ struct CpuOps final : Ops {
     }
 
     void rmsnorm(float* out, const float* x, const float* weight, int n, int dim, float eps) override {
-        if (n == 1) return HWY_DYNAMIC_DISPATCH(cpu_kernels::Rmsnorm)(out, x, weight, 1, dim, eps);
+        if (n == 1) return cpu_kernels::rmsnorm(out, x, weight, 1, dim, eps);
 #pragma omp parallel for schedule(static)
         for (int t = 0; t < n; t++)
-            HWY_DYNAMIC_DISPATCH(cpu_kernels::Rmsnorm)(out + size_t(t) * dim, x + size_t(t) * dim, weight, 1, dim, eps);
+            cpu_kernels::rmsnorm(out + size_t(t) * dim, x + size_t(t) * dim, weight, 1, dim, eps);
     }
 
     // Rotations, then the copies into the cache (f32 on the CPU).
@@ -1200,7 +1220,7 @@ struct CpuOps final : Ops {
                 }
                 for (int g = 0; g < group; g++) {
                     float* sg = scores.data() + size_t(g) * len;
-                    HWY_DYNAMIC_DISPATCH(cpu_kernels::Dots)(qg + g * hd, rows, len, hd, sg);
+                    cpu_kernels::dots(qg + g * hd, rows, len, hd, sg);
                     mx[g] = -INFINITY;
                     for (int p = 0; p < len; p++) mx[g] = std::max(mx[g], sg[p] *= scale);
                     float s = 0.0f;
@@ -1208,7 +1228,7 @@ struct CpuOps final : Ops {
                     sum[g] = s;
                 }
                 for (int g = 0; g < group; g++)
-                    HWY_DYNAMIC_DISPATCH(cpu_kernels::WeightedRows)(scores.data() + size_t(g) * len, vrows, len, hd, o + g * hd);
+                    cpu_kernels::weighted_rows(scores.data() + size_t(g) * len, vrows, len, hd, o + g * hd);
             }
             // Combine each (token, query head)'s chunks: rescale to the largest max, then normalise.
 #pragma omp for schedule(static)
