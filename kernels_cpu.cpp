@@ -523,7 +523,6 @@ HWY_INLINE hn::Vec<D> LoadFour(D d, const float* p) {
 // a tile: one group (a broadcast), two (two broadcasts and a blend), or up to four consecutive
 // ones (AVX-512 int4 at group 32: one load of four, one permute).
 using IdxF = decltype(hn::SetTableIndices(DF(), static_cast<const int32_t*>(nullptr)));
-alignas(64) constexpr int32_t kNoIndices[16] = {};
 struct StepScales {
     int first = 0, distinct = 1;
     bool four = false;  // distinct > 2: the load of four stays inside the row
@@ -531,7 +530,7 @@ struct StepScales {
     IdxF idx;           // distinct > 2: each lane's group relative to the first
     // Spelled out: an implicit constructor would lack the target's attributes (GCC on Arm refuses
     // to inline Highway's mask constructor into it).
-    HWY_INLINE StepScales() : lead(hn::FirstN(DF(), 0)), idx(hn::SetTableIndices(DF(), kNoIndices)) {}
+    HWY_INLINE StepScales() {}  // lead and idx unset: read only where distinct says so
     HWY_INLINE StepScales(const StepTable& st, size_t s, int ng)
         : first(st.first[s]), distinct(st.distinct[s]), four(N == 16 && distinct > 2 && first + 4 <= ng),
           lead(hn::FirstN(DF(), size_t(st.split[s]))), idx(hn::SetTableIndices(DF(), &st.idx[s * N])) {}
