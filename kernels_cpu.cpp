@@ -54,14 +54,12 @@ struct QuantizedX {
     std::vector<float> lanes8, lanes4;  // per token and kernel step, each lane's block scale d
                                         // (int8: divided by 256, its kernel multiplies by 256 w)
 
-    void make(const float* x, int n_, int cols_) {
+    // Sized for n rows of cols, zero-filled (QuantizeRows rounds x into it).
+    void resize(int n_, int cols_) {
         n = n_, cols = cols_, stride = (cols + 127) / 128 * 128;
-        const int blocks = stride / 32;
         v.assign(size_t(n) * stride, 0);
-        d.assign(size_t(n) * blocks, 0.0f);
+        d.assign(size_t(n) * (stride / 32), 0.0f);
         v8.clear(), v4.clear(), lanes8.clear(), lanes4.clear();
-        for (int t = 0; t < n; t++)
-            quantize_activations(x + size_t(t) * cols, cols, v.data() + size_t(t) * stride, d.data() + size_t(t) * blocks);
     }
 };
 
@@ -384,6 +382,35 @@ HWY_INLINE void FloatTile(float* out, size_t out_stride, const float* x, size_t 
     for (int t = 0; t < NT; t++)
         HWY_UNROLL(16)
         for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t * NR + r];
+}
+
+// quantize_activations (ops.h) for each of X's rows of x, N columns at a time: the same values
+// bitwise (the block maximum is exact in any order; x * (16256 / max) rounds to even as nearbyint
+// does), without its scalar loop (4% of an int4 prefill).
+void QuantizeRows(const float* x, QuantizedX* X) {
+    const DF d;
+    const DI di;
+    constexpr float kMax = 16256.0f;
+    const size_t cols = size_t(X->cols), stride = size_t(X->stride), blocks = stride / 32;
+    for (size_t t = 0; t < size_t(X->n); t++) {
+        const float* xt = x + t * cols;
+        int16_t* vt = X->v.data() + t * stride;
+        for (size_t k0 = 0; k0 < cols; k0 += 32) {
+            const size_t len = std::min<size_t>(32, cols - k0);
+            alignas(64) float buf[32] = {};
+            const float* p = xt + k0;
+            if (len < 32) p = static_cast<const float*>(std::memcpy(buf, p, len * sizeof(float)));
+            VF amax = hn::Zero(d);
+            for (size_t i = 0; i < 32; i += N) amax = hn::Max(amax, hn::Abs(hn::LoadU(d, p + i)));
+            const float m = hn::GetLane(hn::MaxOfLanes(d, amax));
+            X->d[t * blocks + k0 / 32] = m / kMax;
+            const VF inv = hn::Set(d, m > 0.0f ? kMax / m : 0.0f), lim = hn::Set(d, kMax);
+            for (size_t i = 0; i < 32; i += N) {
+                const VF q = hn::Min(hn::Max(hn::Round(hn::Mul(hn::LoadU(d, p + i), inv)), hn::Neg(lim)), lim);
+                hn::StoreU(hn::DemoteTo(hn::Rebind<int16_t, DF>(), hn::ConvertTo(di, q)), hn::Rebind<int16_t, DF>(), vt + k0 + i);
+            }
+        }
+    }
 }
 
 // ---- the integer formats
@@ -880,6 +907,7 @@ HWY_EXPORT(Dots);
 HWY_EXPORT(WeightedRows);
 HWY_EXPORT(Rmsnorm);
 HWY_EXPORT(PrepFloatX);
+HWY_EXPORT(QuantizeRows);
 HWY_EXPORT(PrepInt8);
 HWY_EXPORT(PrepInt4);
 HWY_EXPORT(BuildSteps);
@@ -901,6 +929,7 @@ void rmsnorm(float* out, const float* x, const float* weight, int n, int dim, fl
 const float* prep_float_x(DType t, const float* x, int n, int cols, std::vector<float>* buf, size_t* stride) {
     return HWY_DYNAMIC_DISPATCH(PrepFloatX)(t, x, n, cols, buf, stride);
 }
+void quantize_rows(const float* x, QuantizedX* X) { HWY_DYNAMIC_DISPATCH(QuantizeRows)(x, X); }
 void prep_int8(QuantizedX* x) { HWY_DYNAMIC_DISPATCH(PrepInt8)(x); }
 void prep_int4(QuantizedX* x) { HWY_DYNAMIC_DISPATCH(PrepInt4)(x); }
 void build_steps(int cols, int group, bool int4, StepTable* st) { HWY_DYNAMIC_DISPATCH(BuildSteps)(cols, group, int4, st); }
@@ -1065,7 +1094,10 @@ struct CpuOps final : Ops {
         if (w.dtype == DType::I8 || w.dtype == DType::U8) {
             assert(w.group == 0 || (w.group % 32 == 0 && w.cols % w.group == 0 && w.stride % w.group == 0));
             assert(w.dtype == DType::I8 || (w.group > 0 && (w.zeros == nullptr) != (w.mins == nullptr)));
-            if (!xf.quantized) x_q_.make(x, n, w.cols);
+            if (!xf.quantized) {
+                x_q_.resize(n, w.cols);
+                cpu_kernels::quantize_rows(x, &x_q_);
+            }
             xf.quantized = true;
             assert(x_q_.n == n && x_q_.cols == w.cols);
             a.ix.x = &x_q_;

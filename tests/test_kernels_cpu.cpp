@@ -287,3 +287,34 @@ TEST_CASE("cpu kernels: rmsnorm against double, each row the same alone, on ever
         }
     });
 }
+
+TEST_CASE("cpu kernels: int8 and int4 matmuls round x exactly as quantize_activations does, on every SIMD target") {
+    // W = the identity in per-row int8 (scale 1): out[t][c] = d(block of c) * v[t][c], one rounding,
+    // which equals float(v) * d from ops.h's scalar quantize_activations only if v and d are its own.
+    for_each_target([](const std::string&) {
+        for (int cols : {32, 200, 576}) {
+            CAPTURE(cols);
+            std::vector<int8_t> q(size_t(cols) * cols, 0);
+            for (int c = 0; c < cols; c++) q[size_t(c) * cols + c] = 1;
+            std::vector<float> scales(size_t(cols), 1.0f);
+            Weight w{DType::I8, q.data(), cols, cols, cols, scales.data()};
+            const int n = 3;
+            std::vector<float> x = random_x(n, cols, unsigned(cols));
+            x[5] = 37.5f, x[size_t(cols) + 7] = -1e-3f;  // an outlier; a block of small values
+            for (int c = 0; c < 32; c++) x[size_t(2 * cols + c)] = 0.0f;  // an all-zero block
+            std::vector<float> out(size_t(n) * cols);
+            cpu_ops(0)->matmul(out.data(), x.data(), w, n);
+            const int blocks = (cols + 31) / 32;
+            for (int t = 0; t < n; t++) {
+                std::vector<int16_t> v(size_t(blocks) * 32);
+                std::vector<float> d(static_cast<size_t>(blocks));
+                quantize_activations(x.data() + size_t(t) * cols, cols, v.data(), d.data());
+                for (int c = 0; c < cols; c++) {
+                    const float want = float(v[size_t(c)]) * d[size_t(c / 32)];
+                    if (std::memcmp(&want, &out[size_t(t) * cols + c], 4) != 0)
+                        FAIL_CHECK("token " << t << " column " << c << ": " << out[size_t(t) * cols + c] << " vs " << want);
+                }
+            }
+        }
+    });
+}
