@@ -176,6 +176,18 @@ HWY_INLINE hn::Vec<D> LoadTailBytes(D d, const void* p, size_t bytes) {
     return hn::Load(d, reinterpret_cast<const hn::TFromD<D>*>(buf));
 }
 
+// A tile's results: out[t][r] = the sum of acc[t][r]'s lanes (SumLanes), times row_scale[r] when
+// given (per-row int8).
+template <int NT, int NR>
+HWY_INLINE void StoreSums(const VF (&acc)[NT * NR], float* out, size_t out_stride, const float* row_scale) {
+    float sums[NT * NR];
+    SumLanes(acc, sums);
+    HWY_UNROLL(16)
+    for (int t = 0; t < NT; t++)
+        HWY_UNROLL(16)
+        for (int r = 0; r < NR; r++) out[t * out_stride + r] = row_scale ? sums[t * NR + r] * row_scale[r] : sums[t * NR + r];
+}
+
 // `len` (< N) floats from p, the rest zero: column tails, without reading past the end.
 HWY_INLINE VF LoadTail(const float* p, size_t len) { return LoadTailBytes(DF(), p, len * sizeof(float)); }
 
@@ -376,12 +388,7 @@ HWY_INLINE void FloatTile(float* out, size_t out_stride, const float* x, size_t 
         FloatSteps<T, NT, NR, false>(acc, x, xs, w, ws, k, 0);
     }
     if (k < size_t(cols)) FloatSteps<T, NT, NR, true>(acc, x, xs, w, ws, k, (size_t(cols) - k) * es);
-    float sums[NT * NR];
-    SumLanes(acc, sums);
-    HWY_UNROLL(16)
-    for (int t = 0; t < NT; t++)
-        HWY_UNROLL(16)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t * NR + r];
+    StoreSums<NT, NR>(acc, out, out_stride, nullptr);
 }
 
 // quantize_activations (ops.h) for each of X's rows of x, N columns at a time: the same values
@@ -680,13 +687,7 @@ HWY_INLINE void TileI8(float* out, size_t out_stride, const IntX& ix, int t0, co
     for (size_t s = 0; s < full; s++) StepI8<NT, NR, false>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, s, 0, uniform);
     if (full * kStepI8 < size_t(W.cols))
         StepI8<NT, NR, true>(acc, ix, W, w, ws, sc, gs, xv, xs, xl, ls, full, size_t(W.cols) - full * kStepI8, nullptr);
-    float sums[NT * NR];
-    SumLanes(acc, sums);
-    HWY_UNROLL(16)
-    for (int t = 0; t < NT; t++)
-        HWY_UNROLL(16)
-        for (int r = 0; r < NR; r++)
-            out[t * out_stride + r] = W.group ? sums[t * NR + r] : sums[t * NR + r] * W.scales[r0 + r];
+    StoreSums<NT, NR>(acc, out, out_stride, W.group ? nullptr : W.scales + r0);
 }
 
 // `len` (<= N) floats from p into the lanes, the rest zero.
@@ -815,12 +816,7 @@ HWY_INLINE void TileI4(float* out, size_t out_stride, const IntX& ix, int t0, co
             }
         }
     }
-    float sums[NT * NR];
-    SumLanes(acc, sums);
-    HWY_UNROLL(16)
-    for (int t = 0; t < NT; t++)
-        HWY_UNROLL(16)
-        for (int r = 0; r < NR; r++) out[t * out_stride + r] = sums[t * NR + r];
+    StoreSums<NT, NR>(acc, out, out_stride, nullptr);
 }
 
 // NT tokens x NR rows starting at row r: the tile for format T.

@@ -79,14 +79,6 @@ struct Mat {
     }
 };
 
-std::vector<float> random_x(int n, int cols, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::vector<float> x(size_t(n) * cols);
-    for (float& a : x) a = nd(rng);
-    return x;
-}
-
 bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
 }

@@ -107,14 +107,6 @@ struct Matrix {
     }
 };
 
-std::vector<float> random_x(int n, int cols, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::vector<float> x(size_t(n) * cols);
-    for (float& v : x) v = nd(rng);
-    return x;
-}
-
 // out [n][rows] against double sums of x (rounded as the integer kernels round it) times the exact
 // weights, relative to the sum of |terms| (float accumulation errors scale with it).
 void check_values(const Matrix& m, const std::vector<float>& x, int n, const std::vector<float>& out) {

@@ -81,7 +81,7 @@ struct RawMatrix {
     }
 };
 
-std::vector<float> random_x(int n, int cols, unsigned seed) {
+std::vector<float> uniform_x(int n, int cols, unsigned seed) {
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
     std::vector<float> x(size_t(n) * cols);
@@ -96,7 +96,7 @@ std::vector<float> random_x(int n, int cols, unsigned seed) {
 // the exact x: at most the rounding (|x - xr| <= d/2 per column) times |w| more.
 void check_matmul(const RawMatrix& m, int n_tokens, unsigned seed, int c0 = 0, int ncols = -1) {
     const Weight W = m.view(c0, ncols);
-    std::vector<float> x = random_x(n_tokens, W.cols, seed), out(size_t(n_tokens) * W.rows, NAN);
+    std::vector<float> x = uniform_x(n_tokens, W.cols, seed), out(size_t(n_tokens) * W.rows, NAN);
     const std::vector<double> xr = rounded_activations(x, n_tokens, W.cols);
     cpu_ops(0)->matmul(out.data(), x.data(), W, n_tokens);
     int bad = 0;
@@ -172,7 +172,7 @@ TEST_CASE("new formats: a token's output is bitwise the same alone and in any ba
         RawMatrix m(f, 71, 5 * 32, 32, 11);  // 71 rows: 4-row tiles and a 3-row tail
         const Weight W = m.view();
         const int n = 9;
-        std::vector<float> x = random_x(n, W.cols, 3), batch(size_t(n) * W.rows), alone(size_t(W.rows));
+        std::vector<float> x = uniform_x(n, W.cols, 3), batch(size_t(n) * W.rows), alone(size_t(W.rows));
         cpu_ops(0)->matmul(batch.data(), x.data(), W, n);
         for (int t = 0; t < n; t++) {
             cpu_ops(0)->matmul(alone.data(), x.data() + size_t(t) * W.cols, W, 1);

@@ -118,6 +118,14 @@ std::vector<double> rounded_activations(const std::vector<float>& x, int n, int 
     return out;
 }
 
+std::vector<float> random_x(int n, int cols, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> x(size_t(n) * cols);
+    for (float& v : x) v = nd(rng);
+    return x;
+}
+
 std::vector<int> random_tokens(int n, int vocab, unsigned seed) {
     std::mt19937 rng(seed);
     std::vector<int> t{1};

@@ -37,6 +37,8 @@ void write_model_bin(const TinyWeights& tw, const std::string& path, DType dtype
 std::string quantized_copy(const std::string& path, const std::string& mode);
 // Logits for every position of `tokens` from scripts/reference.py (float64 PyTorch), [n][vocab].
 std::vector<float> reference_logits(const std::string& model_bin, const std::vector<int>& tokens, int vocab);
+// x [n][cols] of standard normal values, deterministic in seed (activations for kernel tests).
+std::vector<float> random_x(int n, int cols, unsigned seed);
 // BOS, then n - 1 random ids below vocab, deterministic in seed.
 std::vector<int> random_tokens(int n, int vocab, unsigned seed);
 // x [n][cols] as the CPU's int8/int4 matmuls multiply it: rounded to 15-bit integers per 32-column block
