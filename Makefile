@@ -27,7 +27,7 @@ CXXFLAGS := -std=c++17 -O3 $(ARCH) -ffp-contract=off -fopenmp -Wall -Wextra -Wer
 LDLIBS   := -lsentencepiece -lpcre2-8 -lhwy -fopenmp $(MPI_LIBS)
 
 # Library code shared by the programs and the tests.
-CORE := common safetensors model kernels_cpu tokenizer bpe sampler convert decode batch tp gguf chat
+CORE := common safetensors model kernels_cpu quantize_rows tokenizer bpe sampler convert decode batch tp gguf chat
 
 # The flags without the CUDA backend's: the emulated CUDA build (below) starts from these.
 CPU_CXXFLAGS := $(CXXFLAGS)
