@@ -23,11 +23,14 @@ MPI_CFLAGS := $(shell mpicxx --showme:compile 2>/dev/null)
 MPI_LIBS   := $(shell mpicxx --showme:link 2>/dev/null || echo -lmpi)
 # -ffp-contract=off: a multiply and an add fuse only where the code says so (batch invariance: no
 # path may get an FMA that another does not). -I.: Highway re-includes kernels_cpu.cpp by name.
-CXXFLAGS := -std=c++17 -O3 $(ARCH) -ffp-contract=off -fopenmp -Wall -Wextra -Werror -MMD -MP -I. $(MPI_CFLAGS)
-LDLIBS   := -lsentencepiece -lpcre2-8 -lhwy -fopenmp $(MPI_LIBS)
+# cpp-httplib (the server): Debian builds it as a library with TLS and compression, and its
+# classes' layout follows these defines, so the code that includes httplib.h must see them too.
+HTTPLIB_CFLAGS := -DCPPHTTPLIB_OPENSSL_SUPPORT -DCPPHTTPLIB_ZLIB_SUPPORT -DCPPHTTPLIB_BROTLI_SUPPORT
+CXXFLAGS := -std=c++17 -O3 $(ARCH) -ffp-contract=off -fopenmp -Wall -Wextra -Werror -MMD -MP -I. $(MPI_CFLAGS) $(HTTPLIB_CFLAGS)
+LDLIBS   := -lsentencepiece -lpcre2-8 -lhwy -lcpp-httplib -pthread -fopenmp $(MPI_LIBS)
 
 # Library code shared by the programs and the tests.
-CORE := common safetensors model kernels_cpu quantize_rows tokenizer bpe sampler convert decode batch tp gguf chat
+CORE := common safetensors model kernels_cpu quantize_rows tokenizer bpe sampler convert decode batch tp gguf chat serve
 
 # The flags without the CUDA backend's: the emulated CUDA build (below) starts from these.
 CPU_CXXFLAGS := $(CXXFLAGS)

@@ -22,6 +22,7 @@ struct BatchRunner::Seq {
     std::unique_ptr<StreamDecoder> dec;  // null without a tokenizer
     size_t max_stop = 0;                 // longest stop string, bytes
     int generated = 0;                   // tokens sampled, EOS included
+    size_t streamed = 0;                 // bytes of res.text handed to on_text
     double t_add = 0, t_first = 0, t_last = 0;
 
     Seq(Request r, int id) : req(std::move(r)), kv_id(id), tokens(req.prompt), sampler(req.sampling, req.seed) {}
@@ -90,11 +91,45 @@ void BatchRunner::finish(std::unique_ptr<Seq> s, const std::string& reason, cons
     if (s->dec && reason != "stop") r.text += s->dec->flush();
     r.finish_reason = reason;
     r.error = error;
+    if (reason != "error" && reason != "cancelled") stream_text(*s, true);
     r.completion_tokens = s->generated;
     if (s->generated > 0) r.ttft_ms = 1e3 * (s->t_first - s->t_add);
     if (s->generated > 1) r.tpot_ms = 1e3 * (s->t_last - s->t_first) / (s->generated - 1);
     stats_.prompt_tokens += r.prompt_tokens;
     if (on_finish_) on_finish_(r);
+}
+
+bool BatchRunner::cancel(const std::string& id) {
+    auto match = [&](const std::unique_ptr<Seq>& p) { return p->req.id == id; };
+    if (auto it = std::find_if(running_.begin(), running_.end(), match); it != running_.end()) {
+        std::unique_ptr<Seq> s = std::move(*it);
+        running_.erase(it);
+        finish(std::move(s), "cancelled");
+        if (running_.empty()) drop_pads();
+        return true;
+    }
+    if (auto it = std::find_if(waiting_.begin(), waiting_.end(), match); it != waiting_.end()) {
+        std::unique_ptr<Seq> s = std::move(*it);
+        waiting_.erase(it);
+        if (opt_.static_batching && s->res.preemptions > 0) group_slots_--;  // its group's slot is not coming back
+        finish(std::move(s), "cancelled");
+        return true;
+    }
+    return false;
+}
+
+void BatchRunner::stream_text(Seq& s, bool all) {
+    if (!on_text_) return;
+    const std::string& text = s.res.text;
+    size_t end = text.size();
+    if (!all) {
+        // Hold back what could be the start of a stop string, and never end inside a character.
+        end = s.max_stop > 0 ? (end >= s.max_stop - 1 ? end - (s.max_stop - 1) : 0) : end;
+        while (end > s.streamed && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) end--;
+    }
+    if (end <= s.streamed) return;
+    on_text_(s.req.id, text.substr(s.streamed, end - s.streamed));
+    s.streamed = end;
 }
 
 bool BatchRunner::emit(Seq& s, int token) {
@@ -104,7 +139,8 @@ bool BatchRunner::emit(Seq& s, int token) {
     s.generated++;
     stats_.output_tokens++;
     // The same order of checks as decode(): EOS, then the token limit, then the context end.
-    if (token == model_.cfg.eos_id && !s.req.ignore_eos) {
+    const bool end_id = std::find(s.req.end_ids.begin(), s.req.end_ids.end(), token) != s.req.end_ids.end();
+    if ((token == model_.cfg.eos_id && !s.req.ignore_eos) || end_id) {
         s.res.finish_reason = "eos";
         return true;
     }
@@ -134,6 +170,7 @@ bool BatchRunner::emit(Seq& s, int token) {
         s.res.finish_reason = "context";
         return true;
     }
+    stream_text(s, false);
     return false;
 }
 

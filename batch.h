@@ -20,6 +20,7 @@ struct Request {
     uint64_t seed = 0;
     std::vector<std::string> stop;  // finish when the text contains one (it is cut from the text)
     bool ignore_eos = false;        // EOS is an ordinary token (benchmarks: fixed output lengths)
+    std::vector<int> end_ids;       // more tokens that end the answer as EOS does (a chat's end of turn)
 };
 
 struct Result {
@@ -28,7 +29,7 @@ struct Result {
     std::string text;         // their text (empty without a tokenizer), cut before a stop string
     int prompt_tokens = 0;
     int completion_tokens = 0;   // tokens sampled, EOS included
-    std::string finish_reason;  // eos | length | stop | context | error
+    std::string finish_reason;  // eos | length | stop | context | error | cancelled
     std::string error;          // why, when finish_reason is error
     double ttft_ms = 0;         // from add() to the first sampled token
     double tpot_ms = 0;         // mean time between later tokens (0 with one token)
@@ -71,7 +72,16 @@ class BatchRunner {
     void add(Request r);  // queued now; its TTFT counts from here
     bool step();          // one scheduling iteration; false when nothing is left to do
     void run() { while (step()) {} }
+    // Ends request `id` (waiting or running) now, its blocks freed, finish_reason "cancelled";
+    // false when no such request is queued or running. Call between steps.
+    bool cancel(const std::string& id);
+    // Streaming: called with each piece of a request's text as it becomes final, so the pieces of
+    // a request add up to its Result's text. Text that could begin a stop string is held back until
+    // it does not (or the request ends), and pieces never split a UTF-8 character.
+    void set_on_text(std::function<void(const std::string& id, const std::string& text)> f) { on_text_ = std::move(f); }
     const BatchStats& stats() const { return stats_; }
+    int running() const { return int(running_.size()); }
+    int waiting() const { return int(waiting_.size()); }
 
   private:
     struct Seq;
@@ -80,6 +90,7 @@ class BatchRunner {
     const Tokenizer* tok_;
     BatchOptions opt_;
     std::function<void(const Result&)> on_finish_;
+    std::function<void(const std::string&, const std::string&)> on_text_;
     std::deque<std::unique_ptr<Seq>> waiting_;
     std::vector<std::unique_ptr<Seq>> running_;  // admission order: the back is the newest
     int next_seq_id_ = 0;
@@ -98,6 +109,7 @@ class BatchRunner {
     void finish(std::unique_ptr<Seq> s, const std::string& reason, const std::string& error = "", bool keep_kv = false);
     void drop_pads();
     bool emit(Seq& s, int token);  // appends a sampled token; true when the sequence is finished
+    void stream_text(Seq& s, bool all);  // on_text_ with the text that is final (all: the rest)
 };
 
 // ---------------------------------------------------------------------------------------------

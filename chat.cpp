@@ -86,3 +86,27 @@ std::vector<int> chat_tokens(const Tokenizer& tok, const ChatStyle& style, const
     }
     return tok.encode_special(text);
 }
+
+std::vector<int> conversation_tokens(const Tokenizer& tok, const ChatStyle& style, int end_id,
+                                     const std::vector<ChatTurn>& turns) {
+    if (turns.empty() || !turns.back().user) throw Error("the last message must be the user's");
+    std::vector<int> ids;
+    for (size_t i = 0; i < turns.size(); i++) {
+        if (turns[i].user != (i % 2 == 0))
+            throw Error(fmt("turn %zu (after any system message): user and assistant messages must alternate, starting with the user's", i));
+        std::vector<int> t;
+        if (turns[i].user) {
+            t = chat_tokens(tok, style, style.user_turn(turns[i].text, i == 0), true);
+        } else {
+            t = chat_tokens(tok, style, turns[i].text, false);
+            t.push_back(end_id);
+            const std::string after = style.after_answer();
+            if (!after.empty()) {
+                std::vector<int> more = chat_tokens(tok, style, after, false);
+                t.insert(t.end(), more.begin(), more.end());
+            }
+        }
+        ids.insert(ids.end(), t.begin(), t.end());
+    }
+    return ids;
+}

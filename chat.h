@@ -38,3 +38,14 @@ struct ChatStyle {
 
 // Tokens of a chat text: special tokens by content become their ids; Llama 2 turns start with BOS.
 std::vector<int> chat_tokens(const Tokenizer& tok, const ChatStyle& style, const std::string& text, bool turn_start);
+
+// A whole conversation (the server's messages) as the model sees it, up to the assistant header
+// of the answer to come: user turns as user_turn, earlier answers closed by `end_id` and
+// after_answer(), exactly as --interactive keeps its history. `turns` alternate user, assistant,
+// ..., user (the system message is style.system); throws Error otherwise.
+struct ChatTurn {
+    bool user;
+    std::string text;
+};
+std::vector<int> conversation_tokens(const Tokenizer& tok, const ChatStyle& style, int end_id,
+                                     const std::vector<ChatTurn>& turns);

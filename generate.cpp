@@ -28,6 +28,7 @@
 #include "model.h"
 #include "ops.h"
 #include "sampler.h"
+#include "serve.h"
 #include "tokenizer.h"
 #include "tp.h"
 
@@ -64,6 +65,10 @@ struct Options {
     std::string system_prompt;
     bool has_system = false;
     std::string chat_template = "auto";  // auto | llama2 | llama3 | chatml
+    // the server: --serve
+    bool serve = false;
+    ServeOptions serve_opt;
+    std::string model_name;  // "model" in requests and answers (default: the checkpoint's file name)
 };
 
 // Picks the backend: --device auto takes CUDA when a GPU is usable, else the CPU; --device cuda
@@ -174,6 +179,29 @@ void generate_one(Model& model, KVCache& kv, const Tokenizer& tok, const std::ve
     }
 }
 
+// The chat layout: --chat-template, else recognised in the model's template (with its default
+// system message), else Llama 2's; --system replaces the system message.
+ChatStyle chat_style(const Model& model, const Options& o) {
+    ChatStyle style{ChatFormat::Llama2, o.system_prompt};
+    if (o.chat_template != "auto") {
+        style.format = parse_chat_format(o.chat_template);
+    } else if (auto f = detect_chat_format(model.chat_template)) {
+        style.format = *f;
+        if (!o.has_system) style.system = template_default_system(model.chat_template);
+    } else {
+        std::fprintf(stderr, "chat: %s; using llama2 (choose with --chat-template)\n",
+                     model.chat_template.empty() ? "the model has no chat template"
+                                                 : "the model's chat template is not one of llama2, llama3, chatml");
+    }
+    return style;
+}
+
+// The token that ends an assistant answer: the format's end-of-turn token, or EOS (Llama 2).
+int end_of_answer_id(const Model& model, const Tokenizer& tok, const ChatStyle& style) {
+    const std::string end_text = style.end_of_answer();
+    return end_text.empty() ? model.cfg.eos_id : chat_tokens(tok, style, end_text, false).at(0);
+}
+
 // --interactive: a chat on stdin/stdout. The conversation's tokens stay in sequence 0 of the KV
 // cache between turns, so each turn prefills only its own new tokens. Under mpirun rank 0 reads
 // the lines and hands them to the other ranks.
@@ -196,9 +224,7 @@ bool read_line(Comm* comm, std::string* line) {
 
 void chat(Model& model, KVCache& kv, const Tokenizer& tok, const ChatStyle& style, const Options& o,
           Sampler& sampler, Comm* comm) {
-    const Config& c = model.cfg;
-    const std::string end_text = style.end_of_answer();
-    const int end_id = end_text.empty() ? c.eos_id : chat_tokens(tok, style, end_text, false).at(0);
+    const int end_id = end_of_answer_id(model, tok, style);
     std::fprintf(stderr, "chat: %s format%s; end of answer: token %d; /reset starts over, /exit or end of input "
                  "quits\n", chat_format_name(style.format),
                  style.system.empty() ? "" : fmt(", system \"%s\"", style.system.c_str()).c_str(), end_id);
@@ -327,6 +353,33 @@ std::set<std::string> finished_ids(const std::string& path) {
     return ids;
 }
 
+// The KV cache (tokens) of many sequences (--prompts-file, --serve): --kv-capacity, else max_seqs
+// full contexts, within ~1 GiB on the CPU, or within 90% of the GPU memory left after the weights
+// and the scratch of the largest step (less 512 MB for the backend's own workspaces).
+int many_sequence_capacity(Model& model, const Options& o, Comm* comm) {
+    if (o.kv_capacity > 0) return o.kv_capacity;
+    const Config& c = model.cfg;
+    model.reserve_scratch(o.max_batch_tokens, o.max_seqs);
+    const double bytes_per_token = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * dtype_size(model.ops()->kv_dtype());
+    const double free = double(model.ops()->free_memory());
+    const double budget = free > 0 ? std::max(0.0, 0.9 * free - 512e6) : double(1ull << 30);
+    const int bound = std::max(c.max_seq_len, int(std::min(budget / bytes_per_token, 1e9)));
+    int capacity = int(std::min<long long>((long long)o.max_seqs * c.max_seq_len, bound));
+    // Each GPU rank's free memory is its own; the ranks must agree on the cache's blocks, or
+    // their schedules (and so their collectives) would part.
+    if (comm) capacity = int(min_over_ranks(capacity));
+    return capacity;
+}
+
+BatchOptions batch_options(const Options& o) {
+    BatchOptions bo;
+    bo.max_batch_tokens = o.max_batch_tokens;
+    bo.max_seqs = o.max_seqs;
+    bo.static_batching = o.batching != "continuous";
+    bo.static_padding = o.batching == "static";
+    return bo;
+}
+
 int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* comm) {
     const Config& c = model.cfg;
     Request defaults;
@@ -372,29 +425,9 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
     if (!out) throw Error(fmt("--output %s: cannot open the file for writing", o.output.c_str()));
     if (o.resume && std::fseek(out, -1, SEEK_END) == 0 && std::fgetc(out) != '\n') std::fputc('\n', out);  // a cut line
 
-    const int context = c.max_seq_len;
-    int capacity = o.kv_capacity;
-    if (capacity == 0) {
-        // max_seqs full contexts, within ~1 GiB on the CPU, or within 90% of the GPU memory left
-        // after the weights and the scratch of the largest step (less 512 MB for the backend's own
-        // workspaces).
-        model.reserve_scratch(o.max_batch_tokens, o.max_seqs);
-        const double bytes_per_token = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * dtype_size(model.ops()->kv_dtype());
-        const double free = double(model.ops()->free_memory());
-        const double budget = free > 0 ? std::max(0.0, 0.9 * free - 512e6) : double(1ull << 30);
-        const int bound = std::max(context, int(std::min(budget / bytes_per_token, 1e9)));
-        capacity = int(std::min<long long>((long long)o.max_seqs * context, bound));
-        // Each GPU rank's free memory is its own; the ranks must agree on the cache's blocks, or
-        // their schedules (and so their collectives) would part.
-        if (comm) capacity = int(min_over_ranks(capacity));
-    }
-    KVCache kv(c, capacity);
+    KVCache kv(c, many_sequence_capacity(model, o, comm));
     print_memory_plan(model, kv);
-    BatchOptions bo;
-    bo.max_batch_tokens = o.max_batch_tokens;
-    bo.max_seqs = o.max_seqs;
-    bo.static_batching = o.batching != "continuous";
-    bo.static_padding = o.batching == "static";
+    const BatchOptions bo = batch_options(o);
     std::fprintf(stderr,
                  "batch: %zu requests from %s (%d bad lines skipped, %d already in %s); %s batching, max %d seqs, "
                  "max %d tokens per step; KV cache %d tokens (%d blocks of %d, %.1f MB)\n",
@@ -542,6 +575,24 @@ int run(int argc, char** argv, ErrorOut* err) {
                    "computed as padding, as fixed-shape batches run); or static-unpadded (finished members leave "
                    "the forward)")
         ->check(CLI::IsMember({"continuous", "static", "static-unpadded"}));
+    app.add_flag("--serve", o.serve,
+                 "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) on the continuous-batching "
+                 "loop");
+    app.add_option("--host", o.serve_opt.host, "--serve: the address to listen on (default loopback only)");
+    app.add_option("--port", o.serve_opt.port, "--serve: the TCP port (0: any free one, printed)")
+        ->check(CLI::Range(0, 65535));
+    app.add_option("--api-key", o.serve_opt.api_key,
+                   "--serve: require Authorization: Bearer KEY on every endpoint but /health")
+        ->envname("FASTGEN_API_KEY");
+    app.add_option("--max-queue", o.serve_opt.max_queue, "--serve: requests waiting beyond the running ones; more get 503")
+        ->check(CLI::Range(1, 1 << 16));
+    app.add_option("--max-body-bytes", o.serve_opt.max_body, "--serve: the largest request body; larger get 413")
+        ->check(CLI::Range(size_t(1024), size_t(1) << 30));
+    app.add_option("--request-timeout", o.serve_opt.timeout_s,
+                   "--serve: seconds to read a request, or to write to a client that does not read")
+        ->check(CLI::Range(1, 3600));
+    app.add_option("--model-name", o.model_name, "--serve: the model's name in requests and answers (default: the "
+                   "checkpoint's file name without .bin)");
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -561,6 +612,25 @@ int run(int argc, char** argv, ErrorOut* err) {
     if (o.has_prompt && o.prompt.empty())
         throw Error("--prompt is empty: give some text, or leave --prompt out to start from BOS alone");
     const bool batch_mode = !o.prompts_file.empty();
+    if (o.serve) {
+        if (batch_mode) throw Error("--serve and --prompts-file exclude each other; POST the requests to the server");
+        if (o.has_prompt) throw Error("--serve and --prompt exclude each other; POST the prompt to the server");
+        if (!o.perplexity_file.empty()) throw Error("--serve and --perplexity exclude each other");
+        if (o.interactive) throw Error("--serve and --interactive exclude each other");
+        if (o.draft != "none") throw Error("--serve does not support speculative decoding (--draft) yet");
+        if (o.num_samples != 1) throw Error("--serve and --num-samples exclude each other");
+        for (const char* flag : {"--output", "--resume", "--ignore-eos"})
+            if (app.count(flag)) throw Error(fmt("%s only applies with --prompts-file; requests say ignore_eos", flag));
+        if (o.max_seqs > o.max_batch_tokens)
+            throw Error(fmt("--max-seqs %d is more than --max-batch-tokens %d: every running sequence needs a token per "
+                            "step; raise --max-batch-tokens",
+                            o.max_seqs, o.max_batch_tokens));
+        o.serve_opt.max_running = o.max_seqs;
+    } else {
+        for (const char* flag : {"--host", "--port", "--api-key", "--max-queue", "--max-body-bytes", "--request-timeout",
+                                 "--model-name"})
+            if (app.count(flag)) throw Error(fmt("%s only applies with --serve", flag));
+    }
     if (batch_mode) {
         if (o.output.empty()) throw Error("--prompts-file needs --output FILE.jsonl for the results");
         if (o.has_prompt) throw Error("--prompts-file and --prompt exclude each other; put the prompt in the file");
@@ -572,10 +642,10 @@ int run(int argc, char** argv, ErrorOut* err) {
             throw Error(fmt("--max-seqs %d is more than --max-batch-tokens %d: every running sequence needs a token per "
                             "step; raise --max-batch-tokens",
                             o.max_seqs, o.max_batch_tokens));
-    } else {
+    } else if (!o.serve) {
         if (!o.interactive)
             for (const char* flag : {"--system", "--chat-template"})
-                if (app.count(flag)) throw Error(fmt("%s only applies with --interactive", flag));
+                if (app.count(flag)) throw Error(fmt("%s only applies with --interactive or --serve", flag));
         if (o.interactive) {
             if (o.has_prompt) throw Error("--interactive and --prompt exclude each other; type the prompt in the chat");
             if (!o.perplexity_file.empty()) throw Error("--interactive and --perplexity exclude each other");
@@ -590,6 +660,9 @@ int run(int argc, char** argv, ErrorOut* err) {
     // requests, the logits every rank samples from). The model's all-reduces go over it on CPU
     // ranks, and over NCCL on GPU ranks (device pointers, on the CUDA backend's stream).
     Comm* comm = join_ranks(argc, argv, o, err);
+    // The server listens before the model loads, so /health can say it is loading.
+    std::unique_ptr<ApiServer> server;
+    if (o.serve && (!comm || comm->rank() == 0)) server = std::make_unique<ApiServer>(o.serve_opt);
     int device = 0;
     Ops* ops = choose_backend(o, comm, &device);
     std::unique_ptr<Comm> nccl;
@@ -628,6 +701,27 @@ int run(int argc, char** argv, ErrorOut* err) {
                  o.max_new_tokens);
 
     if (batch_mode) return generate_batch(model, tok, o, comm);
+    if (o.serve) {
+        KVCache kv(c, many_sequence_capacity(model, o, comm));
+        print_memory_plan(model, kv);
+        ApiModel m;
+        m.tok = &tok;
+        m.style = chat_style(model, o);
+        m.end_id = end_of_answer_id(model, tok, m.style);
+        m.context = std::min(c.max_seq_len, kv.capacity_tokens());
+        m.name = o.model_name;
+        if (m.name.empty()) {
+            m.name = o.checkpoint.substr(o.checkpoint.find_last_of('/') + 1);
+            if (m.name.size() > 4 && m.name.compare(m.name.size() - 4, 4, ".bin") == 0) m.name.resize(m.name.size() - 4);
+        }
+        std::fprintf(stderr, "serve: max %d running, max %d waiting, max %d tokens per step; KV cache %d tokens (%d "
+                     "blocks of %d); chat format %s\n",
+                     o.max_seqs, o.serve_opt.max_queue, o.max_batch_tokens, kv.capacity_tokens(), kv.num_blocks,
+                     kv.block_size, chat_format_name(m.style.format));
+        if (server) server->run(model, kv, tok, m, batch_options(o), comm);
+        else serve_follower(model, kv, tok, batch_options(o), *comm);
+        return 0;
+    }
     int capacity = single_sequence_capacity(model, o.kv_capacity);
     if (comm) capacity = int(min_over_ranks(capacity));  // GPU ranks' free memory differs; their steps must not
     KVCache kv(c, capacity);
@@ -637,17 +731,7 @@ int run(int argc, char** argv, ErrorOut* err) {
         return 0;
     }
     if (o.interactive) {
-        ChatStyle style{ChatFormat::Llama2, o.system_prompt};
-        if (o.chat_template != "auto") {
-            style.format = parse_chat_format(o.chat_template);
-        } else if (auto f = detect_chat_format(model.chat_template)) {
-            style.format = *f;
-            if (!o.has_system) style.system = template_default_system(model.chat_template);
-        } else {
-            std::fprintf(stderr, "chat: %s; using llama2 (choose with --chat-template)\n",
-                         model.chat_template.empty() ? "the model has no chat template"
-                                                     : "the model's chat template is not one of llama2, llama3, chatml");
-        }
+        const ChatStyle style = chat_style(model, o);
         Sampler sampler(o.sampling, o.seed);
         chat(model, kv, tok, style, o, sampler, comm);
         return 0;
