@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """bench_serve.py: the vLLM benchmark_serving method against OpenAI-compatible servers (not a test).
 
-N requests (prompts of --prompt-words repetitions of " the", one token each in Llama and SmolLM2
-vocabularies; output lengths drawn from an exponential distribution of mean --mean-output, at least
+N requests (prompts of --prompt-words words drawn at random from common words that are one token
+each in the Llama 2 and SmolLM2 vocabularies, distinct so no prompt cache helps; output lengths drawn from an exponential distribution of mean --mean-output, at least
 1, EOS ignored, as scripts/bench_batch.sh draws them) sent to POST /v1/completions with
 stream: true, arriving as a Poisson process at each --rates value (requests/s; "inf": all at
-once). Per run: request throughput, output tok/s, TTFT, TPOT and inter-token latency (the gaps
+once), after one warm-up request. Per run: request throughput, output tok/s, TTFT, TPOT and inter-token latency (the gaps
 between streamed chunks) p50 and p99.
 
 Each --server LABEL=COMMAND is started per run ({port} in COMMAND becomes a free port), waited for until GET /health answers 200, measured, and stopped; the
@@ -30,6 +30,10 @@ import threading
 import time
 
 
+# Common words that are one token each in the Llama 2 (sentencepiece) and SmolLM2 (BPE) vocabularies.
+WORDS = [" the", " a", " of", " and", " to", " in", " is", " it", " that", " was", " he", " for"]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,9 +56,15 @@ def wait_healthy(port, proc, timeout_s):
     raise RuntimeError(f"the server did not answer /health 200 within {timeout_s} s")
 
 
-def one_request(port, prompt, max_tokens, out):
+def model_name(port):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/v1/models")
+    return json.loads(c.getresponse().read())["data"][0]["id"]
+
+
+def one_request(port, model, prompt, max_tokens, out):
     """Streams one completion; fills out with send time, chunk arrival times and the usage."""
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True})
     out["sent"] = time.perf_counter()
     out["chunks"] = []
@@ -93,6 +103,11 @@ def pct(xs, p):
 
 
 def run_load(port, workload, rate, seed):
+    model = model_name(port)
+    warm = {}
+    one_request(port, model, workload[0][0], 4, warm)  # the first request's one-off costs stay out
+    if "error" in warm:
+        raise RuntimeError(f"the warm-up request failed: {warm['error']}")
     rng = random.Random(seed)
     results = [dict() for _ in workload]
     threads = []
@@ -104,7 +119,7 @@ def run_load(port, workload, rate, seed):
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        t = threading.Thread(target=one_request, args=(port, prompt, max_tokens, out), daemon=True)
+        t = threading.Thread(target=one_request, args=(port, model, prompt, max_tokens, out), daemon=True)
         t.start()
         threads.append(t)
     for t in threads:
@@ -170,10 +185,11 @@ def main():
         servers.append((label, cmd))
     rates = [float(r) for r in a.rates.split(",")]
     rng = random.Random(a.seed)
-    prompt = " the" * a.prompt_words
-    workload = [(prompt, max(1, min(a.max_output, int(rng.expovariate(1 / a.mean_output))))) for _ in range(a.n)]
+    # Distinct prompts, so that no engine's prompt cache serves one request from another's.
+    workload = [("".join(rng.choice(WORDS) for _ in range(a.prompt_words)),
+                 max(1, min(a.max_output, int(rng.expovariate(1 / a.mean_output))))) for _ in range(a.n)]
     os.makedirs(a.logs, exist_ok=True)
-    print(f"# {a.n} requests per run, prompt {a.prompt_words} words, outputs exponential mean {a.mean_output:g} "
+    print(f"# {a.n} requests per run, prompt {a.prompt_words} random words, outputs exponential mean {a.mean_output:g} "
           f"({sum(m for _, m in workload)} tokens in all), streaming, greedy, EOS ignored", flush=True)
 
     rows = []

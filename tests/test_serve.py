@@ -8,7 +8,8 @@ streamed text equal to the whole one and greedy answers equal to `generate --pro
 `--interactive` alone; 32 concurrent streaming clients each getting its solo output; /metrics;
 every kind of bad input answered with its status in OpenAI's error shape while the server carries
 on; a client that leaves mid-stream (its KV blocks come back); a burst past --max-queue (503s, every
-accepted request completes); the API key; SIGTERM finishing what runs and exiting 0.
+accepted request completes); the API key; SIGTERM finishing what runs and exiting 0; under
+mpirun -np 2, concurrent greedy streams equal to the single-process answers.
 Every wait is bounded; the whole run is cut at 240 s. Prints one line per check, exits 1 on the first
 failure.
 """
@@ -16,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,10 +46,12 @@ def check(ok, what):
 class Server:
     """A `generate --serve` process on a free port; its stderr is kept for the request log lines."""
 
-    def __init__(self, *flags):
-        self.proc = subprocess.Popen([GENERATE, "--checkpoint", MODEL, "--serve", "--port", "0", "--threads", "1",
-                                      "--model-name", NAME, *flags],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, *flags, ranks=0):
+        launcher = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks)] if ranks else []
+        self.proc = subprocess.Popen(launcher + [GENERATE, "--checkpoint", MODEL, "--serve", "--port", "0",
+                                                 "--threads", "1", "--model-name", NAME, *flags],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
         self.log = []
         self.port = None
         got_port = threading.Event()
@@ -333,6 +337,27 @@ check(body.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in b
 check(s.proc.wait(30) == 0, "and the server exits 0")
 check(any(re.match(r"request cmpl-\d+: 200 length, prompt \d+ tokens, completion 60, TTFT [\d.]+ ms, TPOT", l)
           for l in s.log), "one log line per request")
+
+# Under mpirun: rank 0 serves, both ranks step together (each holds half the heads); greedy answers,
+# streamed and concurrent, equal the single-process ones.
+if shutil.which("mpirun"):
+    s = Server(ranks=2)
+    tp_got = [None] * 4
+
+    def tp_one(i):
+        tp_got[i] = "".join(c.choices[0].text for c in s.client().completions.create(
+            model=NAME, prompt=jobs[i][0], max_tokens=jobs[i][1], temperature=0, stream=True) if c.choices)
+
+    threads = [threading.Thread(target=tp_one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    check(tp_got == solo[:4], "mpirun -np 2: 4 concurrent streams = the single-process answers")
+    s.proc.send_signal(signal.SIGTERM)  # mpirun passes it on to the ranks, then ends them
+    check(s.proc.wait(30) is not None, "mpirun -np 2: the server ends on SIGTERM")
+else:
+    print("skipped: mpirun not found (the tensor-parallel server)")
 
 # The API key: every endpoint but /health needs it.
 s = Server("--api-key", "sesame")
