@@ -685,10 +685,15 @@ int run(int argc, char** argv, ErrorOut* err) {
     if (tok.vocab_size() > c.vocab_size)
         throw Error(fmt("%s: tokenizer has %d tokens but the model's vocab_size is %d", o.checkpoint.c_str(),
                         tok.vocab_size(), c.vocab_size));
+    // The server's sampling comes from each request (OpenAI's defaults), not from the flags.
+    const std::string sampling =
+        o.serve ? "sampling per request"
+                : fmt("temperature %g, top-k %d, top-p %g, seed %llu, max new tokens %d", o.sampling.temperature,
+                      o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed, o.max_new_tokens);
     std::fprintf(stderr,
                  "model %s: dim %d, %d layers, %d heads (%d kv)%s, vocab %d, context %d, %.1f MB of weights "
                  "read per token (%s)\n"
-                 "device %s, %s; temperature %g, top-k %d, top-p %g, seed %llu, max new tokens %d\n",
+                 "device %s, %s; %s\n",
                  o.checkpoint.c_str(), c.dim, c.n_layers, c.n_heads, c.n_kv_heads,
                  c.n_experts ? fmt(", %d experts (top %d)", c.n_experts, c.n_experts_per_tok).c_str() : "",
                  c.vocab_size, c.max_seq_len, model.weight_bytes_per_token() / 1e6,
@@ -697,8 +702,7 @@ int run(int argc, char** argv, ErrorOut* err) {
                  !ops->host_memory()  ? fmt("GPU %d", device).c_str()
                  : o.threads > 0      ? fmt("%d threads, simd %s", o.threads, cpu_simd_target().c_str()).c_str()
                                       : fmt("all cores, simd %s", cpu_simd_target().c_str()).c_str(),
-                 o.sampling.temperature, o.sampling.top_k, o.sampling.top_p, (unsigned long long)o.seed,
-                 o.max_new_tokens);
+                 sampling.c_str());
 
     if (batch_mode) return generate_batch(model, tok, o, comm);
     if (o.serve) {
