@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <condition_variable>
 #include <csignal>
 #include <ctime>
@@ -485,6 +487,7 @@ struct ApiServer::Impl {
     httplib::Server http;
     std::thread listener;
     std::atomic<bool> listen_returned{false};  // set when the accept loop returns
+    socket_t listen_socket = INVALID_SOCKET;   // httplib's, seen in its socket-options callback
     int port = 0;
     const double t_start = now_seconds();
 
@@ -694,14 +697,19 @@ ApiServer::ApiServer(const ServeOptions& opt) : impl_(std::make_unique<Impl>()) 
 
     // SO_REUSEADDR alone: httplib's default adds SO_REUSEPORT, with which a second server binds the
     // same port and the kernel splits the connections between the two.
-    h.set_socket_options([](socket_t sock) {
+    h.set_socket_options([&s](socket_t sock) {
         int yes = 1;
         setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+        s.listen_socket = sock;
     });
     s.port = opt.port == 0 ? h.bind_to_any_port(opt.host) : (h.bind_to_port(opt.host, opt.port) ? opt.port : -1);
     if (s.port <= 0)
         throw Error(fmt("--serve: cannot listen on %s port %d (in use, or not an address of this machine)",
                         opt.host.c_str(), opt.port));
+    // Debian's httplib 0.11 listens with a backlog of 5: a burst of clients connecting at once
+    // overflows it and some are reset. listen() again on the bound socket only raises the backlog.
+    if (::listen(s.listen_socket, SOMAXCONN) != 0)
+        throw Error(fmt("--serve: cannot listen on %s port %d: %s", opt.host.c_str(), s.port, std::strerror(errno)));
     s.listener = std::thread([&s] {
         s.http.listen_after_bind();
         s.listen_returned = true;
