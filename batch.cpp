@@ -399,6 +399,7 @@ std::string result_json(const Result& r) {
     nlohmann::ordered_json j = {{"id", r.id},
               {"text", r.text},
               {"prompt_tokens", r.prompt_tokens},
+              {"cached_tokens", r.cached_tokens},
               {"completion_tokens", r.completion_tokens},
               {"finish_reason", r.finish_reason},
               {"ttft_ms", std::round(r.ttft_ms * 1000) / 1000},

@@ -243,6 +243,102 @@ TEST_CASE("prefix cache: truncating into a cached block of one's own uncaches it
     kv.release(0);
 }
 
+namespace {
+
+// Random reserve / compute / commit / attach / truncate / release over a small cache, with a
+// shadow of what each block's K/V would hold (the token written at each slot): every attached
+// block must hold exactly the tokens it stands for, no write may go into a cached block, and every
+// invariant must hold after every operation.
+void random_operations(unsigned seed) {
+    KVCache kv(small_config(), 24 * 16, 16);
+    std::vector<std::vector<int>> shadow(size_t(kv.num_blocks), std::vector<int>(16, -1));
+    struct S {
+        bool live = false;
+        std::vector<int> tokens;
+        int computed = 0;
+    };
+    std::vector<S> seqs(6);
+    std::mt19937 rng(seed);
+    const std::vector<int> common = iota_tokens(60, 3);  // prompts often start with a piece of it
+    auto tok = [&] { return 3 + int(rng() % 2); };
+    long hits = 0, writes = 0;
+    for (int step = 0; step < 4000; step++) {
+        const int id = int(rng() % seqs.size());
+        S& s = seqs[size_t(id)];
+        const int op = int(rng() % 8);
+        if (!s.live) {
+            s.tokens.assign(common.begin(), common.begin() + long(rng() % 50));
+            for (int n = 1 + int(rng() % 40); n > 0; n--) s.tokens.push_back(tok());
+            const int len = int(s.tokens.size());
+            const std::vector<int> hit = kv.match(s.tokens, len - 1);
+            const int fresh = (len + 15) / 16 - int(hit.size());
+            if (kv.available_blocks() - kv.idle_count(hit) < fresh) continue;
+            for (size_t i = 0; i < hit.size(); i++)
+                for (int j = 0; j < 16; j++) REQUIRE(shadow[size_t(hit[i])][size_t(j)] == s.tokens[i * 16 + size_t(j)]);
+            kv.attach(id, hit);
+            REQUIRE(kv.reserve(id, len));
+            s.live = true;
+            s.computed = int(hit.size()) * 16;
+            hits += s.computed;
+        } else if (op < 4) {  // compute some positions (decoding past the prompt appends tokens)
+            const int n = s.computed + 1 + int(rng() % 20);
+            while (int(s.tokens.size()) < n) s.tokens.push_back(tok());
+            if (n > 200 || !kv.reserve(id, n)) {  // no room: preempted
+                kv.release(id);
+                s.live = false;
+                continue;
+            }
+            for (int p = s.computed; p < n; p++) {
+                const int b = kv.tables[id][size_t(p / 16)];
+                REQUIRE_FALSE(kv.is_cached(b));
+                REQUIRE(kv.refs(b) == 1);
+                shadow[size_t(b)][size_t(p % 16)] = s.tokens[size_t(p)];
+                writes++;
+            }
+            s.computed = n;
+            kv.commit(id, s.tokens, s.computed);
+        } else if (op < 6) {  // truncate (as speculative rejection does), never into a shared block
+            const int n = int(rng() % unsigned(s.computed + 1));
+            if (n % 16 != 0 && size_t(n / 16) < kv.tables[id].size() && kv.refs(kv.tables[id][size_t(n / 16)]) > 1)
+                continue;
+            kv.truncate(id, n);
+            s.computed = n;
+            s.tokens.resize(size_t(n));
+            if (n == 0) {
+                kv.release(id);
+                s.live = false;
+            }
+        } else {
+            kv.release(id);
+            s.live = false;
+        }
+        const std::string broken = kv.check();
+        if (!broken.empty()) {
+            CAPTURE(step);
+            REQUIRE(broken == "");
+        }
+    }
+    for (size_t id = 0; id < seqs.size(); id++) kv.release(int(id));
+    CHECK(kv.held_blocks() == 0);
+    CHECK(kv.check() == "");
+    CHECK(hits > 0);
+    CHECK(writes > 0);
+    MESSAGE("random operations: " << hits << " tokens attached, " << writes << " written, " << kv.evictions
+                                  << " evictions");
+}
+
+}  // namespace
+
+TEST_CASE("prefix cache: random operations keep every invariant and never attach wrong K/V") {
+    random_operations(1);
+    random_operations(2);
+}
+
+TEST_CASE("prefix cache: random operations with every key colliding") {
+    ConstantHash every_key_is_42;
+    random_operations(3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // through the scheduler and decode()
 
