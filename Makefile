@@ -30,7 +30,7 @@ CXXFLAGS := -std=c++17 -O3 $(ARCH) -ffp-contract=off -fopenmp -Wall -Wextra -Wer
 LDLIBS   := -lsentencepiece -lpcre2-8 -lhwy -lcpp-httplib -pthread -fopenmp $(MPI_LIBS)
 
 # Library code shared by the programs and the tests.
-CORE := common safetensors model kernels_cpu quantize_rows tokenizer bpe sampler convert decode batch tp gguf chat serve
+CORE := common safetensors model kv_cache kernels_cpu quantize_rows tokenizer bpe sampler convert decode batch tp gguf chat serve
 
 # The flags without the CUDA backend's: the emulated CUDA build (below) starts from these.
 CPU_CXXFLAGS := $(CXXFLAGS)

@@ -1,5 +1,5 @@
-// batch.cpp: the continuous-batching scheduler (admission, chunked prefill, decode, preemption by
-// recomputation, finishing) and the JSONL request/result lines.
+// batch.cpp: the continuous-batching scheduler (admission over the prefix cache, chunked prefill,
+// decode, preemption by recomputation, finishing) and the JSONL request/result lines.
 #include "batch.h"
 
 #include <algorithm>
@@ -31,7 +31,8 @@ struct BatchRunner::Seq {
 
 BatchRunner::BatchRunner(Model& model, KVCache& kv, const Tokenizer* tok, BatchOptions opt,
                          std::function<void(const Result&)> on_finish)
-    : model_(model), kv_(kv), tok_(tok), opt_(opt), on_finish_(std::move(on_finish)) {
+    : model_(model), kv_(kv), tok_(tok), opt_(opt), on_finish_(std::move(on_finish)),
+      use_cache_(kv.prefix_cache && !opt.static_batching), evictions_base_(kv.evictions) {
     if (opt_.max_seqs < 1) throw Error(fmt("max_seqs must be at least 1, got %d", opt_.max_seqs));
     if (opt_.max_batch_tokens < opt_.max_seqs)
         throw Error(fmt("max_batch_tokens (%d) must be at least max_seqs (%d): every running sequence decodes one "
@@ -243,13 +244,19 @@ bool BatchRunner::step() {
         assert(pads_.empty());
         group_slots_ = opt_.max_seqs;
     }
+    //    With the prefix cache, the longest cached chain of its tokens is attached rather than
+    //    computed, all but the last token at most (the last one's logits are its first sample).
     while (budget > 0 && !waiting_.empty() && int(running_.size()) < opt_.max_seqs &&
            (!opt_.static_batching || group_slots_ > 0)) {
         Seq& s = *waiting_.front();
         const int need = int(s.tokens.size());
         const int blocks = (need + kv_.block_size - 1) / kv_.block_size;
-        if (!running_.empty() && int(kv_.free_blocks.size()) - blocks < int(running_.size())) break;
+        const std::vector<int> hit = use_cache_ ? kv_.match(s.tokens, need - 1) : std::vector<int>{};
+        const int fresh = blocks - int(hit.size());  // blocks to take from the free list (or evict)
+        if (!running_.empty() && kv_.available_blocks() - kv_.idle_count(hit) - fresh < int(running_.size())) break;
+        kv_.attach(s.kv_id, hit);
         if (!kv_.reserve(s.kv_id, need)) {
+            kv_.release(s.kv_id);
             if (!running_.empty()) break;  // wait for blocks to come back
             std::unique_ptr<Seq> s_own = std::move(waiting_.front());
             waiting_.pop_front();
@@ -258,13 +265,21 @@ bool BatchRunner::step() {
             finished_any = true;
             continue;
         }
+        s.computed = int(hit.size()) * kv_.block_size;
+        if (s.res.preemptions > 0) {
+            stats_.resume_hit_tokens += s.computed;
+        } else if (use_cache_) {
+            s.res.cached_tokens = s.computed;
+            stats_.prefix_query_tokens += need;
+            stats_.prefix_hit_tokens += s.computed;
+        }
         running_.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
         if (opt_.static_batching) group_slots_--;
-        schedule(s, std::min(need, budget));
+        schedule(s, std::min(s.remaining(), budget));
     }
     stats_.peak_running = std::max(stats_.peak_running, int(running_.size()));
-    stats_.peak_blocks = std::max(stats_.peak_blocks, kv_.num_blocks - int(kv_.free_blocks.size()));
+    stats_.peak_blocks = std::max(stats_.peak_blocks, kv_.held_blocks());
     if (batch_.empty()) {
         assert(finished_any && "a step with nothing to run must have finished a request");
         (void)finished_any;
@@ -277,6 +292,11 @@ bool BatchRunner::step() {
     model_.forward(kv_, batch_, rows_, logits_.data());
     stats_.steps++;
     stats_.computed_tokens += long(batch_.size());
+    if (use_cache_) {  // the full blocks just computed outlive their sequences
+        for (auto& sp : running_) kv_.commit(sp->kv_id, sp->tokens, sp->computed);
+        stats_.cached_blocks = kv_.cached_blocks();
+        stats_.evictions = kv_.evictions - evictions_base_;
+    }
 
     // 5. Sample, append, finish: a finished sequence leaves at once and frees its blocks.
     std::vector<Seq*> done;
@@ -379,6 +399,7 @@ std::string result_json(const Result& r) {
     nlohmann::ordered_json j = {{"id", r.id},
               {"text", r.text},
               {"prompt_tokens", r.prompt_tokens},
+              {"cached_tokens", r.cached_tokens},
               {"completion_tokens", r.completion_tokens},
               {"finish_reason", r.finish_reason},
               {"ttft_ms", std::round(r.ttft_ms * 1000) / 1000},

@@ -1,5 +1,6 @@
 // batch.h: continuous batching: many requests, one forward per step over a paged KV cache, with
-// chunked prefill under a token budget, preemption by recomputation, and JSONL requests/results.
+// chunked prefill under a token budget, preemption by recomputation, prefix caching (shared prompt
+// blocks computed once), and JSONL requests/results.
 #pragma once
 #include <cstdint>
 #include <deque>
@@ -34,6 +35,7 @@ struct Result {
     double ttft_ms = 0;         // from add() to the first sampled token
     double tpot_ms = 0;         // mean time between later tokens (0 with one token)
     int preemptions = 0;
+    int cached_tokens = 0;      // prompt tokens found in the prefix cache, not computed
 };
 
 struct BatchOptions {
@@ -55,6 +57,12 @@ struct BatchStats {
     long padding_tokens = 0;    // static batching: finished members' discarded tokens
     int peak_blocks = 0;        // KV blocks in use, most at once
     int peak_running = 0;
+    // Prefix cache (continuous batching with KVCache::prefix_cache on):
+    long prefix_query_tokens = 0;  // prompt tokens of admitted requests, looked up in the cache
+    long prefix_hit_tokens = 0;    // of those, found there (their K/V not computed)
+    long resume_hit_tokens = 0;    // tokens a preempted sequence found cached again when readmitted
+    int cached_blocks = 0;         // blocks in the cache now (held or idle)
+    long evictions = 0;            // idle cached blocks evicted for new content
 };
 
 // Iteration-level scheduler (Orca/vLLM): each step() runs ONE forward holding one token for every
@@ -63,6 +71,11 @@ struct BatchStats {
 // are freed and it waits at the front of the queue to recompute prompt + generated tokens. Its
 // Sampler lives on, so its output does not change. Every CPU kernel computes a token's row
 // independently of the rest of the batch, so each result equals its solo decode() output.
+// Prefix caching (continuous batching, when the cache's prefix_cache is on): an admitted sequence
+// attaches the longest cached chain of its tokens and computes only the rest (at least its last
+// token, whose logits it samples from); after every forward the full blocks computed are
+// committed, so they outlive the sequence (and a preempted one resumes over them). The K/V of a
+// cached block are the ones its tokens would get again, bitwise on the CPU, so outputs do not change.
 class BatchRunner {
   public:
     // tok may be null (then results have no text and stop strings are refused).
@@ -104,6 +117,8 @@ class BatchRunner {
     std::vector<int> rows_;
     std::vector<Seq*> row_seqs_;
     std::vector<float> logits_;
+    bool use_cache_ = false;    // prefix caching: the cache's switch, and not static batching
+    long evictions_base_ = 0;   // the cache's evictions when this runner started
 
     void preempt_newest();
     void finish(std::unique_ptr<Seq> s, const std::string& reason, const std::string& error = "", bool keep_kv = false);

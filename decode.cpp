@@ -85,9 +85,18 @@ DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, i
     const int limit = std::min({c.max_seq_len, kv.capacity_tokens(), drafter ? drafter->max_positions() : INT_MAX});
     DecodeStats st;
     st.prompt_tokens = int(prompt.size());
-    // The last prompt token is always recomputed below (it is the first round's input).
+    // The last prompt token is always recomputed below (it is the first round's input). A new
+    // sequence starts over the longest chain of the prompt in the prefix cache.
     cached = std::max(0, std::min(cached, int(prompt.size()) - 1));
-    if (cached == 0) kv.release(0); else kv.truncate(0, cached);
+    if (cached == 0) {
+        kv.release(0);
+        const std::vector<int> hit = kv.match(prompt, int(prompt.size()) - 1);
+        kv.attach(0, hit);
+        cached = int(hit.size()) * kv.block_size;
+    } else {
+        kv.truncate(0, cached);
+    }
+    st.cached_tokens = cached;
     if (drafter) drafter->rollback(cached);  // nothing the drafter computed past them applies
 
     // Prefill all but the last prompt token; the last one is the first round's input, so every
@@ -101,6 +110,7 @@ DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, i
         for (int i = cached; i < n_prefill; i++) batch.push_back({0, i, prompt[size_t(i)]});
         target.forward(kv, batch, {}, nullptr);
     }
+    kv.commit(0, prompt, n_prefill);
     st.t_prefill = now_seconds() - t0;
 
     std::vector<int> drafts;
@@ -161,6 +171,7 @@ DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, i
             context.push_back(id);
             if (st.generated == max_new_tokens) break;
         }
+        kv.commit(0, context, std::min(pos + 1 + m, int(context.size())));
     }
     st.t_decode = now_seconds() - t1;
     return st;

@@ -65,6 +65,7 @@ int verify_drafts(const std::vector<std::vector<float>>& p, const std::vector<st
 
 struct DecodeStats {
     int prompt_tokens = 0;
+    int cached_tokens = 0;    // prompt tokens not computed: kept from the last call, or prefix-cached
     int generated = 0;        // tokens sampled, EOS included
     int target_forwards = 0;  // decode rounds
     int drafted = 0, accepted = 0;
@@ -75,7 +76,9 @@ struct DecodeStats {
 // Generates after `prompt` into sequence 0 of `kv`. on_token(id) sees each emitted token in order
 // (not EOS) and may return false to stop. drafter may be null (k ignored). The first `cached`
 // prompt tokens are already in sequence 0 (a chat's earlier turns: the caller guarantees they
-// are the same tokens); everything past them is dropped and recomputed. cached = 0: a new sequence.
+// are the same tokens); everything past them is dropped and recomputed. cached = 0: a new sequence,
+// which starts over the longest cached chain of its prompt (KVCache::match). The full blocks
+// computed are committed to the prefix cache as they fill, so they outlive the sequence.
 DecodeStats decode(Model& target, KVCache& kv, const std::vector<int>& prompt, int max_new_tokens,
                    Sampler& sampler, Drafter* drafter, int k, const std::function<bool(int)>& on_token,
                    int cached = 0);

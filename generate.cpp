@@ -60,6 +60,7 @@ struct Options {
     int max_seqs = 32;
     int kv_capacity = 0;  // tokens; 0 = batch mode: max_seqs full contexts within a budget; else one context
     std::string batching = "continuous";  // continuous | static | static-unpadded
+    bool prefix_cache = true;  // --no-prefix-cache: false (KVCache::prefix_cache)
     // chat: --interactive
     bool interactive = false;
     std::string system_prompt;
@@ -203,8 +204,9 @@ int end_of_answer_id(const Model& model, const Tokenizer& tok, const ChatStyle& 
 }
 
 // --interactive: a chat on stdin/stdout. The conversation's tokens stay in sequence 0 of the KV
-// cache between turns, so each turn prefills only its own new tokens. Under mpirun rank 0 reads
-// the lines and hands them to the other ranks.
+// cache between turns, so each turn prefills only its own new tokens; its full blocks are also
+// committed to the prefix cache, so after /reset a conversation that begins the same way (the
+// system message) reuses them. Under mpirun rank 0 reads the lines and hands them to the other ranks.
 bool read_line(Comm* comm, std::string* line) {
     int64_t n = -1;  // -1: end of input
     if (!comm || comm->rank() == 0) {
@@ -247,7 +249,6 @@ void chat(Model& model, KVCache& kv, const Tokenizer& tok, const ChatStyle& styl
             continue;
         }
         history.insert(history.end(), turn.begin(), turn.end());
-        const int reused = std::min(cached, int(history.size()) - 1);
         StreamDecoder out(tok);
         int shown = 0;
         bool ended = false;  // the model closed its answer (end-of-answer token or EOS)
@@ -280,7 +281,7 @@ void chat(Model& model, KVCache& kv, const Tokenizer& tok, const ChatStyle& styl
             std::fprintf(stderr, "chat: answer cut at --max-new-tokens %d\n", o.max_new_tokens);
         }
         std::fprintf(stderr, "[turn: prefill %d tokens (%d reused from the cache), %d generated, %.1f tok/s; "
-                     "context %zu of %d]\n", st.prompt_tokens - reused, reused, st.generated,
+                     "context %zu of %d]\n", st.prompt_tokens - st.cached_tokens, st.cached_tokens, st.generated,
                      st.generated / std::max(st.t_decode, 1e-9), history.size(), sequence_context(model, kv));
     }
 }
@@ -426,14 +427,17 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
     if (o.resume && std::fseek(out, -1, SEEK_END) == 0 && std::fgetc(out) != '\n') std::fputc('\n', out);  // a cut line
 
     KVCache kv(c, many_sequence_capacity(model, o, comm));
+    kv.prefix_cache = o.prefix_cache;
     print_memory_plan(model, kv);
     const BatchOptions bo = batch_options(o);
+    const bool cache_used = o.prefix_cache && !bo.static_batching;
     std::fprintf(stderr,
                  "batch: %zu requests from %s (%d bad lines skipped, %d already in %s); %s batching, max %d seqs, "
-                 "max %d tokens per step; KV cache %d tokens (%d blocks of %d, %.1f MB)\n",
+                 "max %d tokens per step; KV cache %d tokens (%d blocks of %d, %.1f MB); prefix cache %s\n",
                  reqs.size(), o.prompts_file.c_str(), bad, skipped_done, o.output.c_str(), o.batching.c_str(),
                  o.max_seqs, o.max_batch_tokens, kv.capacity_tokens(), kv.num_blocks, kv.block_size,
-                 2.0 * c.n_layers * kv.capacity_tokens() * kv.kv_dim * dtype_size(model.ops()->kv_dtype()) / 1e6);
+                 2.0 * c.n_layers * kv.capacity_tokens() * kv.kv_dim * dtype_size(model.ops()->kv_dtype()) / 1e6,
+                 cache_used ? "on" : o.prefix_cache ? "off (static batching)" : "off");
 
     std::vector<double> ttft, tpot;
     std::map<std::string, int> reasons;
@@ -464,6 +468,13 @@ int generate_batch(Model& model, const Tokenizer& tok, const Options& o, Comm* c
                  percentile(ttft, 90), percentile(ttft, 99), percentile(tpot, 50), percentile(tpot, 90),
                  percentile(tpot, 99), st.peak_blocks, kv.num_blocks, 100.0 * st.peak_blocks / kv.num_blocks,
                  st.peak_running, st.preemptions, st.steps, st.computed_tokens, st.padding_tokens);
+    if (cache_used)
+        std::fprintf(stderr,
+                     "prefix cache: %ld of %ld prompt tokens reused (%.1f%%), %ld more on resuming preempted "
+                     "sequences; %d blocks cached, %ld evictions\n",
+                     st.prefix_hit_tokens, st.prefix_query_tokens,
+                     100.0 * double(st.prefix_hit_tokens) / double(std::max(st.prefix_query_tokens, 1L)),
+                     st.resume_hit_tokens, st.cached_blocks, st.evictions);
     return 0;
 }
 
@@ -575,6 +586,10 @@ int run(int argc, char** argv, ErrorOut* err) {
                    "computed as padding, as fixed-shape batches run); or static-unpadded (finished members leave "
                    "the forward)")
         ->check(CLI::IsMember({"continuous", "static", "static-unpadded"}));
+    bool no_prefix_cache = false;
+    app.add_flag("--no-prefix-cache", no_prefix_cache,
+                 "compute every prompt in full: no reuse of cached KV blocks of earlier prompts and turns "
+                 "(continuous batching, --serve, --interactive)");
     app.add_flag("--serve", o.serve,
                  "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) on the continuous-batching "
                  "loop");
@@ -598,6 +613,7 @@ int run(int argc, char** argv, ErrorOut* err) {
     } catch (const CLI::ParseError& e) {
         return app.exit(e) == 0 ? 0 : 1;  // --help is not an error; bad flags exit 1
     }
+    o.prefix_cache = !no_prefix_cache;
     if (std::string why; !cpu_set_simd_target(o.simd, &why)) throw Error("--simd: " + why);
     o.has_prompt = app.count("--prompt") > 0;
     o.has_system = app.count("--system") > 0;
@@ -707,6 +723,7 @@ int run(int argc, char** argv, ErrorOut* err) {
     if (batch_mode) return generate_batch(model, tok, o, comm);
     if (o.serve) {
         KVCache kv(c, many_sequence_capacity(model, o, comm));
+        kv.prefix_cache = o.prefix_cache;
         print_memory_plan(model, kv);
         ApiModel m;
         m.tok = &tok;
@@ -719,9 +736,9 @@ int run(int argc, char** argv, ErrorOut* err) {
             if (m.name.size() > 4 && m.name.compare(m.name.size() - 4, 4, ".bin") == 0) m.name.resize(m.name.size() - 4);
         }
         std::fprintf(stderr, "serve: max %d running, max %d waiting, max %d tokens per step; KV cache %d tokens (%d "
-                     "blocks of %d); chat format %s\n",
+                     "blocks of %d), prefix cache %s; chat format %s\n",
                      o.max_seqs, o.serve_opt.max_queue, o.max_batch_tokens, kv.capacity_tokens(), kv.num_blocks,
-                     kv.block_size, chat_format_name(m.style.format));
+                     kv.block_size, kv.prefix_cache ? "on" : "off", chat_format_name(m.style.format));
         if (server) server->run(model, kv, tok, m, batch_options(o), comm);
         else serve_follower(model, kv, tok, batch_options(o), *comm);
         return 0;
@@ -729,6 +746,7 @@ int run(int argc, char** argv, ErrorOut* err) {
     int capacity = single_sequence_capacity(model, o.kv_capacity);
     if (comm) capacity = int(min_over_ranks(capacity));  // GPU ranks' free memory differs; their steps must not
     KVCache kv(c, capacity);
+    kv.prefix_cache = o.prefix_cache;
     print_memory_plan(model, kv);
     if (!o.perplexity_file.empty()) {
         perplexity(model, kv, tok, o.perplexity_file);

@@ -1,5 +1,5 @@
-// model.cpp: Config (JSON), loading model.bin into weight views, the paged KV cache, and the
-// forward pass, written once over the op table (ops.h).
+// model.cpp: Config (JSON), loading model.bin into weight views, and the forward pass, written
+// once over the op table (ops.h).
 #include "model.h"
 
 #include <algorithm>
@@ -227,51 +227,6 @@ std::vector<TensorSpec> model_tensors(const Config& c) {
     t.push_back({"norm.weight", {d}});
     if (!c.tie_embeddings) t.push_back({"output.weight", {v, d}});
     return t;
-}
-
-// ---------------------------------------------------------------------------------------------
-// KV cache
-
-KVCache::KVCache(const Config& c, int capacity_tokens, int bs)
-    : block_size(bs), num_blocks((capacity_tokens + bs - 1) / bs), n_layers(c.n_layers),
-      kv_dim(c.n_kv_heads * c.head_dim) {
-    for (int b = num_blocks - 1; b >= 0; b--) free_blocks.push_back(b);  // pop gives block 0 first
-}
-
-bool KVCache::reserve(int seq, int n_tokens) {
-    std::vector<int>& t = tables[seq];
-    size_t need = size_t((n_tokens + block_size - 1) / block_size);
-    if (need <= t.size()) return true;
-    if (need - t.size() > free_blocks.size()) return false;
-    while (t.size() < need) {
-        t.push_back(free_blocks.back());
-        free_blocks.pop_back();
-    }
-    return true;
-}
-
-void KVCache::truncate(int seq, int n_tokens) {
-    auto it = tables.find(seq);
-    if (it == tables.end()) return;
-    size_t keep = size_t((n_tokens + block_size - 1) / block_size);
-    while (it->second.size() > keep) {
-        free_blocks.push_back(it->second.back());
-        it->second.pop_back();
-    }
-}
-
-void KVCache::release(int seq) {
-    truncate(seq, 0);
-    tables.erase(seq);
-}
-
-void KVCache::allocate(Ops* ops) {
-    if (ops_ == ops) return;
-    assert(!ops_ && "KVCache: one cache serves one backend");
-    ops_ = ops;
-    dtype = ops->kv_dtype();
-    k = Buffer(ops, size_t(n_layers) * layer_bytes());
-    v = Buffer(ops, size_t(n_layers) * layer_bytes());
 }
 
 // ---------------------------------------------------------------------------------------------

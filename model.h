@@ -1,10 +1,11 @@
-// model.h: Config, weights as views into the mapped model.bin, the paged KV cache, and forward().
+// model.h: Config, weights as views into the mapped model.bin, and forward() (over kv_cache.h's paged cache).
 #pragma once
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "kv_cache.h"
 #include "ops.h"
 #include "sampler.h"
 #include "safetensors.h"
@@ -100,39 +101,6 @@ struct Weights {
     std::vector<LayerWeights> layers;
     const float* norm = nullptr;   // [dim] f32, in the backend's memory
     Weight output;                 // [vocab, dim]; the embedding when tied
-};
-
-// Paged KV cache: fixed-size blocks of positions, a block table per sequence, a free list.
-// Storage per layer: [num_blocks][block_size][n_kv_heads * head_dim] for K and for V, in the
-// backend's memory and its kv_dtype() (f32 on the CPU, bf16 on CUDA). The block bookkeeping is
-// host-side; the storage is allocated by the first forward that uses the cache (or allocate()).
-struct KVCache {
-    int block_size = 16;
-    int num_blocks = 0;
-    int n_layers = 0;
-    int kv_dim = 0;  // n_kv_heads * head_dim
-    DType dtype = DType::F32;                  // of k and v, once allocated
-    Buffer k, v;                               // [n_layers][num_blocks][block_size][kv_dim]
-    std::vector<int> free_blocks;              // stack of unused block ids
-    std::map<int, std::vector<int>> tables;    // sequence id -> its blocks, in position order
-
-    KVCache(const Config& c, int capacity_tokens, int block_size = 16);
-    // Make room for positions [0, n_tokens) of seq; false (and no change) when blocks run out.
-    bool reserve(int seq, int n_tokens);
-    // Keep positions [0, n_tokens) of seq, returning blocks past them to the free list.
-    void truncate(int seq, int n_tokens);
-    void release(int seq);
-    int capacity_tokens() const { return num_blocks * block_size; }
-    int free_tokens() const { return int(free_blocks.size()) * block_size; }
-    // Storage in `ops`'s memory (once; later calls with the same backend do nothing).
-    void allocate(Ops* ops);
-    size_t layer_bytes() const { return size_t(num_blocks) * block_size * kv_dim * dtype_size(dtype); }
-    size_t bytes() const { return k.bytes() + v.bytes(); }  // 0 until allocated
-    void* k_layer(int l) { return static_cast<uint8_t*>(k.data()) + size_t(l) * layer_bytes(); }
-    void* v_layer(int l) { return static_cast<uint8_t*>(v.data()) + size_t(l) * layer_bytes(); }
-
-  private:
-    Ops* ops_ = nullptr;  // whose memory k and v are in
 };
 
 // One entry of a forward batch: the Orca/vLLM shape (prefill, decode, verify all use it).

@@ -280,10 +280,12 @@ std::string api_finish_reason(const std::string& reason) {
 }
 
 namespace {
-ojson usage(int prompt_tokens, int completion_tokens) {
+// OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens found in the prefix cache.
+ojson usage(int prompt_tokens, int completion_tokens, int cached_tokens) {
     return {{"prompt_tokens", prompt_tokens},
             {"completion_tokens", completion_tokens},
-            {"total_tokens", prompt_tokens + completion_tokens}};
+            {"total_tokens", prompt_tokens + completion_tokens},
+            {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}};
 }
 ojson head(bool chat, bool chunk, const std::string& id, long created, const std::string& model) {
     return {{"id", id},
@@ -305,7 +307,7 @@ std::string completion_json(const ApiRequest& a, const Result& r, const std::str
                                   {"logprobs", nullptr},
                                   {"finish_reason", api_finish_reason(r.finish_reason)}};
     j["choices"] = ojson::array({choice});
-    j["usage"] = usage(r.prompt_tokens, r.completion_tokens);
+    j["usage"] = usage(r.prompt_tokens, r.completion_tokens, r.cached_tokens);
     return dump(j);
 }
 
@@ -332,10 +334,10 @@ std::string role_chunk_json(const std::string& id, long created, const std::stri
 }
 
 std::string usage_chunk_json(bool chat, const std::string& id, long created, const std::string& model,
-                             int prompt_tokens, int completion_tokens) {
+                             int prompt_tokens, int completion_tokens, int cached_tokens) {
     ojson j = head(chat, true, id, created, model);
     j["choices"] = ojson::array();
-    j["usage"] = usage(prompt_tokens, completion_tokens);
+    j["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
     return dump(j);
 }
 
@@ -377,6 +379,8 @@ struct Histogram {
 struct Metrics {
     int running = 0, waiting = 0, blocks_used = 0, blocks_free = 0;
     long prompt_tokens = 0, generation_tokens = 0, forward_tokens = 0, steps = 0, preemptions = 0;
+    long prefix_query_tokens = 0, prefix_hit_tokens = 0, evictions = 0;  // the prefix cache (BatchStats)
+    int cached_blocks = 0;
     std::map<std::string, long> finished;  // by finish reason
     std::map<int, long> refused;           // by HTTP status
     Histogram ttft{{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
@@ -393,13 +397,20 @@ struct Metrics {
         gauge("fastgen_requests_running", "Requests in the running batch.", running);
         gauge("fastgen_requests_waiting", "Requests accepted and waiting to run.", waiting);
         gauge("fastgen_kv_blocks_used", "KV cache blocks held by sequences.", blocks_used);
-        gauge("fastgen_kv_blocks_free", "KV cache blocks free.", blocks_free);
+        gauge("fastgen_kv_blocks_free", "KV cache blocks free (idle prefix-cache blocks included).", blocks_free);
         counter("fastgen_prompt_tokens_total", "Prompt tokens of finished requests.", double(prompt_tokens));
         counter("fastgen_generation_tokens_total", "Tokens generated.", double(generation_tokens));
         counter("fastgen_forward_tokens_total", "Tokens through the forward pass (recomputation included).",
                 double(forward_tokens));
         counter("fastgen_steps_total", "Scheduler steps (one forward each).", double(steps));
         counter("fastgen_preemptions_total", "Sequences preempted for KV blocks.", double(preemptions));
+        counter("fastgen_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache.",
+                double(prefix_query_tokens));
+        counter("fastgen_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache (not computed).",
+                double(prefix_hit_tokens));
+        gauge("fastgen_prefix_cache_blocks", "KV blocks in the prefix cache (held or idle).", cached_blocks);
+        counter("fastgen_prefix_cache_evictions_total", "Idle cached KV blocks evicted for new content.",
+                double(evictions));
         t += "# HELP fastgen_requests_total Requests finished, by finish reason.\n# TYPE fastgen_requests_total counter\n";
         for (auto& [reason, n] : finished) t += fmt("fastgen_requests_total{finish_reason=\"%s\"} %ld\n", reason.c_str(), n);
         t += "# HELP fastgen_requests_refused_total Requests refused, by HTTP status.\n"
@@ -620,7 +631,8 @@ bool ApiServer::Impl::stream(Job& job, httplib::DataSink& sink) {
         if (!send(sse_event(chunk_json(chat, job.id, job.created, name, "", api_finish_reason(r.finish_reason)))))
             return false;
         if (job.api.include_usage &&
-            !send(sse_event(usage_chunk_json(chat, job.id, job.created, name, r.prompt_tokens, r.completion_tokens))))
+            !send(sse_event(usage_chunk_json(chat, job.id, job.created, name, r.prompt_tokens, r.completion_tokens,
+                                                   r.cached_tokens))))
             return false;
     }
     if (!send(sse_event("[DONE]"))) return false;
@@ -740,7 +752,7 @@ void ApiServer::run(Model& model, KVCache& kv, const Tokenizer& tok, const ApiMo
     {
         std::lock_guard<std::mutex> lk(s.mu);
         s.model = &m;
-        s.metrics.blocks_free = int(kv.free_blocks.size());
+        s.metrics.blocks_free = kv.available_blocks();
     }
     std::fprintf(stderr, "ready: serving '%s' at http://%s:%d (/v1/completions, /v1/chat/completions, /v1/models, "
                  "/health, /metrics)%s\n",
@@ -783,11 +795,15 @@ void ApiServer::run(Model& model, KVCache& kv, const Tokenizer& tok, const ApiMo
         const BatchStats& st = runner.stats();
         s.metrics.running = runner.running();
         s.metrics.waiting = runner.waiting();
-        s.metrics.blocks_free = int(kv.free_blocks.size());
-        s.metrics.blocks_used = kv.num_blocks - s.metrics.blocks_free;
+        s.metrics.blocks_free = kv.available_blocks();  // idle cached blocks are free to reuse
+        s.metrics.blocks_used = kv.held_blocks();
         s.metrics.forward_tokens = st.computed_tokens;
         s.metrics.steps = st.steps;
         s.metrics.preemptions = st.preemptions;
+        s.metrics.prefix_query_tokens = st.prefix_query_tokens;
+        s.metrics.prefix_hit_tokens = st.prefix_hit_tokens;
+        s.metrics.cached_blocks = st.cached_blocks;
+        s.metrics.evictions = st.evictions;
     }
     if (s.listener.joinable()) s.listener.join();  // the open connections' last writes
     std::fprintf(stderr, "stopped\n");

@@ -62,7 +62,7 @@ std::string chunk_json(bool chat, const std::string& id, long created, const std
                        const std::string& text, const std::string& finish_reason);
 std::string role_chunk_json(const std::string& id, long created, const std::string& model);
 std::string usage_chunk_json(bool chat, const std::string& id, long created, const std::string& model,
-                             int prompt_tokens, int completion_tokens);
+                             int prompt_tokens, int completion_tokens, int cached_tokens);
 // A server-sent event carrying `data` ("data: ...\n\n"); a JSON text has no newlines in it.
 std::string sse_event(const std::string& data);
 

@@ -27,6 +27,7 @@
 #include <sys/stat.h>
 #include <tuple>
 
+#include "batch.h"
 #include "common.h"
 #include "convert.h"
 #include "decode.h"
@@ -1080,6 +1081,56 @@ TEST_CASE("gpu: stories260K greedy text on the GPU equals the CPU's, with graphs
     while (same < std::min(ws.size(), gs.size()) && ws[same] == gs[same]) same++;
     MESSAGE("sampled text: first " << same << " of " << ws.size() << " tokens agree");
     CHECK(same >= 20);  // until a near-tie in the logits (bf16 KV cache) sends them apart
+}
+
+TEST_CASE("gpu: continuous batching over the prefix cache: the same greedy text as without it") {
+    Ops* g = gpu();
+    if (!g) return;
+    std::unique_ptr<Model> b;
+    Model& dev = stories260k_bin(g, b);
+    Tokenizer tok(dev.tokenizer_model, "stories260K");
+    // Two shared prefixes (37 and 21 tokens: neither a multiple of the block), five questions each.
+    const std::vector<int> story = tok.encode(
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+        "friends, and one day she saw a big red ball under a tree.", true, false);
+    REQUIRE(story.size() >= 37);
+    const std::vector<std::string> questions = {" Then", " The dog", " Her mom said", " They", " So she"};
+    std::vector<Request> reqs;
+    for (int p = 0; p < 2; p++)
+        for (size_t q = 0; q < questions.size(); q++) {
+            Request r;
+            r.id = "r" + std::to_string(reqs.size());
+            r.prompt.assign(story.begin(), story.begin() + (p == 0 ? 37 : 21));
+            const std::vector<int> more = tok.encode(questions[q], false, false);
+            r.prompt.insert(r.prompt.end(), more.begin(), more.end());
+            r.max_new_tokens = 24;
+            r.sampling = {0.0f, 0, 1.0f};
+            reqs.push_back(r);
+        }
+    auto run = [&](bool cache, BatchStats* st) {
+        KVCache kv(dev.cfg, dev.cfg.max_seq_len * 4);
+        kv.prefix_cache = cache;
+        BatchOptions opt;
+        opt.max_batch_tokens = 48;
+        opt.max_seqs = 3;
+        std::map<std::string, std::vector<int>> out;
+        BatchRunner runner(dev, kv, nullptr, opt, [&](const Result& r) { out[r.id] = r.tokens; });
+        for (const Request& r : reqs) runner.add(r);
+        runner.run();
+        *st = runner.stats();
+        CHECK(kv.held_blocks() == 0);
+        CHECK(kv.check() == "");
+        return out;
+    };
+    BatchStats with_st, without_st;
+    const auto with = run(true, &with_st), without = run(false, &without_st);
+    CHECK(with_st.prefix_hit_tokens >= 32);
+    CHECK(without_st.prefix_hit_tokens == 0);
+    REQUIRE(with.size() == reqs.size());
+    for (const Request& r : reqs) {
+        CAPTURE(r.id);
+        CHECK(with.at(r.id) == without.at(r.id));
+    }
 }
 
 TEST_CASE("gpu: SmolLM2-135M (Q8_0 embedding, Q4_1 layers): logits and greedy tokens on the GPU match the CPU") {

@@ -200,6 +200,7 @@ TEST_CASE("serve: answers, chunks and events have OpenAI's shapes") {
     r.text = "Hello \"you\"\n";
     r.prompt_tokens = 4;
     r.completion_tokens = 3;
+    r.cached_tokens = 2;
     r.finish_reason = "eos";
     ApiRequest a;
     json j = json::parse(completion_json(a, r, "cmpl-1", 100, "tiny"));
@@ -209,7 +210,10 @@ TEST_CASE("serve: answers, chunks and events have OpenAI's shapes") {
     CHECK(j["model"] == "tiny");
     CHECK(j["choices"][0]["text"] == r.text);
     CHECK(j["choices"][0]["finish_reason"] == "stop");
-    CHECK(j["usage"] == json{{"prompt_tokens", 4}, {"completion_tokens", 3}, {"total_tokens", 7}});
+    CHECK(j["usage"] == json{{"prompt_tokens", 4},
+                             {"completion_tokens", 3},
+                             {"total_tokens", 7},
+                             {"prompt_tokens_details", {{"cached_tokens", 2}}}});
     a.chat = true;
     r.finish_reason = "context";
     j = json::parse(completion_json(a, r, "chatcmpl-1", 100, "tiny"));
@@ -231,9 +235,10 @@ TEST_CASE("serve: answers, chunks and events have OpenAI's shapes") {
     CHECK(j["choices"][0]["text"] == "pi");
     j = json::parse(role_chunk_json("c", 1, "tiny"));
     CHECK(j["choices"][0]["delta"]["role"] == "assistant");
-    j = json::parse(usage_chunk_json(false, "c", 1, "tiny", 2, 5));
+    j = json::parse(usage_chunk_json(false, "c", 1, "tiny", 2, 5, 1));
     CHECK(j["choices"].empty());
     CHECK(j["usage"]["total_tokens"] == 7);
+    CHECK(j["usage"]["prompt_tokens_details"]["cached_tokens"] == 1);
     // An event is one data line and a blank line; text with newlines stays on it (JSON escapes them),
     // and bytes that are not UTF-8 become U+FFFD rather than breaking the JSON.
     const std::string ev = sse_event(chunk_json(false, "c", 1, "tiny", "a\nb\n\n\xff", ""));
@@ -287,7 +292,7 @@ TEST_CASE("serve: the scheduler's streamed pieces add up to the text, stop strin
     CHECK(done["ends"].tokens.size() <= 5);
 
     // Cancel: a running and a waiting request end at once with their blocks back.
-    const size_t free_before = kv.free_blocks.size();
+    const int free_before = kv.available_blocks();  // free, or cached and idle
     Request a = plain, b = plain;
     a.id = "a";
     b.id = "b";
@@ -299,7 +304,7 @@ TEST_CASE("serve: the scheduler's streamed pieces add up to the text, stop strin
     runner.add(b);
     CHECK(runner.running() == 1);
     CHECK(runner.waiting() == 1);
-    CHECK(kv.free_blocks.size() < free_before);
+    CHECK(kv.available_blocks() < free_before);
     CHECK(runner.cancel("b"));
     CHECK(runner.cancel("a"));
     CHECK(!runner.cancel("a"));
@@ -308,7 +313,8 @@ TEST_CASE("serve: the scheduler's streamed pieces add up to the text, stop strin
     CHECK(done["b"].finish_reason == "cancelled");
     CHECK(runner.running() == 0);
     CHECK(runner.waiting() == 0);
-    CHECK(kv.free_blocks.size() == free_before);
+    CHECK(kv.available_blocks() == free_before);
+    CHECK(kv.held_blocks() == 0);
     CHECK(!runner.step());
 }
 

@@ -7,9 +7,10 @@ It starts servers on free loopback ports and checks: completions and chat, strea
 streamed text equal to the whole one and greedy answers equal to `generate --prompt` /
 `--interactive` alone; 32 concurrent streaming clients each getting its solo output; /metrics;
 every kind of bad input answered with its status in OpenAI's error shape while the server carries
-on; a client that leaves mid-stream (its KV blocks come back); a burst past --max-queue (503s, every
-accepted request completes); the API key; SIGTERM finishing what runs and exiting 0; under
-mpirun -np 2, concurrent greedy streams equal to the single-process answers.
+on; the prefix cache (a re-sent conversation's cached tokens in usage and /metrics, the answers
+unchanged; --no-prefix-cache); a client that leaves mid-stream (its KV blocks come back); a burst
+past --max-queue (503s, every accepted request completes); the API key; SIGTERM finishing what runs
+and exiting 0; under mpirun -np 2, concurrent greedy streams equal to the single-process answers.
 Every wait is bounded; the whole run is cut at 240 s. Prints one line per check, exits 1 on the first
 failure.
 """
@@ -226,6 +227,26 @@ check(ttft_count is not None and ttft_count >= 64 and s.metric("fastgen_requests
 check("# TYPE fastgen_time_per_output_token_seconds histogram" in metrics and
       'fastgen_time_to_first_token_seconds_bucket{le="+Inf"}' in metrics, "/metrics is Prometheus text")
 
+# The prefix cache: a chat that re-sends its conversation reuses the earlier turns' blocks, and
+# the answers are those of a server without it (below, the --no-prefix-cache server).
+CHAT = [{"role": "user", "content": "Once upon a time there was a little girl named Lily who liked to play."}]
+hits_before = s.metric("fastgen_prefix_cache_hit_tokens_total")
+first = cl.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=0)
+turn2 = CHAT + [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "What did she do next?"}]
+second = cl.chat.completions.create(model=NAME, messages=turn2, max_tokens=20, temperature=0)
+again = cl.chat.completions.create(model=NAME, messages=turn2, max_tokens=20, temperature=0)
+cached2 = second.usage.prompt_tokens_details.cached_tokens
+check(first.usage.prompt_tokens_details.cached_tokens == 0 and 16 <= cached2 < second.usage.prompt_tokens and
+      again.usage.prompt_tokens_details.cached_tokens >= cached2 and
+      again.choices[0].message.content == second.choices[0].message.content,
+      f"usage.prompt_tokens_details.cached_tokens: turn 2 reused {cached2} of {second.usage.prompt_tokens} tokens")
+check(s.metric("fastgen_prefix_cache_hit_tokens_total") - hits_before ==
+      cached2 + again.usage.prompt_tokens_details.cached_tokens and
+      s.metric("fastgen_prefix_cache_queried_tokens_total") >= s.metric("fastgen_prefix_cache_hit_tokens_total") and
+      s.metric("fastgen_prefix_cache_blocks") > 0 and s.metric("fastgen_prefix_cache_evictions_total") is not None,
+      "/metrics: prefix cache tokens reused and queried, blocks, evictions")
+
 # Bad input: status, OpenAI's error shape, the field named.
 BAD = [
     (b"{not json", 400, None, "malformed JSON"),
@@ -383,8 +404,8 @@ if shutil.which("mpirun"):
 else:
     print("skipped: mpirun not found (the tensor-parallel server)")
 
-# The API key: every endpoint but /health needs it.
-s = Server("--api-key", "sesame")
+# The API key: every endpoint but /health needs it. (This server runs without the prefix cache.)
+s = Server("--api-key", "sesame", "--no-prefix-cache")
 st, e = error_of(s.request("POST", "/v1/completions", {"model": NAME, "prompt": "Hi"}))
 check(st == 401 and e["code"] == "invalid_api_key", "no key: 401")
 st, e = error_of(s.request("GET", "/v1/models", headers={"Authorization": "Bearer wrong"}))
@@ -397,5 +418,11 @@ except openai.AuthenticationError:
     check(True, "the openai client raises AuthenticationError")
 check(s.client("sesame").completions.create(model=NAME, prompt="Once", max_tokens=3).usage.completion_tokens == 3,
       "the right key works")
+plain = s.client("sesame")
+second_plain = plain.chat.completions.create(model=NAME, messages=turn2, max_tokens=20, temperature=0)
+check(second_plain.choices[0].message.content == second.choices[0].message.content and
+      plain.chat.completions.create(model=NAME, messages=turn2, max_tokens=20,
+                                    temperature=0).usage.prompt_tokens_details.cached_tokens == 0,
+      "--no-prefix-cache: the same answer, nothing reused")
 check(s.stop(signal.SIGTERM) == 0, "SIGTERM: exit 0")
 print("all server checks passed")
