@@ -337,7 +337,10 @@ Request parse_request(const std::string& line, int line_no, const Tokenizer& tok
     r.id = fmt("line-%d", line_no);
     bool has_prompt = false;
     std::string prompt;
-    for (auto& [key, v] : j.items()) {
+    // Not a structured binding: C++17 lets no lambda capture one (GCC accepts it, clang does not).
+    for (auto& item : j.items()) {
+        const std::string& key = item.key();
+        auto& v = item.value();
         auto need = [&](bool ok, const char* what) {
             if (!ok) throw Error(fmt("\"%s\" must be %s, got %s", key.c_str(), what, v.dump().c_str()));
         };

@@ -137,7 +137,10 @@ ApiRequest parse_api_request(const std::string& body, bool chat, const ApiModel&
     long long max_tokens = -1;                    // -1: not given
     bool has_prompt = false;
     const json* stream_options = nullptr;
-    for (auto& [key, v] : j.items()) {
+    // Not a structured binding: C++17 lets no lambda capture one (GCC accepts it, clang does not).
+    for (auto& item : j.items()) {
+        const std::string& key = item.key();
+        auto& v = item.value();
         const bool is_null = v.is_null();
         auto integer = [&](long long lo, long long hi, const char* range) {
             if (!v.is_number_integer()) bad_type(key, "an integer", v);

@@ -1,0 +1,53 @@
+// tests/fuzz/fuzz_bpe.cpp: arbitrary bytes through the byte-level BPE encoder and arbitrary ids
+// through the decoders, on fixed tokenizers (the test suite's tokenizer.json files and its tiktoken
+// file, and the seeds' sentencepiece model).
+// Input: byte 0 picks the tokenizer and whether special tokens' text is matched; the rest is the
+// text, and also, read as 16-bit ids, a token stream.
+// Invariants: BPE encode then decode gives the text back, byte for byte (byte-level BPE is
+// lossless, special tokens decode to their content); ids are in range; streamed decoding emits
+// well-formed UTF-8 only; a streamed decode of an encoded valid UTF-8 text gives the text back.
+#include <memory>
+#include <vector>
+
+#include "fuzz_util.h"
+#include "tokenizer.h"
+
+static const char* const kFiles[] = {"../bpe_smollm.json", "../bpe_llama3.json", "../bpe_gpt2_prefix.json",
+                                     "../bpe_tiktoken.model", "tok.model"};
+constexpr int kBpeFiles = 4;  // the first four are byte-level BPE
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    static std::vector<std::unique_ptr<Tokenizer>> toks = [] {
+        std::vector<std::unique_ptr<Tokenizer>> v;
+        for (const char* f : kFiles) v.push_back(std::make_unique<Tokenizer>(fuzz_data(f), f));
+        return v;
+    }();
+    if (size < 1) return 0;
+    const int which = data[0] % 5;
+    const bool special = data[0] & 0x80;
+    const Tokenizer& tok = *toks[size_t(which)];
+    const std::string text(reinterpret_cast<const char*>(data + 1), size - 1);
+    const int vocab = tok.vocab_size();
+
+    const std::vector<int> ids = special ? tok.encode_special(text) : tok.encode(text, false, false);
+    for (int id : ids) FUZZ_CHECK(id >= 0 && id < vocab, "id %d of %d", id, vocab);
+    if (which < kBpeFiles) {
+        FUZZ_CHECK(tok.decode(ids) == text, "encode then decode changed the text (%zu bytes)", text.size());
+        StreamDecoder stream(tok);
+        std::string streamed;
+        for (int id : ids) streamed += stream.push(id);
+        streamed += stream.flush();
+        if (well_formed_utf8(text)) FUZZ_CHECK(streamed == text, "streamed decode changed the text");
+    }
+
+    // The same bytes as a stream of arbitrary ids.
+    std::vector<int> any;
+    for (size_t i = 1; i + 1 < size; i += 2) any.push_back(int((data[i] | data[i + 1] << 8) % unsigned(vocab)));
+    tok.decode(any);
+    StreamDecoder stream(tok);
+    std::string streamed;
+    for (int id : any) streamed += stream.push(id);
+    streamed += stream.flush();
+    FUZZ_CHECK(well_formed_utf8(streamed), "streamed decode emitted ill-formed UTF-8");
+    return 0;
+}
