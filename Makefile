@@ -2,6 +2,7 @@
 #   make            build everything this machine can
 #   make test       build and run the test suite
 #   make test-asan  the CPU suite under AddressSanitizer and UBSan
+#   make fuzz       the libFuzzer harnesses (clang), each FUZZ_SECONDS (default 30)
 #   make setup      install the Debian packages the project needs (scripts/setup.sh)
 #   make bench      CPU (and GPU when present) benchmarks (scripts/bench.sh)
 # Overrides: ARCH=... (the baseline CPU; the kernels pick their SIMD target at run time whatever it
@@ -147,15 +148,67 @@ bench: generate quantize
 	bash scripts/bench.sh
 
 # The CPU suite built with AddressSanitizer and UBSan in $(BUILD)/asan (not part of `make test`:
-# about 23 minutes on 2 cores, most of it compiling the kernels for four SIMD targets under the
+# most of its time compiling the kernels for four SIMD targets under the
 # sanitizers). Leak reports are off: MPI and OpenMP keep allocations until exit.
 SANITIZE := -fsanitize=address,undefined -fno-omit-frame-pointer
 test-asan: generate quantize
 	$(MAKE) NVCC= BUILD=$(BUILD)/asan ARCH="$(ARCH) $(SANITIZE)" LDLIBS="$(CPU_LDLIBS) $(SANITIZE)" $(BUILD)/asan/run_tests
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ./$(BUILD)/asan/run_tests
 
+# libFuzzer harnesses (tests/fuzz/fuzz_*.cpp: one per untrusted input), built by clang with ASan and
+# UBSan in $(BUILD)/fuzz, the core code instrumented for coverage (fuzzer-no-link). Highway builds
+# only the baseline SIMD target here (HWY_COMPILE_ONLY_STATIC): the harnesses fuzz the readers, not
+# the kernels (make test-asan covers those), and four targets under the sanitizers take minutes.
+#   make fuzz-build                 build every harness
+#   make fuzz FUZZ_SECONDS=30       run each for that long over a scratch copy of its seeds
+#                                   (tests/data/fuzz/NAME), failing on any report; new crashes
+#                                   are left in $(BUILD)/fuzz/NAME-crashes
+#   build/fuzz/fuzz_gguf FILE...    replay inputs (a crash file, a seed folder)
+FUZZ_CXX     ?= clang++
+FUZZ_DIR     := $(BUILD)/fuzz
+FUZZ_SECONDS ?= 30
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+# -Wno-pass-failed: at -O1 under ASan clang cannot honour `omp simd` (it warns; speed is not the point here).
+FUZZ_FLAGS   := -std=c++17 -O1 -g $(ARCH) -ffp-contract=off -fopenmp -Wall -Wextra -Werror -Wno-pass-failed -MMD -MP -I. \
+                $(MPI_CFLAGS) $(HTTPLIB_CFLAGS) -DHWY_COMPILE_ONLY_STATIC=1 $(FUZZ_SAN)
+FUZZ_NAMES   := $(patsubst tests/fuzz/fuzz_%.cpp,%,$(wildcard tests/fuzz/fuzz_*.cpp))
+FUZZ_BINS    := $(FUZZ_NAMES:%=$(FUZZ_DIR)/fuzz_%)
+FUZZ_CORE    := $(CORE:%=$(FUZZ_DIR)/%.o)
+
+fuzz-build: $(FUZZ_BINS)
+# Objects reached only through the pattern rules below: keep them (make deletes intermediates).
+.SECONDARY: $(FUZZ_CORE)
+
+$(FUZZ_DIR)/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.cpp tests/fuzz/fuzz_util.h $(FUZZ_CORE)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer -DFUZZ_DATA_DIR='"$(CURDIR)/tests/data/fuzz"' $< $(FUZZ_CORE) \
+	  $(CPU_LDLIBS) -o $@
+
+# Each harness on one core for FUZZ_SECONDS (the JSON readers with tests/fuzz/json.dict, GGUF with
+# tests/fuzz/gguf.dict); the corpus grows in a scratch copy (the committed seeds
+# stay small). Temp files go to /dev/shm when there is one. Leaks are not reported: the readers'
+# caches (a tokenizer per harness) live until exit.
+fuzz: fuzz-build
+	@set -e; tmp=$$(test -d /dev/shm && echo /dev/shm || echo /tmp); fail=0; \
+	for n in $(FUZZ_NAMES); do \
+	  corpus=$(FUZZ_DIR)/$$n-corpus; crashes=$(FUZZ_DIR)/$$n-crashes; \
+	  rm -rf $$corpus; mkdir -p $$corpus $$crashes; cp tests/data/fuzz/$$n/* $$corpus/; \
+	  case $$n in gguf) dict=tests/fuzz/gguf.dict;; hf|request|serve|tokenizer) dict=tests/fuzz/json.dict;; *) dict=;; esac; \
+	  echo "== fuzz $$n: $(FUZZ_SECONDS) s"; \
+	  if TMPDIR=$$tmp ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	     ./$(FUZZ_DIR)/fuzz_$$n -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
+	       -artifact_prefix=$$crashes/ $${dict:+-dict=$$dict} $$corpus > $(FUZZ_DIR)/$$n.log 2>&1; then \
+	    grep -E '^(stat::number_of_executed_units|#[0-9]+ *DONE)' $(FUZZ_DIR)/$$n.log | tail -2; \
+	  else \
+	    tail -60 $(FUZZ_DIR)/$$n.log; echo "fuzz $$n FAILED: the input is in $$crashes/"; fail=1; \
+	  fi; \
+	done; exit $$fail
+
 clean:
 	rm -rf $(BUILD) generate quantize
 
-.PHONY: all test test-emu test-asan setup bench clean
--include $(wildcard $(BUILD)/*.d $(BUILD)/tests/*.d $(EMU)/*.d $(EMU)/tests/*.d)
+.PHONY: all test test-emu test-asan fuzz fuzz-build setup bench clean
+-include $(wildcard $(BUILD)/*.d $(BUILD)/tests/*.d $(EMU)/*.d $(EMU)/tests/*.d $(FUZZ_DIR)/*.d)

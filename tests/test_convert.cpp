@@ -525,6 +525,38 @@ TEST_CASE("bad llama2.c inputs are refused with a message that names the problem
     CHECK(stat((d + "/out.bin").c_str(), &st) != 0);  // nothing written by any failure
 }
 
+TEST_CASE("int8 and int4 refuse a NaN or infinite weight, naming the tensor and the element; f32 copies it") {
+    // Found by fuzzing (tests/data/fuzz/llama2c/regression-*): the float-to-int cast of a NaN is
+    // undefined behaviour, and the file was written with a "relative error" of NaN.
+    const std::string d = make_dir("l2c-nonfinite");
+    const float bads[] = {std::nanf(""), INFINITY, -INFINITY};
+    for (float bad : bads)
+        for (const std::string mode : {"int8", "int4"}) {
+            CAPTURE(bad);
+            CAPTURE(mode);
+            TinyWeights tw = tiny();
+            const std::string name = layer_tensor(1, "attention.wq.weight");
+            for (auto& [n, v] : tw.tensors)
+                if (n == name) v[size_t(3 * tw.shape_of(name)[1] + 5)] = bad;
+            write_bytes(d + "/bad.bin", llama2c_bytes(tw, 0));
+            ConvertOptions o = options(d + "/bad.bin", d + "/out.bin", tok_path(), mode);
+            o.int8_fallback = true;  // tiny()'s 48-wide w2 has no int4 groups of 32
+            const std::string msg = convert_error(o);
+            CHECK_MESSAGE(has(msg, name + ": element [3, 5] is " + (std::isnan(bad) ? "NaN" : "infinite")), msg);
+            CHECK_MESSAGE(has(msg, mode), msg);
+            struct stat st;
+            CHECK(stat((d + "/out.bin").c_str(), &st) != 0);
+            CHECK(stat((d + "/out.bin.tmp").c_str(), &st) != 0);
+        }
+    TinyWeights tw = tiny();
+    for (auto& [n, v] : tw.tensors)
+        if (n == layer_tensor(0, "attention.wq.weight")) v[7] = std::nanf("");
+    write_bytes(d + "/bad.bin", llama2c_bytes(tw, 0));
+    convert_checkpoint(options(d + "/bad.bin", d + "/out.bin", tok_path(), "f32"));
+    SafetensorsFile f(d + "/out.bin");
+    CHECK(std::isnan(reinterpret_cast<const float*>(f.get(layer_tensor(0, "attention.wq.weight")).data)[7]));
+}
+
 TEST_CASE("bad Hugging Face folders are refused with a message that names the problem") {
     TinyWeights tw = tiny();
 

@@ -20,7 +20,9 @@
 #include "common.h"
 #include "convert.h"
 #include "gguf.h"
+#include "kv_cache.h"
 #include "model.h"
+#include "ops.h"
 #include "safetensors.h"
 #include "test_util.h"
 #include "tokenizer.h"
@@ -636,6 +638,32 @@ TEST_CASE("gguf: conversion refusals name the key, tensor or type") {
 
 // ---------------------------------------------------------------------------------------------
 // Tokenizers
+
+TEST_CASE("gguf: a Q4_0 embedding of 10 rows converts to a file that loads and runs") {
+    // The fuzzer's regression input (tests/data/fuzz/gguf/regression-q4_0-vocab10: two option bytes,
+    // then the GGUF): 10 rows x 1 group of zero points, 10 bytes, used to misalign the F32 tensors
+    // written after them, and generate refused the output.
+    const std::string seed = read_file("tests/data/fuzz/gguf/regression-q4_0-vocab10");
+    const std::string in = temp_dir() + "/vocab10.gguf", out = temp_dir() + "/vocab10.bin";
+    write_bytes(in, seed.substr(2));
+    for (bool quantize_embeddings : {false, true}) {
+        CAPTURE(quantize_embeddings);
+        ConvertOptions o = options(in, out);
+        o.quantize_embeddings = quantize_embeddings;
+        convert_checkpoint(o);
+        SafetensorsFile f(out);
+        for (const auto& [name, t] : f.tensors)
+            CHECK_MESSAGE(size_t(t.data - f.map.data) % dtype_size(t.dtype) == 0, name);
+        CHECK(f.get("tok_embeddings.weight.zeros").nbytes == 10);
+        Model m(out, cpu_ops(1));
+        CHECK(m.cfg.vocab_size == 10);
+        KVCache kv(m.cfg, 2);
+        REQUIRE(kv.reserve(0, 1));
+        std::vector<float> logits(10);
+        m.forward(kv, {{0, 0, 1}}, {0}, logits.data());
+        for (float x : logits) CHECK(std::isfinite(x));
+    }
+}
 
 TEST_CASE("gguf: a gpt2 tokenizer becomes a Hugging Face tokenizer.json") {
     TinyGguf t = tiny_gguf(3, true, {});

@@ -147,12 +147,50 @@ TEST_CASE("writer -> reader round trip: dtypes, shapes, metadata, packed and 409
     for (size_t i = 1; i < spans.size(); i++) CHECK(spans[i].first == spans[i - 1].second);
     CHECK(data_start + spans.back().second == f.map.size);
     CHECK(f.map.size == 4096 + 24 + 8 + 10 + 7 + 12 + 1000 + 4 + 16);
+    // Each tensor starts at a multiple of its element size, though the 7-byte i8 came before i32.
+    for (const auto& [name, t] : f.tensors)
+        CHECK_MESSAGE(size_t(t.data - f.map.data) % dtype_size(t.dtype) == 0, name);
     // The padding is spaces after the JSON, so any safetensors reader parses it.
     std::string header(reinterpret_cast<const char*>(f.map.data + 8), size_t(header_len));
     size_t last = header.find_last_not_of(' ');
     REQUIRE(last != std::string::npos);
     CHECK(header[last] == '}');
     CHECK(header[0] == '{');
+}
+
+TEST_CASE("writer: fills run in add() order, while the file puts wider elements first (aligned, no holes)") {
+    // The converter's int4 matrices: the packed levels' fill computes the scales a later fill copies.
+    // An odd-sized U8 tensor laid out first misaligned every F32 after it (found by fuzzing: a GGUF
+    // Q4_0 embedding of 10 rows has 10 one-byte zero points).
+    SafetensorsWriter w;
+    std::vector<std::string> order;
+    float scale = 0;
+    w.add("q", DType::U8, {5}, [&](uint8_t* d) {
+        order.push_back("q");
+        for (int i = 0; i < 5; i++) d[i] = uint8_t(10 + i);
+        scale = 0.25f;
+    });
+    w.add("q.scales", DType::F32, {1}, [&](uint8_t* d) {
+        order.push_back("q.scales");
+        std::memcpy(d, &scale, 4);
+    });
+    const uint16_t h = 0x3c00;
+    w.add("h", DType::F16, {1}, [&](uint8_t* d) {
+        order.push_back("h");
+        std::memcpy(d, &h, 2);
+    });
+    const std::string path = st_dir() + "/order.safetensors";
+    w.write(path);
+    CHECK(order == std::vector<std::string>{"q", "q.scales", "h"});
+    SafetensorsFile f(path);
+    CHECK(*reinterpret_cast<const float*>(f.get("q.scales").data) == 0.25f);
+    CHECK(f.get("q").data[4] == 14);
+    CHECK(f.get("h").data[1] == 0x3c);
+    const uint8_t* data = f.map.data + 4096;
+    CHECK(f.get("q.scales").data == data);      // 4-byte elements first,
+    CHECK(f.get("h").data == data + 4);         // then 2-byte,
+    CHECK(f.get("q").data == data + 6);         // then 1-byte: packed, each aligned
+    CHECK(f.map.size == 4096 + 4 + 2 + 5);
 }
 
 TEST_CASE("a header larger than one page pads to the next 4096 boundary") {

@@ -14,7 +14,8 @@
 
 static const char* const kFiles[] = {"../bpe_smollm.json", "../bpe_llama3.json", "../bpe_gpt2_prefix.json",
                                      "../bpe_tiktoken.model", "tok.model"};
-constexpr int kBpeFiles = 4;  // the first four are byte-level BPE
+constexpr int kBpeFiles = 4;         // the first four are byte-level BPE
+constexpr int kPrefixSpaceFile = 2;  // ByteLevel with add_prefix_space
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     static std::vector<std::unique_ptr<Tokenizer>> toks = [] {
@@ -31,13 +32,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
     const std::vector<int> ids = special ? tok.encode_special(text) : tok.encode(text, false, false);
     for (int id : ids) FUZZ_CHECK(id >= 0 && id < vocab, "id %d of %d", id, vocab);
-    if (which < kBpeFiles) {
-        FUZZ_CHECK(tok.decode(ids) == text, "encode then decode changed the text (%zu bytes)", text.size());
+    // The GPT-2 file's ByteLevel add_prefix_space puts a space before each run of text between
+    // special tokens that lacks one, and decode keeps it, as in tokenizers. Checked without special
+    // tokens (the text is one run); with them, only the ids and the UTF-8 of the stream are.
+    const bool prefix_space = which == kPrefixSpaceFile;
+    if (which < kBpeFiles && !(prefix_space && special)) {
+        const std::string expected = prefix_space && !text.empty() && text[0] != ' ' ? " " + text : text;
+        FUZZ_CHECK(tok.decode(ids) == expected, "encode then decode changed the text (%zu bytes)", text.size());
         StreamDecoder stream(tok);
         std::string streamed;
         for (int id : ids) streamed += stream.push(id);
         streamed += stream.flush();
-        if (well_formed_utf8(text)) FUZZ_CHECK(streamed == text, "streamed decode changed the text");
+        if (well_formed_utf8(text)) FUZZ_CHECK(streamed == expected, "streamed decode changed the text");
     }
 
     // The same bytes as a stream of arbitrary ids.
