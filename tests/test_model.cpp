@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "common.h"
@@ -216,15 +217,23 @@ TEST_CASE("model.bin loader refuses files that do not match their config") {
     }
     SUBCASE("a matrix whose data offset breaks its element alignment") {
         // Found by fuzzing: the kernels read weights in place as typed arrays (UBSan: misaligned
-        // load). The tokenizer (7522 bytes, 2 mod 4) written first puts every F32 tensor 2 bytes off.
+        // load). The tokenizer (7522 bytes, 2 mod 4) laid out first puts every F32 tensor 2 bytes off.
+        // Written by hand: SafetensorsWriter aligns every tensor (widest elements first).
         std::string tok = read_file(models_dir() + "/tok512.model");
         REQUIRE(tok.size() % 4 == 2);
-        SafetensorsWriter w;
-        w.metadata = {{"format", kFormatName}, {"version", kFormatVersion}, {"config", c.to_json()},
-                      {"quantization", "none"}};
-        w.add_bytes("tokenizer.model", DType::U8, {int64_t(tok.size())}, tok.data());
-        for (auto& [name, v] : tw.tensors) w.add_bytes(name, DType::F32, tw.shape_of(name), v.data());
-        w.write(dir + "/misaligned.bin");
+        nlohmann::json header = {{"__metadata__", {{"format", kFormatName}, {"version", kFormatVersion},
+                                                   {"config", c.to_json()}, {"quantization", "none"}}}};
+        std::string data = tok;
+        header["tokenizer.model"] = {{"dtype", "U8"}, {"shape", {tok.size()}}, {"data_offsets", {0, tok.size()}}};
+        for (auto& [name, v] : tw.tensors) {
+            const size_t begin = data.size();
+            data.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+            header[name] = {{"dtype", "F32"}, {"shape", tw.shape_of(name)}, {"data_offsets", {begin, data.size()}}};
+        }
+        std::string h = header.dump();
+        h.resize(4096 - 8, ' ');
+        const uint64_t hl = h.size();
+        write_bytes(dir + "/misaligned.bin", std::string(reinterpret_cast<const char*>(&hl), 8) + h + data);
         CHECK_THROWS_WITH_AS(Model(dir + "/misaligned.bin", cpu_ops(0)),
                              doctest::Contains(fmt("tensor 'tok_embeddings.weight': F32 data at file offset %zu is "
                                                    "not aligned to its 4-byte elements", 4096 + tok.size()).c_str()),
