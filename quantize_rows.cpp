@@ -139,6 +139,10 @@ void quantize_row_int4_min(const float* w, int n, int group, uint8_t* packed, fl
         group_levels(wg, group, best_s, best_m, best_q);
         double best = group_error(wg, group, best_q, best_s, best_m);
         auto consider = [&](float s, float m) {  // true error of the grid (s, m); q holds its levels
+            // Weights near the float limit (finite, but a range or a fit past it) make a candidate
+            // infinite or NaN, whose levels would be a NaN cast to an integer: such a grid is no
+            // candidate (found by fuzzing; the first grid, s = 1, m = lo, always is one).
+            if (!(std::isfinite(s) && std::isfinite(m) && s > 0)) return;
             group_levels(wg, group, s, m, q);
             const double e = group_error(wg, group, q, s, m);
             if (e < best) {

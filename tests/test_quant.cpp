@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 
 #include "common.h"
@@ -246,6 +247,30 @@ TEST_CASE("int4 with minimums: values on a grid, constant and zero groups come b
     double worst = 0;
     for (int i = 0; i < g; i++) worst = std::max(worst, double(std::fabs(back[size_t(i)] - w[size_t(i)])));
     CHECK(worst > 1e-4);  // the zero point 4 puts the grid 0.0003 off
+}
+
+TEST_CASE("int4 with minimums: weights near the float limit give a finite grid and valid levels") {
+    // Found by fuzzing (tests/data/fuzz/llama2c/regression-huge-int4): with a group's range past
+    // FLT_MAX, candidate grids were infinite or NaN and their levels a NaN cast to uint8_t (UBSan;
+    // make test-asan runs this case under it).
+    const int g = 32;
+    const float big = std::numeric_limits<float>::max();
+    std::vector<float> w(size_t(2 * g), 0.0f), scales(2), mins(2), back(size_t(2 * g));
+    for (int i = 0; i < g; i++) w[size_t(i)] = i % 2 ? big : -big;   // range 2 x FLT_MAX: overflows
+    for (int i = g; i < 2 * g; i++) w[size_t(i)] = float(i - g) * 1e36f;  // levels near the limit
+    std::vector<uint8_t> packed(static_cast<size_t>(g));
+    quantize_row_int4_min(w.data(), 2 * g, g, packed.data(), scales.data(), mins.data());
+    for (int k = 0; k < 2; k++) {
+        CHECK(std::isfinite(scales[size_t(k)]));
+        CHECK(scales[size_t(k)] > 0);
+        CHECK(std::isfinite(mins[size_t(k)]));
+    }
+    Weight W{DType::U8, packed.data(), 1, 2 * g, 2 * g};
+    W.scales = scales.data(), W.mins = mins.data(), W.group = g;
+    dequantize_row(W, 0, back.data());
+    CHECK(back[0] == -big);  // the group's minimum is kept exactly (m = lo)
+    // The second group's range (3.1e37) fits: min-max's grid holds its even levels within a step.
+    for (int i = g; i < 2 * g; i++) CHECK(std::fabs(back[size_t(i)] - w[size_t(i)]) <= 2.1e36f);
 }
 
 TEST_CASE("quantize_activations: 15-bit integers per 32-column block, half a step from x") {

@@ -29,7 +29,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const size_t end = next == std::string::npos ? in.size() : next;
         if (next != std::string::npos) next++;
         for (const char* known : kNames)
-            if (name == known) fuzz_write("hf/" + name, in.data() + name_end + 1, end - name_end - 1);
+            if (name == known)  // end == name_end: a marker line right after this one, an empty file
+                fuzz_write("hf/" + name, in.data() + name_end + 1, end > name_end ? end - name_end - 1 : 0);
         at = next;
     }
     o.input = dir;

@@ -39,8 +39,13 @@ inline const std::string& fuzz_temp_dir() {
 inline std::string fuzz_write(const std::string& name, const void* data, size_t size) {
     const std::string path = fuzz_temp_dir() + "/" + name;
     FILE* f = std::fopen(path.c_str(), "wb");
-    if (!f || (size && std::fwrite(data, 1, size, f) != size) || std::fclose(f) != 0) {
+    if (!f) {
         std::perror(path.c_str());
+        std::abort();
+    }
+    const bool written = !size || std::fwrite(data, 1, size, f) == size;
+    if (std::fclose(f) != 0 || !written) {
+        std::fprintf(stderr, "fuzz: %s: writing %zu bytes failed\n", path.c_str(), size);
         std::abort();
     }
     return path;
