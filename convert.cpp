@@ -733,13 +733,23 @@ void quantize_into(QuantJob& j, uint8_t* dst, std::vector<std::pair<std::string,
             j.scales[size_t(r)] = quantize_row_int8(wr, cols, reinterpret_cast<int8_t*>(dst) + size_t(r) * cols);
         std::vector<float> deq(static_cast<size_t>(cols));
         dequantize_row(q, r, deq.data());
-        for (int i = 0; i < cols; i++) {
-            row_err[size_t(r)] += double(wr[i] - deq[size_t(i)]) * (wr[i] - deq[size_t(i)]);
+        for (int i = 0; i < cols; i++) {  // in double: the float difference of huge weights overflows
+            const double e = double(wr[i]) - double(deq[size_t(i)]);
+            row_err[size_t(r)] += e * e;
             row_norm[size_t(r)] += double(wr[i]) * wr[i];
         }
     }
     double err = 0, norm = 0;
     for (int r = 0; r < rows; r++) err += row_err[size_t(r)], norm += row_norm[size_t(r)];
+    // Finite weights whose grid reads back past float's range (a group spanning nearly +-FLT_MAX:
+    // 15 steps of the scale plus the minimum round past it): the file would hold infinities.
+    if (!std::isfinite(err))
+        throw Error(fmt("%s: its %s quantization reads back as infinite (weights up to %g are too close to "
+                        "float's limit); convert it with --mode f32 or bf16",
+                        name.c_str(), j.int4 ? "int4" : "int8",
+                        double(std::fabs(*std::max_element(w.begin(), w.end(), [](float a, float b) {
+                            return std::fabs(a) < std::fabs(b);
+                        })))));
     errors->push_back({name, norm > 0 ? std::sqrt(err / norm) : 0.0});
 }
 
