@@ -195,7 +195,7 @@ fuzz: fuzz-build
 	@set -e; tmp=$$(test -d /dev/shm && echo /dev/shm || echo /tmp); fail=0; \
 	for n in $(FUZZ_NAMES); do \
 	  corpus=$(FUZZ_DIR)/$$n-corpus; crashes=$(FUZZ_DIR)/$$n-crashes; \
-	  rm -rf $$corpus; mkdir -p $$corpus $$crashes; cp tests/data/fuzz/$$n/* $$corpus/; \
+	  rm -rf $$corpus $$crashes; mkdir -p $$corpus $$crashes; cp tests/data/fuzz/$$n/* $$corpus/; \
 	  case $$n in gguf) dict=tests/fuzz/gguf.dict;; hf|request|serve|tokenizer) dict=tests/fuzz/json.dict;; *) dict=;; esac; \
 	  echo "== fuzz $$n: $(FUZZ_SECONDS) s"; \
 	  if TMPDIR=$$tmp ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \

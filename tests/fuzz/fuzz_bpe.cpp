@@ -43,7 +43,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         std::string streamed;
         for (int id : ids) streamed += stream.push(id);
         streamed += stream.flush();
-        if (well_formed_utf8(text)) FUZZ_CHECK(streamed == expected, "streamed decode changed the text");
+        // A stream that opens with BOS leaves it out (a marker, not text; its content is in decode).
+        const bool bos_first = !ids.empty() && ids[0] == tok.bos_id();
+        const std::string unmarked = bos_first ? tok.decode(std::vector<int>(ids.begin() + 1, ids.end())) : expected;
+        if (well_formed_utf8(text)) FUZZ_CHECK(streamed == unmarked, "streamed decode changed the text");
     }
 
     // The same bytes as a stream of arbitrary ids.
