@@ -163,6 +163,8 @@ test-asan: generate quantize
 #   make fuzz FUZZ_SECONDS=30       run each for that long over a scratch copy of its seeds
 #                                   (tests/data/fuzz/NAME), failing on any report; new crashes
 #                                   are left in $(BUILD)/fuzz/NAME-crashes
+#   make fuzz FUZZ_NAMES="gguf hf"  only those harnesses (two makes with halves of the list use
+#                                   both cores: RELIABILITY.md's long runs)
 #   build/fuzz/fuzz_gguf FILE...    replay inputs (a crash file, a seed folder)
 FUZZ_CXX     ?= clang++
 FUZZ_DIR     := $(BUILD)/fuzz

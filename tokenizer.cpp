@@ -26,7 +26,14 @@ Tokenizer::Tokenizer(const std::string& bytes, const std::string& where) {
         bpe_ = std::make_unique<Bpe>(Bpe::from_tiktoken(bytes, where));
     } else {
         sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
-        auto status = sp_->LoadFromSerializedProto(bytes);
+        sentencepiece::util::Status status;
+        try {
+            status = sp_->LoadFromSerializedProto(bytes);
+        } catch (const std::exception& e) {
+            // libsentencepiece's trie builder (darts_clone) throws rather than returning a status on
+            // some malformed models, such as an empty piece (found by fuzz_tokenizer).
+            throw Error(fmt("%s: not a usable sentencepiece model (%s)", where.c_str(), e.what()));
+        }
         if (!status.ok())
             throw Error(fmt("%s: not a sentencepiece model, a tokenizer.json or a tiktoken file (%s)", where.c_str(),
                             status.ToString().c_str()));

@@ -154,3 +154,11 @@ TEST_CASE("tokenizer: bytes that are not a model throw an Error naming the sourc
         CHECK(std::string(e.what()).find("model.bin: tokenizer.model") != std::string::npos);
     }
 }
+
+TEST_CASE("a sentencepiece model that libsentencepiece throws on is refused with Error, naming it") {
+    // Found by fuzz_tokenizer (tests/data/fuzz/tokenizer/regression-empty-piece): a ModelProto with
+    // an empty piece made darts_clone throw its own exception through LoadFromSerializedProto.
+    const std::string bytes = read_file("tests/data/fuzz/tokenizer/regression-empty-piece");
+    CHECK_THROWS_WITH_AS(Tokenizer(bytes, "bad.model"), doctest::Contains("bad.model: not a usable sentencepiece model"),
+                         Error);
+}
