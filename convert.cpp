@@ -741,8 +741,9 @@ void quantize_into(QuantJob& j, uint8_t* dst, std::vector<std::pair<std::string,
     }
     double err = 0, norm = 0;
     for (int r = 0; r < rows; r++) err += row_err[size_t(r)], norm += row_norm[size_t(r)];
-    // Finite weights whose grid reads back past float's range (a group spanning nearly +-FLT_MAX:
-    // 15 steps of the scale plus the minimum round past it): the file would hold infinities.
+    // Finite weights whose grid reads back past float's range (int8 with max|w| at FLT_MAX: 127
+    // steps of the rounded scale can land past it): the file would hold infinities. (int4's search
+    // never picks such a grid: its error is infinite.)
     if (!std::isfinite(err))
         throw Error(fmt("%s: its %s quantization reads back as infinite (weights up to %g are too close to "
                         "float's limit); convert it with --mode f32 or bf16",

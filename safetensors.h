@@ -63,8 +63,8 @@ struct SafetensorsWriter {
                    const void* src);  // src must stay alive until write()
     std::map<std::string, std::string> metadata;
     // Writes <path>.tmp, pads the header with spaces so data starts 4096-aligned, packs the tensors
-    // back to back (no holes) and each at a multiple of its element size (4-byte dtypes first, then
-    // 2-byte, then 1-byte), fsyncs and renames to <path>. Fills run in add() order whatever the
+    // back to back (no holes) and each at a multiple of its element size (widest elements first: 4-byte
+    // dtypes, then 2-byte, then 1-byte), fsyncs and renames to <path>. Fills run in add() order whatever the
     // layout (a fill may use what an earlier one computed). Removes the temp file on failure.
     void write(const std::string& path, bool show_progress = false) const;
 

@@ -9,8 +9,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "common.h"
+#include "tokenizer.h"
 
 // tests/data/fuzz, set by the Makefile (seeds and fixed inputs such as a tokenizer the harnesses use).
 #ifndef FUZZ_DATA_DIR
@@ -77,6 +79,14 @@ inline std::string fuzz_data(const std::string& name) {
         }                                                                       \
     } while (0)
 
+// The text of `ids` as a streaming client receives it (StreamDecoder, pushed one id at a time).
+inline std::string fuzz_stream_decode(const Tokenizer& tok, const std::vector<int>& ids) {
+    StreamDecoder stream(tok);
+    std::string text;
+    for (int id : ids) text += stream.push(id);
+    return text + stream.flush();
+}
+
 // ---------------------------------------------------------------------------------------------
 // The converter harnesses (llama2.c, Hugging Face, GGUF): options from the input's first two
 // bytes, then the oracle: whatever convert_checkpoint writes, generate must load.
@@ -85,7 +95,6 @@ inline std::string fuzz_data(const std::string& name) {
 #include "convert.h"
 #include "model.h"
 #include "ops.h"
-#include "tokenizer.h"
 
 // Byte 0 picks the mode, byte 1 the int4 group and the flags; both are consumed.
 inline ConvertOptions fuzz_convert_options(const uint8_t*& data, size_t& size) {
